@@ -1,0 +1,548 @@
+"""The replicated scheduler state: tasks, the priority queue, assignments, results.
+
+This module is pure: no clock, no randomness, no I/O, no pysyncobj. Every mutation
+is an ``apply_*`` method that the Raft layer calls in log order on every replica.
+Contract of every ``apply_*`` method:
+
+* deterministic: the same state and arguments give the same new state and return
+  value on every replica (time, jitter and ids come in as arguments; no set is ever
+  iterated, because string hashing differs between processes);
+* total: it never raises on any argument; bad entries are skipped and reported in
+  the return value (a raising replicated method wedges the whole Raft cluster);
+* batched: each call carries many tasks, so one Raft entry moves many tasks.
+
+Each ``apply_*`` returns ``(result, events)``; events are
+``(kind, task_id, status, chunk, node, at)`` tuples for watchers.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+from typing import Any, Iterable
+
+QUEUED = "queued"
+RUNNING = "running"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+CANCELLED = "cancelled"
+FINAL = (SUCCEEDED, FAILED, CANCELLED)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+
+PRIORITY_LEVELS = {"low": 0, "medium": 10, "high": 20, "critical": 30}
+WHOLE = -1  # chunk index of a unit that is a whole task
+
+#: Stop requeueing a unit whose worker keeps vanishing after this many attempts.
+MAX_LOST_ATTEMPTS = 10
+
+Event = tuple  # (kind, task_id, status, chunk, node, at)
+
+
+def priority_name(value: int) -> str:
+    for name, level in PRIORITY_LEVELS.items():
+        if level == value:
+            return name
+    return str(value)
+
+
+class Unit:
+    """One schedulable piece: a whole task or one chunk of a split task."""
+
+    __slots__ = (
+        "status", "attempt", "token", "node", "exit_code", "result", "error",
+        "started_at", "finished_at", "qseq", "deadline", "lost",
+    )
+
+    def __init__(self) -> None:
+        self.status = QUEUED
+        self.attempt = 0
+        self.token = 0
+        self.node = ""
+        self.exit_code = 0
+        self.result = ""
+        self.error = ""
+        self.started_at = 0.0
+        self.finished_at = 0.0
+        self.qseq = 0  # sequence number of this unit's live queue entry (0: none)
+        self.deadline = 0.0  # lease deadline of the current assignment
+        self.lost = 0  # attempts lost with their worker (not the task's fault)
+
+    def __getstate__(self) -> tuple:
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, st: tuple) -> None:
+        for s, v in zip(self.__slots__, st):
+            setattr(self, s, v)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {s: getattr(self, s) for s in self.__slots__}
+
+
+class Task:
+    """A submitted task. ``unit`` is its own run state while it is not split."""
+
+    __slots__ = (
+        "id", "spec", "priority", "strategy", "status", "created_at", "finished_at",
+        "retries", "unit", "chunks", "chunk_count", "chunks_done", "key", "result",
+        "error", "exit_code", "node",
+    )
+
+    def __init__(self, tid: str, spec: dict, priority: int, strategy: str, now: float) -> None:
+        self.id = tid
+        self.spec = spec
+        self.priority = priority
+        self.strategy = strategy
+        self.status = QUEUED
+        self.created_at = now
+        self.finished_at = 0.0
+        self.retries = int(spec.get("retries", 0) or 0)
+        self.unit = Unit()
+        self.chunks: list[Unit] | None = None
+        self.chunk_count = 0
+        self.chunks_done = 0
+        self.key = 0.0
+        self.result = ""
+        self.error = ""
+        self.exit_code = 0
+        self.node = ""
+
+    def __getstate__(self) -> tuple:
+        return tuple(getattr(self, s) for s in self.__slots__)
+
+    def __setstate__(self, st: tuple) -> None:
+        for s, v in zip(self.__slots__, st):
+            setattr(self, s, v)
+
+    def unit_at(self, chunk: int) -> Unit | None:
+        if chunk == WHOLE:
+            return self.unit if self.chunks is None else None
+        if self.chunks is None or not 0 <= chunk < len(self.chunks):
+            return None
+        return self.chunks[chunk]
+
+    def as_dict(self) -> dict[str, Any]:
+        u = self.unit
+        return {
+            "id": self.id,
+            "spec": self.spec,
+            "priority": self.priority,
+            "priority_name": priority_name(self.priority),
+            "strategy": self.strategy,
+            "status": self.status,
+            "attempts": u.attempt if self.chunks is None else max(
+                (c.attempt for c in self.chunks), default=0),
+            "node": self.node or u.node,
+            "exit_code": self.exit_code,
+            "result": self.result,
+            "error": self.error,
+            "created_at": self.created_at,
+            "started_at": u.started_at if self.chunks is None else min(
+                (c.started_at for c in self.chunks if c.started_at), default=0.0),
+            "finished_at": self.finished_at,
+            "chunk_count": self.chunk_count,
+            "chunks_done": self.chunks_done,
+            "chunks": [
+                {"index": i, "status": c.status, "attempts": c.attempt, "node": c.node,
+                 "exit_code": c.exit_code, "result": c.result, "error": c.error,
+                 "started_at": c.started_at, "finished_at": c.finished_at}
+                for i, c in enumerate(self.chunks or [])
+            ],
+        }
+
+
+class SchedulerState:
+    """Everything that must survive the loss of a node. See the module docstring."""
+
+    def __init__(self, aging_per_s: float = 1.0 / 60.0) -> None:
+        self.tasks: dict[str, Task] = {}
+        self.heap: list[tuple[float, int, str, int]] = []  # (key, qseq, task_id, chunk)
+        self.delayed: dict[tuple[str, int], float] = {}  # unit -> not-before time
+        self.running: dict[tuple[str, int], str] = {}  # unit -> worker id
+        self.finished: dict[str, float] = {}  # task id -> finished_at, in finish order
+        self.queued_by_priority: dict[int, int] = {}
+        self.seq = 0
+        self.next_token = 0
+        self.aging_per_s = aging_per_s
+        self.dropped_results = 0
+        self.committed_results = 0
+        self.rejected_commands = 0
+        self.now = 0.0
+
+    # ------------------------------------------------------------------ helpers
+
+    def _enqueue(self, task: Task, chunk: int, unit: Unit) -> None:
+        self.seq += 1
+        unit.status = QUEUED
+        unit.qseq = self.seq
+        heapq.heappush(self.heap, (task.key, self.seq, task.id, chunk))
+        self.queued_by_priority[task.priority] = self.queued_by_priority.get(task.priority, 0) + 1
+
+    def _dequeued(self, task: Task, unit: Unit) -> None:
+        unit.qseq = 0
+        n = self.queued_by_priority.get(task.priority, 0) - 1
+        if n > 0:
+            self.queued_by_priority[task.priority] = n
+        else:
+            self.queued_by_priority.pop(task.priority, None)
+
+    def _advance(self, now: float) -> list[Event]:
+        """Move the clock (never backwards) and release delayed retries that are due."""
+        if now > self.now:
+            self.now = now
+        events: list[Event] = []
+        if self.delayed:
+            due = [k for k, t in self.delayed.items() if t <= self.now]
+            for key in due:
+                del self.delayed[key]
+                task = self.tasks.get(key[0])
+                unit = task.unit_at(key[1]) if task else None
+                if task is not None and unit is not None and unit.status == QUEUED \
+                        and task.status not in FINAL:
+                    self._enqueue(task, key[1], unit)
+        return events
+
+    def _finish(self, task: Task, status: str, now: float) -> None:
+        task.status = status
+        task.finished_at = now
+        self.finished[task.id] = now
+
+    def _is_live_entry(self, entry: tuple) -> bool:
+        _, qseq, tid, chunk = entry
+        task = self.tasks.get(tid)
+        if task is None or task.status in FINAL:
+            return False
+        unit = task.unit_at(chunk)
+        if chunk == WHOLE and task.chunks is not None:
+            return False
+        return unit is not None and unit.status == QUEUED and unit.qseq == qseq
+
+    # ------------------------------------------------------------------ commands
+
+    def apply_submit(self, specs: list, now: float) -> tuple[list, list[Event]]:
+        """Add tasks. ``specs`` are validated dicts with id, priority, strategy.
+
+        Returns one ``(task_id, created, status)`` per spec; an id already known
+        returns ``created=False`` and leaves the task unchanged (idempotency)."""
+        events = self._advance(now)
+        out = []
+        for spec in specs if isinstance(specs, list) else []:
+            try:
+                tid = str(spec["id"])
+                prio = int(spec["priority"])
+                strategy = str(spec.get("strategy") or "batch")
+            except Exception:  # noqa: BLE001 - totality: a bad entry is skipped
+                self.rejected_commands += 1
+                out.append(("", False, "rejected"))
+                continue
+            existing = self.tasks.get(tid)
+            if existing is not None:
+                out.append((tid, False, existing.status))
+                continue
+            task = Task(tid, spec, prio, strategy, now)
+            task.key = now * self.aging_per_s - prio
+            self.tasks[tid] = task
+            self._enqueue(task, WHOLE, task.unit)
+            out.append((tid, True, QUEUED))
+            events.append(("task", tid, QUEUED, WHOLE, "", now))
+        return out, events
+
+    def apply_assign(self, assignments: list, now: float, lease_s: float) -> tuple[list, list[Event]]:
+        """Hand queued units to workers.
+
+        Each assignment is ``(task_id, chunk, chunk_count, worker)``. ``chunk`` is -1
+        for a whole task; a split task that has not been cut yet is cut into
+        ``chunk_count`` chunks by its first assignment (the chunks not named stay
+        queued). Stale assignments (unit no longer queued) are skipped. Returns
+        ``(task_id, chunk, chunk_count, attempt, token, worker)`` for each unit that
+        was assigned."""
+        events = self._advance(now)
+        out = []
+        for a in assignments if isinstance(assignments, list) else []:
+            try:
+                tid, chunk, count, worker = str(a[0]), int(a[1]), int(a[2]), str(a[3])
+            except Exception:  # noqa: BLE001
+                self.rejected_commands += 1
+                continue
+            task = self.tasks.get(tid)
+            if task is None or task.status in FINAL:
+                continue
+            if chunk != WHOLE and task.chunks is None:
+                # First dispatch of a split task: cut it now.
+                if task.unit.status != QUEUED or not 1 <= count <= 100_000:
+                    continue
+                self._dequeued(task, task.unit)
+                task.unit.status = RUNNING
+                task.chunks = [Unit() for _ in range(count)]
+                task.chunk_count = count
+                for i, c in enumerate(task.chunks):
+                    self._enqueue(task, i, c)
+                task.status = RUNNING
+                events.append(("task", tid, RUNNING, WHOLE, "", now))
+            unit = task.unit_at(chunk)
+            if unit is None or unit.status != QUEUED or unit.qseq == 0:
+                continue
+            self._dequeued(task, unit)
+            self.delayed.pop((tid, chunk), None)
+            self.next_token += 1
+            unit.status = RUNNING
+            unit.attempt += 1
+            unit.token = self.next_token
+            unit.node = worker
+            unit.started_at = now
+            unit.deadline = now + lease_s
+            unit.error = ""
+            self.running[(tid, chunk)] = worker
+            if task.status == QUEUED:
+                task.status = RUNNING
+            task.node = worker if task.chunks is None else ""
+            events.append(("task", tid, RUNNING, chunk, worker, now))
+            out.append((tid, chunk, task.chunk_count, unit.attempt, unit.token, worker))
+        return out, events
+
+    def apply_complete(self, results: list, now: float) -> tuple[dict, list[Event]]:
+        """Record results. Each result is a dict with task_id, chunk, attempt, token,
+        ok, exit_code, result, error, node, started_at, finished_at and ``backoff_s``
+        (the proposer's jittered retry delay, used if the attempt failed and the task
+        has retries left).
+
+        A result is applied only if it carries the unit's current attempt and token
+        and the unit is running; anything else (late, duplicate, fenced off) is
+        dropped and counted. Returns ``{"committed": n, "dropped": n}``."""
+        events = self._advance(now)
+        committed = dropped = 0
+        for r in results if isinstance(results, list) else []:
+            try:
+                tid = str(r["task_id"])
+                chunk = int(r["chunk"])
+                attempt = int(r["attempt"])
+                token = int(r["token"])
+                ok = bool(r["ok"])
+            except Exception:  # noqa: BLE001
+                self.rejected_commands += 1
+                continue
+            task = self.tasks.get(tid)
+            unit = task.unit_at(chunk) if task is not None else None
+            if task is None or unit is None or task.status in FINAL or unit.status != RUNNING \
+                    or unit.attempt != attempt or unit.token != token:
+                dropped += 1
+                continue
+            committed += 1
+            self.running.pop((tid, chunk), None)
+            unit.exit_code = int(r.get("exit_code", 0) or 0)
+            unit.result = str(r.get("result", "") or "")
+            unit.error = str(r.get("error", "") or "")
+            unit.node = str(r.get("node", "") or unit.node)
+            unit.finished_at = now
+            if ok:
+                unit.status = SUCCEEDED
+            elif unit.attempt - unit.lost <= task.retries:
+                unit.status = QUEUED
+                backoff = float(r.get("backoff_s", 0.0) or 0.0)
+                if backoff > 0:
+                    self.delayed[(tid, chunk)] = now + backoff
+                else:
+                    self._enqueue(task, chunk, unit)
+                events.append(("task", tid, "retrying", chunk, unit.node, now))
+                continue
+            else:
+                unit.status = FAILED
+            events.extend(self._settle(task, chunk, unit, now))
+        self.committed_results += committed
+        self.dropped_results += dropped
+        return {"committed": committed, "dropped": dropped}, events
+
+    def _settle(self, task: Task, chunk: int, unit: Unit, now: float) -> list[Event]:
+        """A unit reached a final state; finish the task if that decides it."""
+        if chunk == WHOLE:
+            task.exit_code = unit.exit_code
+            task.result = unit.result
+            task.error = unit.error
+            task.node = unit.node
+            self._finish(task, unit.status, now)
+            return [("task", task.id, unit.status, WHOLE, unit.node, now)]
+        events: list[Event] = [("task", task.id, "chunk_" + unit.status, chunk, unit.node, now)]
+        chunks = task.chunks or []
+        if unit.status == FAILED:
+            task.error = f"chunk {chunk} failed: {unit.error}"[:4000]
+            task.exit_code = unit.exit_code
+            self._cancel_units(task, now, events, "sibling chunk failed")
+            self._finish(task, FAILED, now)
+            events.append(("task", task.id, FAILED, WHOLE, "", now))
+            return events
+        task.chunks_done += 1
+        if task.chunks_done == len(chunks):
+            gathered = []
+            for c in chunks:
+                try:
+                    gathered.append(json.loads(c.result))
+                except ValueError:
+                    gathered.append(c.result)
+            task.result = json.dumps(gathered)
+            task.unit.status = SUCCEEDED
+            self._finish(task, SUCCEEDED, now)
+            events.append(("task", task.id, SUCCEEDED, WHOLE, "", now))
+        return events
+
+    def _cancel_units(self, task: Task, now: float, events: list[Event], why: str) -> list:
+        """Mark every unfinished unit of task cancelled; return the running ones."""
+        killed = []
+        units = [(WHOLE, task.unit)] if task.chunks is None else list(enumerate(task.chunks))
+        for chunk, unit in units:
+            if unit.status == RUNNING:
+                killed.append((task.id, chunk, unit.attempt, unit.token, unit.node))
+                self.running.pop((task.id, chunk), None)
+            if unit.status == QUEUED and unit.qseq:
+                self._dequeued(task, unit)
+            if unit.status in (QUEUED, RUNNING):
+                unit.status = CANCELLED
+                unit.error = why
+                unit.finished_at = now
+            self.delayed.pop((task.id, chunk), None)
+        if task.chunks is not None and task.unit.status in (QUEUED, RUNNING):
+            task.unit.status = CANCELLED
+        return killed
+
+    def apply_cancel(self, task_ids: list, now: float) -> tuple[list, list[Event]]:
+        """Cancel tasks. Returns ``(task_id, status, running_units)`` per id, where
+        running_units are ``(task_id, chunk, attempt, token, worker)`` to kill."""
+        events = self._advance(now)
+        out = []
+        for tid in task_ids if isinstance(task_ids, list) else []:
+            task = self.tasks.get(str(tid))
+            if task is None:
+                out.append((str(tid), "not_found", []))
+                continue
+            if task.status in FINAL:
+                out.append((task.id, task.status, []))
+                continue
+            killed = self._cancel_units(task, now, events, "cancelled")
+            task.error = "cancelled"
+            self._finish(task, CANCELLED, now)
+            events.append(("task", task.id, CANCELLED, WHOLE, "", now))
+            out.append((task.id, CANCELLED, killed))
+        return out, events
+
+    def apply_requeue(self, units: list, now: float, reason: str) -> tuple[int, list[Event]]:
+        """Take units back from a worker presumed gone. Each unit is
+        ``(task_id, chunk, attempt, token)``; only the current assignment is requeued
+        (attempt + 1 at its next assignment). A unit lost too often ends failed."""
+        events = self._advance(now)
+        n = 0
+        for u in units if isinstance(units, list) else []:
+            try:
+                tid, chunk, attempt, token = str(u[0]), int(u[1]), int(u[2]), int(u[3])
+            except Exception:  # noqa: BLE001
+                self.rejected_commands += 1
+                continue
+            task = self.tasks.get(tid)
+            unit = task.unit_at(chunk) if task is not None else None
+            if task is None or unit is None or unit.status != RUNNING or unit.attempt != attempt \
+                    or unit.token != token or task.status in FINAL:
+                continue
+            self.running.pop((tid, chunk), None)
+            unit.lost += 1
+            unit.error = str(reason)[:500]
+            n += 1
+            if unit.lost >= MAX_LOST_ATTEMPTS:
+                unit.status = FAILED
+                unit.error = f"lost {unit.lost} times: {reason}"[:500]
+                unit.finished_at = now
+                events.extend(self._settle(task, chunk, unit, now))
+                continue
+            self._enqueue(task, chunk, unit)
+            events.append(("task", tid, "requeued", chunk, unit.node, now))
+        return n, events
+
+    def apply_compact(self, now: float, retention_s: float, max_finished: int) -> tuple[int, list[Event]]:
+        """Forget finished tasks older than retention_s or beyond the newest max_finished."""
+        events = self._advance(now)
+        removed = 0
+        excess = len(self.finished) - max(0, int(max_finished))
+        for tid, at in list(self.finished.items()):
+            if excess <= 0 and at > now - retention_s:
+                break
+            del self.finished[tid]
+            self.tasks.pop(tid, None)
+            excess -= 1
+            removed += 1
+        if len(self.heap) > 64 and len(self.heap) > 2 * self.queued_count():
+            self.heap = [e for e in self.heap if self._is_live_entry(e)]
+            heapq.heapify(self.heap)
+        return removed, events
+
+    # ------------------------------------------------------------------ reads
+
+    def queued_count(self) -> int:
+        return sum(self.queued_by_priority.values())
+
+    def peek_queued(self, limit: int) -> list[tuple[Task, int]]:
+        """The first ``limit`` queued units in priority order, without removing them.
+
+        Drops dead heap entries it meets on the way (the only read that mutates, and
+        only in ways invisible to every other read)."""
+        out: list[tuple[Task, int]] = []
+        if limit <= 0:
+            return out
+        heap = self.heap
+        while heap and not self._is_live_entry(heap[0]):
+            heapq.heappop(heap)
+        if not heap:
+            return out
+        # Walk the heap in order with a side heap of candidate indices.
+        frontier = [(heap[0], 0)]
+        while frontier and len(out) < limit:
+            entry, i = heapq.heappop(frontier)
+            if self._is_live_entry(entry):
+                out.append((self.tasks[entry[2]], entry[3]))
+            for j in (2 * i + 1, 2 * i + 2):
+                if j < len(heap):
+                    heapq.heappush(frontier, (heap[j], j))
+        return out
+
+    def running_on(self, worker: str) -> list[tuple[str, int, int, int]]:
+        out = []
+        for (tid, chunk), w in self.running.items():
+            if w == worker:
+                unit = self.tasks[tid].unit_at(chunk)
+                if unit is not None:
+                    out.append((tid, chunk, unit.attempt, unit.token))
+        return out
+
+    def running_units(self) -> list[tuple[str, int, int, int, str, float]]:
+        """(task_id, chunk, attempt, token, worker, started_at) for every running unit."""
+        out = []
+        for (tid, chunk), w in self.running.items():
+            unit = self.tasks[tid].unit_at(chunk)
+            if unit is not None:
+                out.append((tid, chunk, unit.attempt, unit.token, w, unit.started_at))
+        return out
+
+    def counts_by_status(self) -> dict[str, int]:
+        counts = {s: 0 for s in STATUSES}
+        for t in self.tasks.values():
+            counts[t.status] = counts.get(t.status, 0) + 1
+        return counts
+
+    def list_tasks(self, status: str = "", labels: Iterable[tuple[str, str]] = ()) -> list[Task]:
+        want = list(labels)
+        out = []
+        for t in self.tasks.values():
+            if status and t.status != status:
+                continue
+            if want:
+                have = t.spec.get("labels") or {}
+                if any(have.get(k) != v for k, v in want):
+                    continue
+            out.append(t)
+        return out
+
+    def fingerprint(self) -> tuple:
+        """A value equal on two replicas exactly when their states are equal."""
+        return (
+            tuple(json.dumps(t.as_dict(), sort_keys=True) + repr(t.unit.__getstate__())
+                  for t in self.tasks.values()),
+            tuple(sorted(e for e in self.heap if self._is_live_entry(e))),
+            tuple(self.delayed.items()), tuple(self.running.items()),
+            tuple(self.finished.items()), self.next_token, self.dropped_results,
+            self.committed_results, self.now,
+        )

@@ -1,0 +1,3 @@
+from taskandgo.node.cli import main
+
+raise SystemExit(main())

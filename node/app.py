@@ -1,0 +1,916 @@
+"""The node: wires Raft, the leader loop, the executor, heartbeats and reporting.
+
+Threads (all daemon, all stop on :meth:`NodeApp.stop`):
+
+* PySyncObj's tick thread applies commands and fires callbacks (never blocked);
+* ``submit-flusher`` batches client submits into one Raft command per round
+  (at once when idle, accumulating while earlier commands are in flight);
+* ``leader`` plans and proposes assignments, requeues units of workers whose lease
+  ran out, commits reported results, and compacts finished tasks — only while this
+  node is the Raft leader and has applied an entry of its own term;
+* ``dispatch`` sends committed assignments to workers (one RPC per worker);
+* ``heartbeat`` reports this node's running set and free slots to the leader and
+  kills what the leader says is no longer ours;
+* ``reporter`` sends finished units' results to the leader until committed.
+
+Every node is a worker; only voters hold the replicated state. A non-voter
+forwards client calls to a voter through :class:`taskandgo.Client`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import random
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import grpc
+import psutil
+
+from taskandgo.consensus.raft import MAYBE_COMMITTED, Raft, RaftTimers, ReplicatedState, \
+    fail_reason_name
+from taskandgo.consensus.state import FINAL, PRIORITY_LEVELS, SchedulerState, priority_name
+from taskandgo.node.config import NodeConfig, Voter
+from taskandgo.node.executor import Executor, Work
+from taskandgo.node.tasks import InvalidTask, check_status, normalize, payload_for
+from taskandgo.protos import peer_pb2, peer_pb2_grpc
+from taskandgo.strategies import QueuedUnit, Worker, plan
+
+log = logging.getLogger("taskandgo.node")
+
+MAX_SUBMIT_BATCH = 5000
+MAX_INFLIGHT_SUBMITS = 4
+SUBMIT_RETRY_S = 3.0
+DISPATCH_TIMEOUT_S = 2.0
+
+
+class Unavailable(Exception):
+    """No leader can be reached now (gRPC UNAVAILABLE / HTTP 503); safe to retry."""
+
+
+class NotFound(Exception):
+    """No such task (gRPC NOT_FOUND / HTTP 404)."""
+
+
+@dataclass
+class WorkerInfo:
+    node_id: str
+    grpc_address: str = ""
+    http_address: str = ""
+    raft_address: str = ""
+    voter: bool = False
+    slots: int = 0
+    free_slots: int = 0
+    running: set = field(default_factory=set)
+    cpu_percent: float = 0.0
+    memory_percent: float = 0.0
+    memory_rss: int = 0
+    accepting: bool = True
+    last_seen: float = 0.0  # monotonic, on the leader
+    last_seen_wall: float = 0.0
+
+
+class EventBus:
+    """Recent events with sequence numbers, for watchers and waiters."""
+
+    def __init__(self, maxlen: int = 50_000) -> None:
+        self._events: collections.deque = collections.deque(maxlen=maxlen)
+        self._cond = threading.Condition()
+        self.seq = 0
+
+    def publish(self, events: list[dict[str, Any]]) -> None:
+        with self._cond:
+            for e in events:
+                self.seq += 1
+                e["seq"] = self.seq
+                self._events.append(e)
+            self._cond.notify_all()
+
+    def since(self, seq: int, timeout_s: float) -> list[dict[str, Any]]:
+        """Events after seq, waiting up to timeout_s for the first one."""
+        with self._cond:
+            if self.seq <= seq:
+                self._cond.wait(timeout_s)
+            if self.seq <= seq:
+                return []
+            first = self._events[0]["seq"] if self._events else self.seq + 1
+            start = max(0, seq + 1 - first)
+            return list(self._events)[start:]
+
+    def wait(self, timeout_s: float) -> None:
+        with self._cond:
+            self._cond.wait(timeout_s)
+
+
+class NodeApp:
+    """One TaskAndGo node. Construct, :meth:`start`, and :meth:`stop`."""
+
+    def __init__(self, cfg: NodeConfig, timers: RaftTimers | None = None) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node_id
+        self.bus = EventBus()
+        self.voter: Voter | None = cfg.self_voter
+        self.timers = timers or RaftTimers(election_min_s=cfg.election_min_s,
+                                           election_max_s=cfg.election_max_s)
+        self.replicated: ReplicatedState | None = None
+        self.raft: Raft | None = None
+        self.executor = Executor(cfg.node_id, cfg.slots, self._on_unit_result,
+                                 interpreters=cfg.interpreters, default_runner=cfg.default_runner,
+                                 output_limit=cfg.output_limit,
+                                 default_timeout_s=cfg.default_timeout_s)
+        self.accepting = True
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._raft_to_voter = {v.raft: v for v in cfg.voters}
+        # submit batching
+        self._submit_q: queue.Queue = queue.Queue()
+        self._submit_inflight = 0
+        self._submit_cond = threading.Condition()
+        # leader state (in memory only; rebuilt by a new leader)
+        self._lock = threading.RLock()
+        self.workers: dict[str, WorkerInfo] = {}
+        self._leader_wake = threading.Event()
+        self._leader_since: float | None = None
+        self._leader_ready = False
+        self._barrier_pending = False
+        self._assign_inflight = False
+        self._completions: list[tuple[dict[str, Any], Future | None]] = []
+        self._complete_inflight = 0
+        self._requeue_recent: dict[tuple, float] = {}
+        self._dispatch_q: queue.Queue = queue.Queue()
+        self._last_compact = 0.0
+        self._elections = 0
+        self._last_leader: str | None = None
+        # worker side
+        self._unreported: dict[tuple, dict[str, Any]] = {}
+        self._unreported_cond = threading.Condition()
+        self._leader_grpc_hint: str | None = None
+        self._channels: dict[str, grpc.Channel] = {}
+        self._proc = psutil.Process()
+        self._proc.cpu_percent(None)
+        psutil.cpu_percent(None)
+        self.metrics_hook: Callable[[str, float], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        if self.voter is not None:
+            self.replicated = ReplicatedState(listener=self._on_state_events)
+            partners = [v.raft for v in self.cfg.voters if v.raft != self.voter.raft]
+            self.raft = Raft(self.voter.raft, partners, self.cfg.data_dir, self.cfg.bind,
+                             self.cfg.raft_password, self.replicated, self.timers,
+                             on_state_changed=self._on_raft_state)
+        for name, target in (
+            ("submit-flusher", self._submit_loop), ("leader", self._leader_loop),
+            ("dispatch", self._dispatch_loop), ("heartbeat", self._heartbeat_loop),
+            ("reporter", self._reporter_loop),
+        ):
+            if name in ("submit-flusher", "leader") and self.raft is None:
+                continue
+            t = threading.Thread(target=self._guard(target), name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+        log.info("node %s started: grpc %s raft %s voter=%s", self.node_id,
+                 self.cfg.grpc_address, self.cfg.raft_address, self.voter is not None)
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            while not self._stop.is_set():
+                try:
+                    fn()
+                    return
+                except Exception:  # noqa: BLE001 - a loop must never die silently
+                    log.exception("node %s: %s loop failed; restarting it", self.node_id,
+                                  threading.current_thread().name)
+                    self._stop.wait(0.2)
+        return run
+
+    def drain(self, grace_s: float) -> None:
+        """Stop taking work and let running units finish (up to grace_s)."""
+        self.accepting = False
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and (self.executor.active() or self._unreported):
+            self._stop.wait(0.05)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._leader_wake.set()
+        with self._unreported_cond:
+            self._unreported_cond.notify_all()
+        self.executor.close()
+        if self.raft is not None:
+            self.raft.destroy()
+        for ch in list(self._channels.values()):
+            ch.close()
+
+    # ------------------------------------------------------------------ raft info
+
+    def is_leader(self) -> bool:
+        return self.raft is not None and self.raft.is_leader()
+
+    def leader_voter(self) -> Voter | None:
+        if self.raft is None:
+            return None
+        addr = self.raft.leader()
+        return self._raft_to_voter.get(addr) if addr else None
+
+    def leader_grpc(self) -> str | None:
+        if self.raft is not None:
+            v = self.leader_voter()
+            return v.grpc if v else None
+        return self._leader_grpc_hint
+
+    def _on_raft_state(self, old: int, new: int) -> None:
+        self._leader_wake.set()
+        if new == 2:
+            self._elections += 1
+
+    def read(self, fn: Callable[[SchedulerState], Any]) -> Any:
+        assert self.replicated is not None
+        return self.replicated.read(fn)
+
+    def _on_state_events(self, events: list) -> None:
+        self.bus.publish([
+            {"kind": k, "task_id": tid, "status": st, "chunk": ch, "node": nd, "at": at}
+            for (k, tid, st, ch, nd, at) in events])
+        self._leader_wake.set()
+
+    # ------------------------------------------------------------------ client API
+    # Every method returns plain dicts in the API's shape and raises InvalidTask,
+    # NotFound or Unavailable. A non-voter forwards to a voter.
+
+    def forward_client(self) -> Any:
+        from taskandgo.node.client import Client
+
+        targets = [self._leader_grpc_hint] if self._leader_grpc_hint else []
+        targets += [v.grpc for v in self.cfg.voters if v.grpc not in targets]
+        return Client(targets, timeout_s=10.0)
+
+    def submit(self, raw_specs: list[dict[str, Any]], timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        if not self.accepting:
+            raise Unavailable("node is shutting down")
+        specs = []
+        for i, raw in enumerate(raw_specs):
+            try:
+                specs.append(normalize(raw, self.cfg.strategy))
+            except InvalidTask as exc:
+                if len(raw_specs) > 1:
+                    raise InvalidTask(f"tasks[{i}].{exc.field}", exc.message) from None
+                raise
+        if self.replicated is None:
+            with self.forward_client() as c:
+                return c.submit_many([_spec_to_api(s) for s in specs])
+        fut: Future = Future()
+        self._submit_q.put((specs, fut, time.monotonic() + min(timeout_s, SUBMIT_RETRY_S)))
+        try:
+            out = fut.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise Unavailable("submit was not committed in time (no leader?)") from None
+        return [{"task_id": tid, "created": created, "status": status}
+                for tid, created, status in out]
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        if self.replicated is None:
+            with self.forward_client() as c:
+                return c.get(task_id)
+        t = self.read(lambda s: s.tasks[task_id].as_dict() if task_id in s.tasks else None)
+        if t is None:
+            raise NotFound(f"task {task_id} not found")
+        return task_to_api(t)
+
+    def list(self, status: str = "", labels: list[str] | None = None, limit: int = 100,
+             page_token: str = "") -> dict[str, Any]:
+        check_status(status)
+        pairs = []
+        for item in labels or []:
+            k, sep, v = item.partition("=")
+            if not sep:
+                raise InvalidTask("labels", f"{item!r}: expected key=value")
+            pairs.append((k, v))
+        if not 0 <= limit <= 10_000:
+            raise InvalidTask("limit", "expected 0..10000")
+        limit = limit or 100
+        try:
+            offset = int(page_token or 0)
+        except ValueError:
+            raise InvalidTask("page_token", "not a token from a previous response") from None
+        if offset < 0:
+            raise InvalidTask("page_token", "not a token from a previous response")
+        if self.replicated is None:
+            with self.forward_client() as c:
+                return c.list_page(status, labels or [], limit, page_token)
+
+        def page(s: SchedulerState) -> tuple[list, int]:
+            tasks = s.list_tasks(status, pairs)
+            return [t.as_dict() for t in tasks[offset:offset + limit]], len(tasks)
+
+        tasks, total = self.read(page)
+        nxt = str(offset + limit) if offset + limit < total else ""
+        return {"tasks": [task_to_api(t) for t in tasks], "next_page_token": nxt, "total": total}
+
+    def cancel(self, task_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        if self.replicated is None:
+            with self.forward_client() as c:
+                return c.cancel(task_id)
+        fut: Future = Future()
+        deadline = time.monotonic() + min(timeout_s, SUBMIT_RETRY_S)
+
+        def propose() -> None:
+            assert self.replicated is not None
+            self.replicated.cancel([task_id], time.time(), callback=done)
+
+        def done(result: Any, err: int) -> None:
+            if err == 0 and result:
+                fut.set_result(result[0])
+            elif time.monotonic() < deadline:
+                threading.Timer(0.05, propose).start()
+            else:
+                fut.set_exception(Unavailable(f"cancel not committed: {fail_reason_name(err)}"))
+
+        propose()
+        try:
+            tid, status, _ = fut.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise Unavailable("cancel was not committed in time") from None
+        if status == "not_found":
+            raise NotFound(f"task {task_id} not found")
+        return {"task_id": tid, "status": status}
+
+    def wait(self, task_ids: list[str], timeout_s: float) -> dict[str, Any]:
+        """Block until every task is final or timeout; returns the tasks known."""
+        if self.replicated is None:
+            with self.forward_client() as c:
+                return c.wait_raw(task_ids, timeout_s)
+        deadline = time.monotonic() + max(0.0, min(timeout_s or 30.0, 600.0))
+        ids = list(dict.fromkeys(task_ids))
+        while True:
+            seq = self.bus.seq
+
+            def check(s: SchedulerState) -> tuple[bool, list]:
+                done = all(tid in s.tasks and s.tasks[tid].status in FINAL for tid in ids)
+                return done, ([s.tasks[t].as_dict() for t in ids if t in s.tasks] if done else [])
+
+            done, tasks = self.read(check)
+            left = deadline - time.monotonic()
+            if done or left <= 0:
+                if not done:
+                    tasks = self.read(lambda s: [s.tasks[t].as_dict() for t in ids if t in s.tasks])
+                return {"tasks": [task_to_api(t) for t in tasks], "complete": done}
+            if self.bus.seq == seq:
+                self.bus.since(seq, min(left, 0.5))
+
+    def events(self, after_seq: int, timeout_s: float) -> list[dict[str, Any]]:
+        return self.bus.since(after_seq, timeout_s)
+
+    def node_status(self) -> dict[str, Any]:
+        st: dict[str, Any] = {
+            "id": self.node_id, "role": "worker", "voter": self.voter is not None,
+            "grpc_address": self.cfg.grpc_address, "http_address": self.cfg.http_address,
+            "raft_address": self.cfg.raft_address if self.voter else "",
+            "slots": self.cfg.slots, "free_slots": self.executor.free_slots(),
+            "running": [f"{k[0]}" + (f"#{k[1]}" if k[1] >= 0 else "")
+                        for k in self.executor.active()],
+            "cpu_percent": psutil.cpu_percent(None),
+            "memory_percent": psutil.virtual_memory().percent,
+            "memory_rss": self._proc.memory_info().rss,
+            "strategy": self.cfg.strategy, "ready": False, "leader_id": "",
+            "queue_by_priority": {}, "queued": 0,
+        }
+        if self.raft is not None:
+            rs = self.raft.status()
+            st["role"] = {0: "follower", 1: "candidate", 2: "leader"}.get(rs.get("state"), "follower")
+            st["raft_term"] = rs.get("raft_term", 0)
+            st["commit_index"] = rs.get("commit_idx", 0)
+            st["applied_index"] = rs.get("last_applied", 0)
+            lv = self.leader_voter()
+            st["leader_id"] = self._voter_node_id(lv) if lv else ""
+            st["ready"] = lv is not None and bool(rs.get("has_quorum", True))
+            byp = self.read(lambda s: dict(s.queued_by_priority))
+            st["queue_by_priority"] = {priority_name(p): n for p, n in sorted(byp.items())}
+            st["queued"] = sum(byp.values())
+        else:
+            st["leader_id"] = ""
+            st["ready"] = self._leader_grpc_hint is not None
+        return st
+
+    def _voter_node_id(self, v: Voter) -> str:
+        if self.voter is not None and v.raft == self.voter.raft:
+            return self.node_id
+        with self._lock:
+            for w in self.workers.values():
+                if w.raft_address == v.raft:
+                    return w.node_id
+        return v.grpc
+
+    def cluster_status(self) -> dict[str, Any]:
+        if not self.is_leader():
+            target = self.leader_grpc()
+            if target is None:
+                raise Unavailable("no leader known")
+            from taskandgo.node.client import Client
+
+            with Client([target], timeout_s=5.0, follow_leader=False) as c:
+                return c.cluster_status()
+        now = time.monotonic()
+        nodes = []
+        with self._lock:
+            known = list(self.workers.values())
+        seen_raft = {w.raft_address for w in known}
+        for w in known:
+            alive = now - w.last_seen < self.cfg.lease_s
+            nodes.append({
+                "id": w.node_id, "role": "leader" if w.node_id == self.node_id else
+                ("follower" if w.voter else "worker"),
+                "voter": w.voter, "grpc_address": w.grpc_address, "http_address": w.http_address,
+                "raft_address": w.raft_address, "slots": w.slots, "free_slots": w.free_slots,
+                "running": sorted(f"{k[0]}" + (f"#{k[1]}" if k[1] >= 0 else "") for k in w.running),
+                "cpu_percent": w.cpu_percent, "memory_percent": w.memory_percent,
+                "memory_rss": w.memory_rss, "ready": alive and w.accepting,
+                "last_seen_s": round(now - w.last_seen, 3),
+            })
+        for v in self.cfg.voters:
+            if v.raft not in seen_raft:
+                nodes.append({"id": v.grpc, "role": "unreachable", "voter": True,
+                              "grpc_address": v.grpc, "raft_address": v.raft, "ready": False})
+        counts, dropped = self.read(lambda s: (s.counts_by_status(), s.dropped_results))
+        return {"leader_id": self.node_id, "nodes": nodes, "tasks_by_status": counts,
+                "dropped_results": dropped}
+
+    # ------------------------------------------------------------------ submits
+
+    def _submit_loop(self) -> None:
+        assert self.replicated is not None
+        while not self._stop.is_set():
+            try:
+                first = self._submit_q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            group = [first]
+            n = len(first[0])
+            while n < MAX_SUBMIT_BATCH:
+                try:
+                    item = self._submit_q.get_nowait()
+                except queue.Empty:
+                    break
+                group.append(item)
+                n += len(item[0])
+            with self._submit_cond:
+                while self._submit_inflight >= MAX_INFLIGHT_SUBMITS and not self._stop.is_set():
+                    self._submit_cond.wait(0.5)
+                self._submit_inflight += 1
+            self._propose_submit(group)
+
+    def _propose_submit(self, group: list) -> None:
+        assert self.replicated is not None
+        specs = [s for item in group for s in item[0]]
+
+        def done(result: Any, err: int) -> None:
+            with self._submit_cond:
+                self._submit_inflight -= 1
+                self._submit_cond.notify_all()
+            if err == 0 and isinstance(result, list) and len(result) == len(specs):
+                i = 0
+                for item_specs, fut, _ in group:
+                    if not fut.done():
+                        fut.set_result(result[i:i + len(item_specs)])
+                    i += len(item_specs)
+                return
+            # Not committed (or maybe committed: LEADER_CHANGED / UNKNOWN_OUTCOME):
+            # retry with the same ids, which makes a repeat harmless.
+            retry = [item for item in group if time.monotonic() < item[2] and not item[1].done()]
+            for item in group:
+                if item not in retry and not item[1].done():
+                    item[1].set_exception(Unavailable(
+                        f"no leader: submit not committed ({fail_reason_name(err)})"))
+            if retry:
+                threading.Timer(0.05 if err not in MAYBE_COMMITTED else 0.0,
+                                lambda: [self._submit_q.put(it) for it in retry]).start()
+
+        self.replicated.submit(specs, time.time(), callback=done)
+
+    # ------------------------------------------------------------------ leader
+
+    def _leader_loop(self) -> None:
+        assert self.replicated is not None and self.raft is not None
+        last_lease_check = 0.0
+        while not self._stop.is_set():
+            self._leader_wake.wait(0.05)
+            self._leader_wake.clear()
+            if not self.raft.is_leader():
+                if self._leader_since is not None:
+                    log.info("node %s: no longer leader", self.node_id)
+                self._leader_since = None
+                self._leader_ready = False
+                continue
+            now = time.monotonic()
+            if self._leader_since is None:
+                self._become_leader(now)
+            if not self._leader_ready:
+                continue
+            self._heartbeat_self()
+            self._flush_completions()
+            if not self._assign_inflight:
+                self._plan_and_assign()
+            if now - last_lease_check > 0.2:
+                last_lease_check = now
+                self._check_leases(now)
+            if now - self._last_compact > 10.0:
+                self._last_compact = now
+                self.replicated.compact(time.time(), self.cfg.retention_s, self.cfg.max_finished)
+
+    def _become_leader(self, now: float) -> None:
+        """A new leader: forget the old view of workers (they get a full lease to
+        report in) and wait until an entry of our term has applied, so the state
+        read below includes every committed command."""
+        assert self.replicated is not None
+        log.info("node %s: became leader", self.node_id)
+        self._leader_since = now
+        self._assign_inflight = False
+        with self._lock:
+            for w in self.workers.values():
+                w.last_seen = now
+        self.bus.publish([{"kind": "leader", "task_id": "", "status": "elected", "chunk": -1,
+                           "node": self.node_id, "at": time.time()}])
+
+        def ready(_: Any, err: int) -> None:
+            if err == 0 and self._leader_since == now:
+                self._leader_ready = True
+            self._leader_wake.set()
+
+        self._leader_ready = False
+        self.replicated.requeue([], time.time(), "", callback=ready)
+
+    def _heartbeat_self(self) -> None:
+        now = time.monotonic()
+        if now - getattr(self, "_self_hb_at", 0.0) < self.cfg.heartbeat_s / 2:
+            return
+        self._self_hb_at = now
+        kill = self._record_heartbeat(self._heartbeat_request())
+        if kill:
+            self.executor.kill(kill)
+            with self._unreported_cond:
+                for k in kill:
+                    self._unreported.pop(k, None)
+
+    def _live_workers(self, now: float) -> list[WorkerInfo]:
+        with self._lock:
+            return [w for w in self.workers.values()
+                    if now - w.last_seen < self.cfg.lease_s and w.accepting]
+
+    def _plan_and_assign(self) -> None:
+        assert self.replicated is not None
+        live = self._live_workers(time.monotonic())
+        if not live:
+            return
+
+        def snapshot(s: SchedulerState) -> tuple[list[Worker], list[QueuedUnit]]:
+            busy: dict[str, int] = {}
+            for w in s.running.values():
+                busy[w] = busy.get(w, 0) + 1
+            workers = [Worker(w.node_id, max(0, w.slots - busy.get(w.node_id, 0))) for w in live]
+            total = sum(w.free_slots for w in workers)
+            head = s.peek_queued(total)
+            units = [QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
+                                len(t.spec.get("items") or ()), t.chunk_count)
+                     for t, chunk in head]
+            return workers, units
+
+        workers, units = self.read(snapshot)
+        if not units:
+            return
+        assignments = plan(units, workers)
+        if not assignments:
+            return
+        self._assign_inflight = True
+        t0 = time.monotonic()
+
+        def done(result: Any, err: int) -> None:
+            self._assign_inflight = False
+            if self.metrics_hook:
+                self.metrics_hook("commit_latency", time.monotonic() - t0)
+            if err == 0 and result:
+                self._dispatch_q.put(result)
+            self._leader_wake.set()
+
+        self.replicated.assign([(a.task_id, a.chunk, a.chunk_count, a.worker) for a in assignments],
+                               time.time(), self.cfg.lease_s, callback=done)
+
+    def _dispatch_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._dispatch_q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            t0 = time.monotonic()
+
+            def payloads(s: SchedulerState) -> dict[str, list[Work]]:
+                by_worker: dict[str, list[Work]] = {}
+                for tid, chunk, count, attempt, token, worker in batch:
+                    t = s.tasks.get(tid)
+                    if t is None:
+                        continue
+                    by_worker.setdefault(worker, []).append(
+                        Work(tid, chunk, count, attempt, token, payload_for(t.spec, chunk, count)))
+                return by_worker
+
+            by_worker = self.read(payloads)
+            for worker, works in by_worker.items():
+                if worker == self.node_id:
+                    self.executor.dispatch(works)
+                    continue
+                with self._lock:
+                    info = self.workers.get(worker)
+                if info is None:
+                    continue  # lease check requeues these
+                req = peer_pb2.DispatchRequest(leader_id=self.node_id, assignments=[
+                    peer_pb2.Assignment(task_id=w.task_id, chunk=w.chunk,
+                                        chunk_count=w.chunk_count, attempt=w.attempt,
+                                        token=w.token, payload_json=_dumps(w.payload))
+                    for w in works])
+                stub = peer_pb2_grpc.PeerStub(self._channel(info.grpc_address))
+                fut = stub.Dispatch.future(req, timeout=DISPATCH_TIMEOUT_S)
+                fut.add_done_callback(lambda f, w=worker: self._dispatch_done(f, w))
+            if self.metrics_hook:
+                self.metrics_hook("dispatch_latency", time.monotonic() - t0)
+
+    def _dispatch_done(self, fut: Any, worker: str) -> None:
+        try:
+            fut.result()
+        except grpc.RpcError as exc:
+            log.warning("node %s: dispatch to %s failed: %s", self.node_id, worker, exc.code())
+
+    def _check_leases(self, now: float) -> None:
+        """Requeue units whose worker is gone (no heartbeat within the lease) or
+        that a live worker does not run (a dispatch that never arrived)."""
+        assert self.replicated is not None and self._leader_since is not None
+        units = self.read(lambda s: s.running_units())
+        wall = time.time()
+        grace = max(2.5, 4 * self.cfg.heartbeat_s)
+        lost: list[tuple] = []
+        reasons = []
+        with self._lock:
+            for tid, chunk, attempt, token, worker, started in units:
+                key = (tid, chunk, attempt, token)
+                w = self.workers.get(worker)
+                if w is None:
+                    if now - self._leader_since > self.cfg.lease_s:
+                        lost.append(key)
+                        reasons.append(f"worker {worker} unknown to the new leader")
+                elif now - w.last_seen > self.cfg.lease_s:
+                    lost.append(key)
+                    reasons.append(f"worker {worker} missed its lease")
+                elif key not in w.running and w.last_seen_wall > started + grace \
+                        and now - self._leader_since > grace:
+                    lost.append(key)
+                    reasons.append(f"worker {worker} is not running it")
+        self._requeue_recent = {k: t for k, t in self._requeue_recent.items() if now - t < 2.0}
+        lost = [k for k in lost if k not in self._requeue_recent]
+        if not lost:
+            return
+        for k in lost:
+            self._requeue_recent[k] = now
+        log.warning("node %s: requeueing %d unit(s): %s", self.node_id, len(lost), reasons[0])
+        self.replicated.requeue([list(k) for k in lost], wall, reasons[0])
+
+    def _flush_completions(self) -> None:
+        assert self.replicated is not None
+        with self._lock:
+            if not self._completions or self._complete_inflight >= 4:
+                return
+            group, self._completions = self._completions, []
+            self._complete_inflight += 1
+        results = []
+        for r, _ in group:
+            r = dict(r)
+            if not r.get("ok"):
+                attempt = max(1, int(r.get("attempt", 1)))
+                r["backoff_s"] = min(60.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+            results.append(r)
+
+        def done(result: Any, err: int) -> None:
+            with self._lock:
+                self._complete_inflight -= 1
+                if err != 0:
+                    self._completions.extend(g for g in group if g[1] is None or not g[1].done())
+            for _, fut in group:
+                if fut is not None and not fut.done():
+                    if err == 0:
+                        fut.set_result(True)
+                    elif not self.is_leader():
+                        fut.set_result(False)
+            self._leader_wake.set()
+
+        self.replicated.complete(results, time.time(), callback=done)
+
+    def accept_results(self, results: list[dict[str, Any]], timeout_s: float = 3.0) -> bool:
+        """Leader side of ReportResults: True once the results are committed."""
+        if not self.is_leader() or not self._leader_ready:
+            return False
+        futs = []
+        with self._lock:
+            for r in results:
+                fut: Future = Future()
+                futs.append(fut)
+                self._completions.append((r, fut))
+        self._leader_wake.set()
+        try:
+            return all(f.result(timeout=timeout_s) for f in futs)
+        except FutureTimeout:
+            return False
+
+    def _record_heartbeat(self, req: peer_pb2.HeartbeatRequest) -> list[tuple]:
+        """Leader side of Heartbeat: update the worker table; return the units the
+        worker runs that are not its to run (cancelled, requeued, finished)."""
+        running = {(u.task_id, u.chunk, u.attempt, u.token) for u in req.running}
+        with self._lock:
+            w = self.workers.get(req.node_id)
+            if w is None:
+                w = self.workers[req.node_id] = WorkerInfo(req.node_id)
+                self.bus.publish([{"kind": "node", "task_id": "", "status": "up", "chunk": -1,
+                                   "node": req.node_id, "at": time.time()}])
+            w.grpc_address, w.http_address = req.grpc_address, req.http_address
+            w.raft_address, w.voter = req.raft_address, req.voter
+            w.slots, w.free_slots, w.running = req.slots, req.free_slots, running
+            w.cpu_percent, w.memory_percent = req.cpu_percent, req.memory_percent
+            w.memory_rss, w.accepting = req.memory_rss, req.accepting
+            w.last_seen, w.last_seen_wall = time.monotonic(), time.time()
+        if not running or not self._leader_ready:
+            return []
+
+        def stale(s: SchedulerState) -> list[tuple]:
+            out = []
+            for key in running:
+                tid, chunk, attempt, token = key
+                t = s.tasks.get(tid)
+                unit = t.unit_at(chunk) if t is not None else None
+                if unit is None or unit.status != "running" or unit.token != token \
+                        or s.running.get((tid, chunk)) != req.node_id:
+                    if unit is not None and unit.token == token and unit.status in FINAL:
+                        continue  # finished and committed; the worker just has not heard
+                    out.append(key)
+            return out
+
+        return self.read(stale)
+
+    # ------------------------------------------------------------------ worker side
+
+    def _heartbeat_request(self) -> peer_pb2.HeartbeatRequest:
+        with self._unreported_cond:
+            pending = list(self._unreported)
+        running = set(self.executor.active()) | set(pending)
+        return peer_pb2.HeartbeatRequest(
+            node_id=self.node_id, grpc_address=self.cfg.grpc_address,
+            http_address=self.cfg.http_address,
+            raft_address=self.cfg.raft_address if self.voter else "",
+            voter=self.voter is not None, slots=self.cfg.slots,
+            free_slots=self.executor.free_slots(),
+            running=[peer_pb2.RunningUnit(task_id=k[0], chunk=k[1], attempt=k[2], token=k[3])
+                     for k in running],
+            cpu_percent=psutil.cpu_percent(None), memory_percent=psutil.virtual_memory().percent,
+            memory_rss=self._proc.memory_info().rss, accepting=self.accepting)
+
+    def handle_heartbeat(self, req: peer_pb2.HeartbeatRequest) -> peer_pb2.HeartbeatResponse:
+        if not self.is_leader():
+            return peer_pb2.HeartbeatResponse(accepted=False, leader_grpc=self.leader_grpc() or "")
+        kill = self._record_heartbeat(req)
+        return peer_pb2.HeartbeatResponse(accepted=True, leader_grpc=self.cfg.grpc_address, kill=[
+            peer_pb2.RunningUnit(task_id=k[0], chunk=k[1], attempt=k[2], token=k[3]) for k in kill])
+
+    def _leader_targets(self) -> list[str]:
+        hint = self.leader_grpc()
+        targets = [hint] if hint else []
+        targets += [v.grpc for v in self.cfg.voters if v.grpc not in targets]
+        return targets
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.cfg.heartbeat_s):
+            if self.is_leader():
+                continue  # the leader loop records its own heartbeat
+            req = self._heartbeat_request()
+            for target in self._leader_targets()[:3]:
+                if target == self.cfg.grpc_address:
+                    continue
+                try:
+                    resp = peer_pb2_grpc.PeerStub(self._channel(target)).Heartbeat(
+                        req, timeout=max(0.5, self.cfg.heartbeat_s * 2))
+                except grpc.RpcError:
+                    continue
+                if resp.accepted:
+                    self._leader_grpc_hint = target
+                    if resp.kill:
+                        keys = [(u.task_id, u.chunk, u.attempt, u.token) for u in resp.kill]
+                        self.executor.kill(keys)
+                        with self._unreported_cond:
+                            for k in keys:
+                                self._unreported.pop(k, None)
+                    break
+                if resp.leader_grpc:
+                    self._leader_grpc_hint = resp.leader_grpc
+
+    def handle_dispatch(self, req: peer_pb2.DispatchRequest) -> int:
+        import json
+
+        works = []
+        for a in req.assignments:
+            try:
+                payload = json.loads(a.payload_json)
+            except ValueError:
+                payload = {"data": ""}
+            works.append(Work(a.task_id, a.chunk, a.chunk_count, a.attempt, a.token, payload))
+        return self.executor.dispatch(works)
+
+    def _on_unit_result(self, result: dict[str, Any]) -> None:
+        key = (result["task_id"], result["chunk"], result["attempt"], result["token"])
+        with self._unreported_cond:
+            self._unreported[key] = result
+            self._unreported_cond.notify_all()
+
+    def _reporter_loop(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            with self._unreported_cond:
+                if not self._unreported:
+                    self._unreported_cond.wait(0.5)
+                batch = dict(list(self._unreported.items())[:2000])
+            if not batch:
+                continue
+            ok = False
+            if self.is_leader():
+                ok = self.accept_results(list(batch.values()))
+            else:
+                req = peer_pb2.ReportResultsRequest(results=[
+                    peer_pb2.Result(**{k: v for k, v in r.items()}) for r in batch.values()])
+                for target in self._leader_targets()[:3]:
+                    if target == self.cfg.grpc_address:
+                        continue
+                    try:
+                        resp = peer_pb2_grpc.PeerStub(self._channel(target)).ReportResults(
+                            req, timeout=5.0)
+                    except grpc.RpcError:
+                        continue
+                    if resp.accepted:
+                        ok = True
+                        break
+                    if resp.leader_grpc:
+                        self._leader_grpc_hint = resp.leader_grpc
+            if ok:
+                backoff = 0.0
+                with self._unreported_cond:
+                    for k in batch:
+                        self._unreported.pop(k, None)
+            else:
+                backoff = min(1.0, backoff * 2 or 0.05)
+                self._stop.wait(backoff)
+
+    def _channel(self, target: str) -> grpc.Channel:
+        ch = self._channels.get(target)
+        if ch is None:
+            ch = self._channels[target] = grpc.insecure_channel(target)
+        return ch
+
+
+# ---------------------------------------------------------------------- shapes
+
+def _dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def _spec_to_api(spec: dict[str, Any]) -> dict[str, Any]:
+    """Stored spec -> the API's TaskSpec shape."""
+    out: dict[str, Any] = {"id": spec["id"], "priority": str(spec.get("priority", ""))}
+    for k in ("data", "call", "strategy"):
+        if spec.get(k):
+            out[k] = spec[k]
+    if spec.get("argv"):
+        out["argv"] = list(spec["argv"])
+    if "args" in spec:
+        out["args_json"] = _dumps(spec["args"])
+    if "items" in spec:
+        out["items_json"] = _dumps(spec["items"])
+    for k in ("shards", "timeout_s", "retries"):
+        if spec.get(k):
+            out[k] = spec[k]
+    if spec.get("labels"):
+        out["labels"] = dict(spec["labels"])
+    return out
+
+
+def task_to_api(t: dict[str, Any]) -> dict[str, Any]:
+    """State's task dict -> the API's Task shape (same for gRPC and HTTP)."""
+    out = {k: t[k] for k in ("id", "priority", "strategy", "status", "attempts", "node",
+                             "exit_code", "result", "error", "created_at", "started_at",
+                             "finished_at", "chunk_count", "chunks_done", "chunks")}
+    out["spec"] = _spec_to_api(t["spec"])
+    out["priority_name"] = t.get("priority_name", "")
+    return out
+
+
+__all__ = ["NodeApp", "Unavailable", "NotFound", "InvalidTask", "task_to_api", "PRIORITY_LEVELS"]

@@ -1,0 +1,310 @@
+"""The ``taskandgo`` command: node, local, submit, get, tasks, cancel, watch, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+DEFAULT_NODE = "127.0.0.1:7000"
+PREFIXES = ("python:", "python3:", "sh:", "bash:")
+
+
+def _label(text: str) -> tuple[str, str]:
+    k, sep, v = text.partition("=")
+    if not sep or not k:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected key=value")
+    return k, v
+
+
+def _json_list(text: str) -> list:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("expected a JSON list")
+    return value
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from taskandgo.node.config import add_node_arguments
+
+    p = argparse.ArgumentParser(prog="taskandgo", description="TaskAndGo: a peer-to-peer, "
+                                "Raft-replicated task scheduler.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def client_args(sp: argparse.ArgumentParser, json_flag: bool = True) -> None:
+        sp.add_argument("--node", default=os.environ.get("TASKANDGO_NODE", DEFAULT_NODE),
+                        help="node address(es), comma separated (TASKANDGO_NODE; "
+                        f"{DEFAULT_NODE})")
+        sp.add_argument("--timeout", type=float, default=30.0, dest="client_timeout",
+                        help="seconds to keep retrying unreachable nodes (30)")
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = sub.add_parser("node", help="run one node")
+    add_node_arguments(sp)
+    sp.add_argument("--grace", type=float, default=float(os.environ.get("TASKANDGO_GRACE_S", 20)),
+                    help="seconds running tasks get to finish on SIGTERM (TASKANDGO_GRACE_S; 20)")
+
+    sp = sub.add_parser("local", help="run an N-node cluster on this machine")
+    sp.add_argument("--nodes", type=int, default=3)
+    sp.add_argument("--voters", type=int, default=3, help="Raft members among the nodes (3)")
+    sp.add_argument("--base-port", type=int, default=7000)
+    sp.add_argument("--data-dir", default="taskandgo-local")
+    sp.add_argument("--fresh", action="store_true", help="delete the data dir first")
+    sp.add_argument("--strategy", choices=("split", "batch"), default=None)
+    sp.add_argument("--slots", type=int, default=None)
+
+    sp = sub.add_parser("submit", help="submit a task",
+                        usage="taskandgo submit [options] [-- 'python: CODE' | 'sh: CODE' | ARGV...]")
+    client_args(sp)
+    sp.add_argument("--priority", default="medium", help="low|medium|high|critical|INT")
+    sp.add_argument("--id", default=None, help="task id; doubles as idempotency key")
+    sp.add_argument("--strategy", choices=("split", "batch"), default="")
+    sp.add_argument("--shards", type=int, default=0)
+    sp.add_argument("--items", type=_json_list, default=None, help="JSON list for split chunks")
+    sp.add_argument("--task-timeout", "--timeout-s", type=float, default=0.0, dest="task_timeout",
+                    help="per-attempt time limit in seconds")
+    sp.add_argument("--retries", type=int, default=0)
+    sp.add_argument("--label", type=_label, action="append", default=[], metavar="K=V")
+    sp.add_argument("--data", default=None, help="payload in the seed's form ('python: ...')")
+    sp.add_argument("--call", default=None, help="module:function run in the warm pool")
+    sp.add_argument("--args", type=_json_value, default=None, help="JSON arguments for --call")
+    sp.add_argument("--wait", action="store_true", help="wait for the result and show it")
+    sp.add_argument("--wait-timeout", type=float, default=3600.0)
+    sp.add_argument("payload", nargs=argparse.REMAINDER)
+
+    sp = sub.add_parser("get", help="show a task")
+    client_args(sp)
+    sp.add_argument("task_id")
+
+    sp = sub.add_parser("tasks", help="list tasks")
+    client_args(sp)
+    sp.add_argument("--status", default="")
+    sp.add_argument("--label", action="append", default=[], metavar="K=V")
+    sp.add_argument("--limit", type=int, default=100)
+
+    sp = sub.add_parser("cancel", help="cancel a task (kills it if running)")
+    client_args(sp)
+    sp.add_argument("task_id")
+
+    sp = sub.add_parser("watch", help="follow events")
+    client_args(sp)
+    sp.add_argument("task_ids", nargs="*")
+    sp.add_argument("--max-events", type=int, default=0, help="stop after N events")
+
+    sp = sub.add_parser("status", help="node status (one node or every node)")
+    client_args(sp)
+    sp.add_argument("--all", action="store_true", help="every node in the cluster")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.cmd == "node":
+        return cmd_node(args)
+    if args.cmd == "local":
+        from taskandgo.node.local import run_local
+
+        extra = []
+        if args.strategy:
+            extra += ["--strategy", args.strategy]
+        if args.slots:
+            extra += ["--slots", str(args.slots)]
+        return run_local(args.nodes, args.base_port, args.voters, args.data_dir, args.fresh, extra)
+
+    from taskandgo.node.client import Client, TaskAndGoError
+
+    try:
+        with Client(args.node, timeout_s=args.client_timeout) as c:
+            return COMMANDS[args.cmd](c, args)
+    except TaskAndGoError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from taskandgo.node.config import ConfigError, config_from
+    from taskandgo.node.main import run_node
+
+    try:
+        cfg = config_from(args)
+    except ConfigError as exc:
+        print(f"taskandgo node: {exc}", file=sys.stderr)
+        return 2
+    return run_node(cfg, grace_s=args.grace)
+
+
+def _payload(args: argparse.Namespace) -> dict[str, Any]:
+    rest = list(args.payload)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    kinds = sum(bool(x) for x in (rest, args.data, args.call))
+    if kinds != 1:
+        raise SystemExit("taskandgo submit: give exactly one payload: -- 'python: CODE', "
+                         "-- ARGV..., --data TEXT or --call module:function")
+    if args.call:
+        return {"call": args.call, "args": args.args}
+    if args.data:
+        return {"data": args.data}
+    if len(rest) == 1 and (rest[0].startswith(PREFIXES) or " " in rest[0]):
+        return {"data": rest[0]}
+    return {"argv": rest}
+
+
+def cmd_submit(c: Any, args: argparse.Namespace) -> int:
+    from taskandgo.node.client import task_spec
+
+    spec = task_spec(
+        **_payload(args), id=args.id, priority=args.priority, strategy=args.strategy,
+        shards=args.shards, items=args.items, timeout_s=args.task_timeout,
+        retries=args.retries, labels=dict(args.label))
+    res = c.submit_many([spec])[0]
+    if not args.wait:
+        if args.json:
+            print(json.dumps(res))
+        else:
+            print(res["task_id"] + ("" if res["created"] else "  (already known)"))
+        return 0
+    task = _wait_with_progress(c, res["task_id"], args.wait_timeout, quiet=args.json)
+    if args.json:
+        print(json.dumps(task))
+    else:
+        _print_task(task, brief=True)
+    return 0 if task["status"] == "succeeded" else 1
+
+
+def _wait_with_progress(c: Any, task_id: str, timeout_s: float, quiet: bool) -> dict[str, Any]:
+    """Wait for a task; on a terminal, show a split task's chunk progress."""
+    deadline = time.monotonic() + timeout_s
+    tty = sys.stderr.isatty() and not quiet
+    while True:
+        left = deadline - time.monotonic()
+        res = c.wait_raw([task_id], max(0.2, min(left, 0.5 if tty else 30.0)))
+        task = res["tasks"][0] if res["tasks"] else c.get(task_id)
+        if tty and task.get("chunk_count"):
+            n, done = task["chunk_count"], task["chunks_done"]
+            bar = "#" * (30 * done // n) + "-" * (30 - 30 * done // n)
+            print(f"\r[{bar}] {done}/{n} chunks", end="", file=sys.stderr, flush=True)
+        if task["status"] in ("succeeded", "failed", "cancelled") or left <= 0:
+            if tty and task.get("chunk_count"):
+                print(file=sys.stderr)
+            return task
+
+
+def _print_task(t: dict[str, Any], brief: bool = False) -> None:
+    if brief:
+        print(f"{t['id']} {t['status']}" + (f" (exit {t['exit_code']})" if t["exit_code"] else ""))
+        if t.get("result"):
+            print(t["result"])
+        if t.get("error") and t["status"] != "succeeded":
+            print(f"error: {t['error']}", file=sys.stderr)
+        return
+    spec = t.get("spec", {})
+    payload = spec.get("data") or " ".join(spec.get("argv", [])) or spec.get("call", "")
+    rows = [
+        ("id", t["id"]), ("status", t["status"]),
+        ("priority", f"{t.get('priority_name') or t['priority']}"),
+        ("strategy", t["strategy"]), ("payload", payload[:200]),
+        ("attempts", t["attempts"]), ("node", t["node"]), ("exit code", t["exit_code"]),
+        ("created", _ts(t["created_at"])), ("started", _ts(t["started_at"])),
+        ("finished", _ts(t["finished_at"])),
+    ]
+    if t.get("chunk_count"):
+        rows.append(("chunks", f"{t['chunks_done']}/{t['chunk_count']} done"))
+    for k, v in rows:
+        print(f"{k:10} {v}")
+    for ch in t.get("chunks", []):
+        print(f"  chunk {ch['index']:>3} {ch['status']:10} node={ch['node']} "
+              f"attempts={ch['attempts']} result={ch['result'][:60]!r}")
+    if t.get("result"):
+        print("result:")
+        print(t["result"])
+    if t.get("error"):
+        print(f"error: {t['error']}")
+
+
+def _ts(x: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(x)) + f".{int(x * 1000) % 1000:03d}" if x else "-"
+
+
+def cmd_get(c: Any, args: argparse.Namespace) -> int:
+    t = c.get(args.task_id)
+    print(json.dumps(t, indent=2)) if args.json else _print_task(t)
+    return 0
+
+
+def cmd_tasks(c: Any, args: argparse.Namespace) -> int:
+    tasks = c.list(args.status, args.label, args.limit)
+    if args.json:
+        print(json.dumps(tasks))
+        return 0
+    print(f"{'ID':34} {'STATUS':10} {'PRIO':8} {'STRATEGY':8} {'NODE':10} {'ATT':>3}  RESULT")
+    for t in tasks:
+        res = (t["result"] or t["error"]).replace("\n", " ")[:40]
+        print(f"{t['id'][:34]:34} {t['status']:10} {t.get('priority_name') or t['priority']:8} "
+              f"{t['strategy']:8} {t['node'][:10]:10} {t['attempts']:>3}  {res}")
+    return 0
+
+
+def cmd_cancel(c: Any, args: argparse.Namespace) -> int:
+    res = c.cancel(args.task_id)
+    print(json.dumps(res) if args.json else f"{res['task_id']} {res['status']}")
+    return 0
+
+
+def cmd_watch(c: Any, args: argparse.Namespace) -> int:
+    n = 0
+    for ev in c.watch(args.task_ids):
+        if args.json:
+            print(json.dumps(ev), flush=True)
+        else:
+            chunk = f" chunk {ev['chunk']}" if ev.get("chunk", -1) >= 0 else ""
+            print(f"{_ts(ev['at'])} {ev['kind']:6} {ev['task_id'] or '-'}{chunk} {ev['status']} "
+                  f"{ev['node']}", flush=True)
+        n += 1
+        if args.max_events and n >= args.max_events:
+            break
+    return 0
+
+
+def cmd_status(c: Any, args: argparse.Namespace) -> int:
+    nodes = c.status_all() if args.all else [c.node_status(c.nodes[0])]
+    if args.json:
+        print(json.dumps(nodes if args.all else nodes[0]))
+        return 0
+    for st in nodes:
+        if st.get("role") == "unreachable":
+            print(f"{st['id']}: unreachable ({st.get('error', '')})\n")
+            continue
+        queue = ", ".join(f"{k}={v}" for k, v in st.get("queue_by_priority", {}).items()) or "empty"
+        print(f"node {st['id']}  role={st['role']}  term={st.get('raft_term', 0)}  "
+              f"commit={st.get('commit_index', 0)}  leader={st.get('leader_id') or '-'}")
+        print(f"  queue: {queue}   running: {len(st.get('running', []))}   "
+              f"free slots: {st.get('free_slots', 0)}/{st.get('slots', 0)}")
+        print(f"  cpu {st.get('cpu_percent', 0):.0f}%  mem {st.get('memory_percent', 0):.0f}%  "
+              f"rss {st.get('memory_rss', 0) / 1e6:.0f} MB")
+        print(f"  grpc {st.get('grpc_address')}  http {st.get('http_address')}  "
+              f"raft {st.get('raft_address') or '-'}\n")
+    return 0
+
+
+COMMANDS = {"submit": cmd_submit, "get": cmd_get, "tasks": cmd_tasks, "cancel": cmd_cancel,
+            "watch": cmd_watch, "status": cmd_status}
+
+if __name__ == "__main__":
+    raise SystemExit(main())

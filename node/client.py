@@ -1,0 +1,247 @@
+"""The Python client: ``from taskandgo import Client``. The CLI is built on it.
+
+A client holds one or more node addresses. Every call goes to one node; when that
+node is unreachable or has no leader (UNAVAILABLE, DEADLINE_EXCEEDED) the call is
+retried on the next node with backoff, until the client's timeout. Submits carry
+an id chosen here when the caller gives none, so a retried submit (say across a
+leader change) can never create a second task.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Iterable, Iterator
+
+import grpc
+
+from taskandgo.protos import taskandgo_pb2 as pb
+from taskandgo.protos import taskandgo_pb2_grpc as pb_grpc
+
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class TaskAndGoError(Exception):
+    """A call failed for good. ``code`` is the gRPC status code name."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+#: int64 fields, which protobuf's JSON mapping turns into strings.
+INT64_FIELDS = {"raft_term", "commit_index", "applied_index", "memory_rss", "seq", "after_seq",
+                "dropped_results", "token"}
+
+
+def _ints(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: int(v) if k in INT64_FIELDS and isinstance(v, str) else _ints(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
+def _to_dict(msg: Any) -> dict[str, Any]:
+    """A response message as a plain dict (int64 fields as ints)."""
+    from google.protobuf import json_format
+
+    return _ints(json_format.MessageToDict(msg, preserving_proto_field_name=True,
+                                           always_print_fields_with_no_presence=True))
+
+
+def _to_msg(cls: Any, d: dict[str, Any]) -> Any:
+    from google.protobuf import json_format
+
+    return json_format.ParseDict(d, cls(), ignore_unknown_fields=True)
+
+
+def task_spec(
+    data: str | None = None, *, argv: list[str] | None = None, call: str | None = None,
+    args: Any = None, id: str | None = None, priority: str | int = "medium",
+    strategy: str = "", shards: int = 0, items: list | None = None,
+    timeout_s: float = 0.0, retries: int = 0, labels: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Build a TaskSpec dict (the shape :meth:`Client.submit_many` takes)."""
+    spec: dict[str, Any] = {"id": id or uuid.uuid4().hex, "priority": str(priority)}
+    if data:
+        spec["data"] = data
+    if argv:
+        spec["argv"] = list(argv)
+    if call:
+        spec["call"] = call
+    if args is not None:
+        spec["args_json"] = json.dumps(args)
+    if strategy:
+        spec["strategy"] = strategy
+    if shards:
+        spec["shards"] = shards
+    if items is not None:
+        spec["items_json"] = json.dumps(items)
+    if timeout_s:
+        spec["timeout_s"] = timeout_s
+    if retries:
+        spec["retries"] = retries
+    if labels:
+        spec["labels"] = dict(labels)
+    return spec
+
+
+class Client:
+    """Talks to a TaskAndGo cluster through any of its nodes. Thread-safe."""
+
+    def __init__(self, nodes: str | Iterable[str] = "127.0.0.1:7000", timeout_s: float = 30.0,
+                 follow_leader: bool = True) -> None:
+        if isinstance(nodes, str):
+            nodes = [n.strip() for n in nodes.split(",") if n.strip()]
+        self.nodes = list(dict.fromkeys(nodes))
+        if not self.nodes:
+            raise ValueError("Client needs at least one node address")
+        self.timeout_s = timeout_s
+        self.follow_leader = follow_leader
+        self._channels: dict[str, grpc.Channel] = {}
+        self._current = 0
+
+    # -------------------------------------------------------------- plumbing
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for ch in self._channels.values():
+            ch.close()
+        self._channels.clear()
+
+    def _stub(self, node: str) -> pb_grpc.SchedulerStub:
+        ch = self._channels.get(node)
+        if ch is None:
+            ch = self._channels[node] = grpc.insecure_channel(
+                node, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        return pb_grpc.SchedulerStub(ch)
+
+    def _call(self, method: str, request: Any, timeout_s: float | None = None,
+              node: str | None = None) -> Any:
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        delay = 0.05
+        last: grpc.RpcError | None = None
+        attempt = 0
+        while True:
+            target = node or self.nodes[self._current % len(self.nodes)]
+            left = deadline - time.monotonic()
+            try:
+                return getattr(self._stub(target), method)(request, timeout=max(0.2, left))
+            except grpc.RpcError as exc:
+                last = exc
+                if exc.code() not in RETRYABLE or node is not None and attempt >= 2:
+                    raise TaskAndGoError(exc.code().name, exc.details() or "") from None
+            attempt += 1
+            if node is None:
+                self._current += 1
+            if time.monotonic() + delay >= deadline:
+                assert last is not None
+                raise TaskAndGoError(last.code().name, last.details() or "") from None
+            time.sleep(delay)  # backoff between retries, not waiting for an outcome
+            delay = min(0.5, delay * 2)
+
+    # -------------------------------------------------------------- API
+
+    def submit(self, data: str | None = None, **kw: Any) -> str:
+        """Submit one task; returns its id once committed by a majority."""
+        return self.submit_many([task_spec(data, **kw)])[0]["task_id"]
+
+    def submit_many(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Submit many tasks in one call (one Raft command per batch). Each spec is a
+        TaskSpec dict (see :func:`task_spec`); ids are filled in where missing.
+        Returns ``{"task_id", "created", "status"}`` per spec, in order."""
+        specs = [dict(s) for s in specs]
+        for s in specs:
+            if not s.get("id"):
+                s["id"] = uuid.uuid4().hex
+        req = pb.SubmitTasksRequest(tasks=[_to_msg(pb.TaskSpec, s) for s in specs])
+        return [_to_dict(r) for r in self._call("SubmitTasks", req).results]
+
+    def get(self, task_id: str) -> dict[str, Any]:
+        return _to_dict(self._call("GetTask", pb.GetTaskRequest(task_id=task_id)).task)
+
+    def list_page(self, status: str = "", labels: list[str] | None = None, limit: int = 100,
+                  page_token: str = "") -> dict[str, Any]:
+        req = pb.ListTasksRequest(status=status, labels=labels or [], limit=limit,
+                                  page_token=page_token)
+        return _to_dict(self._call("ListTasks", req))
+
+    def list(self, status: str = "", labels: list[str] | None = None,
+             limit: int = 1000) -> list[dict[str, Any]]:
+        """Tasks (newest last), following pages up to ``limit``."""
+        out: list[dict[str, Any]] = []
+        token = ""
+        for _ in range(10_000):
+            page = self.list_page(status, labels, min(1000, limit - len(out)), token)
+            out += page["tasks"]
+            token = page["next_page_token"]
+            if not token or len(out) >= limit:
+                break
+        return out
+
+    def cancel(self, task_id: str) -> dict[str, Any]:
+        return _to_dict(self._call("CancelTask", pb.CancelTaskRequest(task_id=task_id)))
+
+    def wait_raw(self, task_ids: list[str], timeout_s: float = 30.0) -> dict[str, Any]:
+        req = pb.WaitTasksRequest(task_ids=task_ids, timeout_s=min(timeout_s, 600.0))
+        return _to_dict(self._call("WaitTasks", req, timeout_s=timeout_s + 5.0))
+
+    def wait(self, task_ids: str | list[str], timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Wait until the tasks are final; returns them in the order asked.
+        Raises TaskAndGoError("DEADLINE_EXCEEDED") if they are not final in time."""
+        ids = [task_ids] if isinstance(task_ids, str) else list(task_ids)
+        deadline = time.monotonic() + timeout_s
+        done: dict[str, dict[str, Any]] = {}
+        while True:
+            left = deadline - time.monotonic()
+            pending = [t for t in ids if t not in done]
+            if not pending:
+                return [done[t] for t in ids]
+            if left <= 0:
+                raise TaskAndGoError("DEADLINE_EXCEEDED",
+                                     f"{len(pending)} task(s) not final in {timeout_s:g} s")
+            for chunk_start in range(0, len(pending), 5000):
+                part = pending[chunk_start:chunk_start + 5000]
+                res = self.wait_raw(part, max(0.5, min(left, 30.0)))
+                for t in res["tasks"]:
+                    if t["status"] in ("succeeded", "failed", "cancelled"):
+                        done[t["id"]] = t
+
+    def watch_raw(self, task_ids: list[str] | None = None, after_seq: int = 0) -> Iterator[Any]:
+        """Raw TaskEvent messages from one node (for forwarding)."""
+        req = pb.WatchTasksRequest(task_ids=task_ids or [], after_seq=after_seq)
+        return self._stub(self.nodes[self._current % len(self.nodes)]).WatchTasks(req)
+
+    def watch(self, task_ids: list[str] | None = None, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+        """Follow events (task state changes, leader changes, nodes up/down)."""
+        for ev in self.watch_raw(task_ids, after_seq):
+            yield _to_dict(ev)
+
+    def node_status(self, node: str | None = None) -> dict[str, Any]:
+        """Status of one node (the given address, else the first reachable)."""
+        return _to_dict(self._call("GetNodeStatus", pb.NodeStatusRequest(), node=node,
+                                   timeout_s=5.0))
+
+    def cluster_status(self) -> dict[str, Any]:
+        return _to_dict(self._call("GetClusterStatus", pb.ClusterStatusRequest()))
+
+    def status_all(self) -> list[dict[str, Any]]:
+        """Every node's own status: the leader's member list, then each node asked."""
+        members = self.cluster_status()["nodes"]
+        out = []
+        for m in sorted(members, key=lambda m: m["id"]):
+            try:
+                out.append(self.node_status(m["grpc_address"]))
+            except TaskAndGoError as exc:
+                out.append({"id": m["id"], "role": "unreachable", "grpc_address": m["grpc_address"],
+                            "error": exc.message})
+        return out

@@ -1,0 +1,259 @@
+"""Node configuration: command-line flags, ``TASKANDGO_*`` environment variables,
+and discovery from a Kubernetes StatefulSet identity.
+
+Precedence: flag > environment variable > StatefulSet discovery > default.
+Secrets (the Raft password, API tokens) are read from the environment or from a
+file, never from a flag, so they do not show in ``ps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+
+from taskandgo.strategies import STRATEGIES
+
+DEFAULT_GRPC_PORT = 7000
+DEFAULT_RAFT_PORT = 7100
+DEFAULT_HTTP_PORT = 8080
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names it."""
+
+
+@dataclass(frozen=True)
+class Voter:
+    """A Raft member: where to reach its gRPC API and its Raft port."""
+
+    host: str
+    grpc_port: int
+    raft_port: int
+
+    @property
+    def grpc(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def raft(self) -> str:
+        return f"{self.host}:{self.raft_port}"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    node_id: str
+    bind: str
+    advertise: str
+    grpc_port: int
+    raft_port: int
+    http_port: int
+    voters: tuple[Voter, ...]
+    data_dir: str
+    slots: int
+    strategy: str = "split"
+    raft_password: str | None = None
+    lease_s: float = 3.0
+    heartbeat_s: float = 0.3
+    default_timeout_s: float = 3600.0
+    retention_s: float = 24 * 3600.0
+    max_finished: int = 100_000
+    output_limit: int = 64 * 1024
+    default_runner: str = "echo"
+    interpreters: dict[str, list[str]] = field(default_factory=dict)
+    election_min_s: float = 0.3
+    election_max_s: float = 0.6
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.advertise}:{self.grpc_port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.advertise}:{self.http_port}"
+
+    @property
+    def raft_address(self) -> str:
+        return f"{self.advertise}:{self.raft_port}"
+
+    @property
+    def self_voter(self) -> Voter | None:
+        for v in self.voters:
+            if v.host == self.advertise and v.grpc_port == self.grpc_port:
+                return v
+        return None
+
+    @property
+    def is_voter(self) -> bool:
+        return self.self_voter is not None
+
+
+def parse_voters(text: str) -> tuple[Voter, ...]:
+    """``host:grpc_port:raft_port`` entries, comma separated (``host:grpc`` implies
+    the Raft port is grpc + 100)."""
+    out = []
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        parts = item.rsplit(":", 2)
+        try:
+            if len(parts) == 3:
+                out.append(Voter(parts[0], int(parts[1]), int(parts[2])))
+            elif len(parts) == 2:
+                out.append(Voter(parts[0], int(parts[1]), int(parts[1]) + 100))
+            else:
+                raise ValueError(item)
+        except ValueError:
+            raise ConfigError(
+                f"--voters / TASKANDGO_VOTERS: bad entry {item!r}; "
+                "expected host:grpc_port:raft_port") from None
+    return tuple(out)
+
+
+def statefulset_voters(pod_name: str, service: str, namespace: str, count: int,
+                       grpc_port: int, raft_port: int) -> tuple[Voter, ...]:
+    """Voters of a StatefulSet: ordinals 0..count-1 at their stable DNS names."""
+    m = re.fullmatch(r"(.+)-(\d+)", pod_name)
+    if not m:
+        raise ConfigError(f"POD_NAME {pod_name!r} has no StatefulSet ordinal")
+    sts = m.group(1)
+    return tuple(
+        Voter(f"{sts}-{i}.{service}.{namespace}.svc.cluster.local", grpc_port, raft_port)
+        for i in range(count))
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_secret(env: dict[str, str], name: str) -> str | None:
+    value = env.get(name)
+    path = env.get(name + "_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                value = f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE: cannot read {path}: {exc}") from None
+    return value or None
+
+
+def add_node_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``taskandgo node``; each defaults to its TASKANDGO_* variable."""
+    p.add_argument("--id", dest="node_id", help="node id (TASKANDGO_NODE_ID; default hostname)")
+    p.add_argument("--bind", help="address to bind every port (TASKANDGO_BIND; 127.0.0.1)")
+    p.add_argument("--advertise", help="host peers reach this node at "
+                   "(TASKANDGO_ADVERTISE; default: the bind address, or the pod's DNS name)")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (TASKANDGO_GRPC_PORT; 7000)")
+    p.add_argument("--raft-port", type=int, help="Raft port (TASKANDGO_RAFT_PORT; 7100)")
+    p.add_argument("--http-port", type=int, help="HTTP port (TASKANDGO_HTTP_PORT; 8080)")
+    p.add_argument("--voters", help="Raft members, host:grpc_port:raft_port,... "
+                   "(TASKANDGO_VOTERS; default: this node alone, or the StatefulSet's first "
+                   "TASKANDGO_VOTER_COUNT pods)")
+    p.add_argument("--data-dir", help="journal directory (TASKANDGO_DATA_DIR; ./taskandgo-data)")
+    p.add_argument("--slots", type=int, help="tasks run at once (TASKANDGO_SLOTS; 4)")
+    p.add_argument("--strategy", choices=STRATEGIES,
+                   help="default strategy (SCHEDULER_STRATEGY or TASKANDGO_STRATEGY; split)")
+    p.add_argument("--lease", type=float, dest="lease_s",
+                   help="seconds without heartbeat before a worker's tasks are requeued "
+                   "(TASKANDGO_LEASE_S; 3)")
+    p.add_argument("--default-runner", help="how data without a language prefix runs: "
+                   "'echo' (the data is the result) or a prefix such as 'sh' "
+                   "(TASKANDGO_DEFAULT_RUNNER; echo)")
+    p.add_argument("--interpreter", action="append", default=None, metavar="PREFIX=CMD",
+                   help="add or override a payload prefix, e.g. 'node=node -e' "
+                   "(TASKANDGO_INTERPRETERS='p1=cmd;p2=cmd')")
+    p.add_argument("--retention", type=float, dest="retention_s",
+                   help="seconds finished tasks are kept (TASKANDGO_RETENTION_S; 86400)")
+    p.add_argument("--max-finished", type=int,
+                   help="finished tasks kept at most (TASKANDGO_MAX_FINISHED; 100000)")
+
+
+def _pick(flag: object, env: dict[str, str], name: str, default: object, cast: type) -> object:
+    if flag is not None:
+        return flag
+    if env.get(name, "") != "":
+        try:
+            return cast(env[name])
+        except ValueError:
+            raise ConfigError(f"{name}={env[name]!r} is not a valid {cast.__name__}") from None
+    return default
+
+
+def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> NodeConfig:
+    env = dict(os.environ if env is None else env)
+    bind = str(_pick(args.bind, env, "TASKANDGO_BIND", "127.0.0.1", str))
+    grpc_port = int(_pick(args.grpc_port, env, "TASKANDGO_GRPC_PORT", DEFAULT_GRPC_PORT, int))
+    raft_port = int(_pick(args.raft_port, env, "TASKANDGO_RAFT_PORT", DEFAULT_RAFT_PORT, int))
+    http_port = int(_pick(args.http_port, env, "TASKANDGO_HTTP_PORT", DEFAULT_HTTP_PORT, int))
+
+    pod = env.get("POD_NAME", "")
+    service = env.get("TASKANDGO_HEADLESS_SERVICE", "")
+    namespace = env.get("POD_NAMESPACE", env.get("TASKANDGO_NAMESPACE", "default"))
+    voters_text = _pick(args.voters, env, "TASKANDGO_VOTERS", "", str)
+    advertise = _pick(args.advertise, env, "TASKANDGO_ADVERTISE", None, str)
+    if pod and service and not advertise:
+        advertise = f"{pod}.{service}.{namespace}.svc.cluster.local"
+    if not advertise:
+        advertise = "127.0.0.1" if bind in ("0.0.0.0", "::") else bind
+    if voters_text:
+        voters = parse_voters(str(voters_text))
+    elif pod and service:
+        count = int(_pick(None, env, "TASKANDGO_VOTER_COUNT", 3, int))
+        voters = statefulset_voters(pod, service, namespace, count, grpc_port, raft_port)
+    else:
+        voters = (Voter(str(advertise), grpc_port, raft_port),)
+
+    strategy = str(_pick(args.strategy, env, "SCHEDULER_STRATEGY",
+                         env.get("TASKANDGO_STRATEGY") or "split", str)).strip().lower()
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"SCHEDULER_STRATEGY={strategy!r}: expected split or batch")
+
+    interpreters: dict[str, list[str]] = {}
+    specs = list(args.interpreter or [])
+    specs += [s for s in env.get("TASKANDGO_INTERPRETERS", "").split(";") if s.strip()]
+    for item in specs:
+        prefix, _, cmd = item.partition("=")
+        if not prefix.strip() or not cmd.strip():
+            raise ConfigError(f"--interpreter {item!r}: expected PREFIX=COMMAND")
+        interpreters[prefix.strip()] = cmd.split()
+
+    password = _read_secret(env, "TASKANDGO_RAFT_PASSWORD")
+    if not is_loopback(bind) and not password:
+        raise ConfigError(
+            f"--bind {bind} is not a loopback address and no Raft password is set: "
+            "set TASKANDGO_RAFT_PASSWORD or TASKANDGO_RAFT_PASSWORD_FILE (peers exchange "
+            "pickled data, so an open Raft port runs anyone's code)")
+
+    slots = int(_pick(args.slots, env, "TASKANDGO_SLOTS", 4, int))
+    if slots < 1:
+        raise ConfigError("--slots / TASKANDGO_SLOTS must be at least 1")
+    cfg = NodeConfig(
+        node_id=str(_pick(args.node_id, env, "TASKANDGO_NODE_ID", pod or socket.gethostname(), str)),
+        bind=bind,
+        advertise=str(advertise),
+        grpc_port=grpc_port,
+        raft_port=raft_port,
+        http_port=http_port,
+        voters=voters,
+        data_dir=str(_pick(args.data_dir, env, "TASKANDGO_DATA_DIR", "taskandgo-data", str)),
+        slots=slots,
+        strategy=strategy,
+        raft_password=password,
+        lease_s=float(_pick(args.lease_s, env, "TASKANDGO_LEASE_S", 3.0, float)),
+        default_runner=str(_pick(args.default_runner, env, "TASKANDGO_DEFAULT_RUNNER", "echo", str)),
+        interpreters=interpreters,
+        retention_s=float(_pick(args.retention_s, env, "TASKANDGO_RETENTION_S", 86400.0, float)),
+        max_finished=int(_pick(args.max_finished, env, "TASKANDGO_MAX_FINISHED", 100_000, int)),
+    )
+    if cfg.lease_s <= 3 * cfg.heartbeat_s:
+        raise ConfigError("--lease / TASKANDGO_LEASE_S must exceed 3 heartbeats (0.9 s)")
+    return cfg

@@ -1,0 +1,386 @@
+"""Runs the units a leader hands this node: subprocesses and warm-pool callables.
+
+Every unit runs on its own thread from a pool sized to the node's slots. A
+subprocess gets its own process group (killed whole on cancel or timeout), its
+own temporary working directory (removed afterwards), a sanitised environment
+plus the chunk variables, and a cap on the output kept. A callable runs in a warm
+:class:`CallPool` process, which is killed and replaced if the call is cancelled
+or times out.
+
+Results go to ``on_result`` (the node's reporter) exactly once per dispatched unit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+log = logging.getLogger("taskandgo.executor")
+
+UnitKey = tuple  # (task_id, chunk, attempt, token)
+
+SAFE_ENV = ("PATH", "LANG", "LC_ALL", "TZ", "HOME", "PYTHONPATH", "VIRTUAL_ENV")
+
+
+@dataclass
+class Work:
+    task_id: str
+    chunk: int
+    chunk_count: int
+    attempt: int
+    token: int
+    payload: dict[str, Any]
+
+    @property
+    def key(self) -> UnitKey:
+        return (self.task_id, self.chunk, self.attempt, self.token)
+
+
+class Cancelled(Exception):
+    pass
+
+
+def split_prefix(data: str) -> tuple[str, str]:
+    """``"python: print(1)"`` -> ``("python", "print(1)")``; no prefix -> ``("", data)``."""
+    head, sep, rest = data.partition(":")
+    if sep and head.strip().isidentifier() and " " not in head.strip():
+        return head.strip(), rest.lstrip()
+    return "", data
+
+
+def default_interpreters() -> dict[str, list[str]]:
+    return {
+        "python": [sys.executable, "-c"],
+        "python3": [sys.executable, "-c"],
+        "sh": ["/bin/sh", "-c"],
+        "bash": ["bash", "-c"],
+    }
+
+
+class CallPool:
+    """Warm Python processes that run callables by import path, one call each."""
+
+    def __init__(self, size: int) -> None:
+        self._idle: queue.LifoQueue[subprocess.Popen] = queue.LifoQueue()
+        self._all: list[subprocess.Popen] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        for _ in range(size):
+            self._idle.put(self._spawn())
+
+    def _spawn(self) -> subprocess.Popen:
+        env = {k: v for k, v in os.environ.items() if k in SAFE_ENV}
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "taskandgo.node.callworker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True, env=env,
+        )
+        proc._buf = b""  # type: ignore[attr-defined]
+        with self._lock:
+            self._all.append(proc)
+        return proc
+
+    @staticmethod
+    def _readline(proc: subprocess.Popen, deadline: float, cancel: threading.Event) -> bytes:
+        assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        buf: bytes = proc._buf  # type: ignore[attr-defined]
+        while b"\n" not in buf:
+            if cancel.is_set():
+                raise Cancelled()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError()
+            ready, _, _ = select.select([fd], [], [], min(left, 0.1))
+            if ready:
+                data = os.read(fd, 65536)
+                if not data:
+                    raise EOFError("call worker exited")
+                buf += data
+        line, _, rest = buf.partition(b"\n")
+        proc._buf = rest  # type: ignore[attr-defined]
+        return line
+
+    def call(self, request: dict[str, Any], timeout_s: float, cancel: threading.Event) -> dict[str, Any]:
+        proc = self._idle.get()
+        deadline = time.monotonic() + timeout_s
+        healthy = False
+        try:
+            if not getattr(proc, "_ready", False):
+                first = json.loads(self._readline(proc, time.monotonic() + 30, cancel))
+                proc._ready = bool(first.get("ready"))  # type: ignore[attr-defined]
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(request).encode() + b"\n")
+            proc.stdin.flush()
+            reply = json.loads(self._readline(proc, deadline, cancel))
+            healthy = True
+            return reply
+        except TimeoutError:
+            return {"ok": False, "result": "", "error": f"timed out after {timeout_s:g} s",
+                    "exit_code": -9}
+        except Cancelled:
+            return {"ok": False, "result": "", "error": "cancelled", "exit_code": -9}
+        except (OSError, EOFError, ValueError) as exc:
+            return {"ok": False, "result": "", "error": f"call worker failed: {exc}", "exit_code": -1}
+        finally:
+            if healthy:
+                self._idle.put(proc)
+            else:
+                self._kill(proc)
+                if not self._closed:
+                    self._idle.put(self._spawn())
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+        with self._lock:
+            if proc in self._all:
+                self._all.remove(proc)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            procs = list(self._all)
+        for p in procs:
+            self._kill(p)
+
+
+class Executor:
+    """Runs dispatched units; thread-safe."""
+
+    def __init__(
+        self,
+        node_id: str,
+        slots: int,
+        on_result: Callable[[dict[str, Any]], None],
+        interpreters: dict[str, list[str]] | None = None,
+        default_runner: str = "echo",
+        output_limit: int = 64 * 1024,
+        default_timeout_s: float = 3600.0,
+    ) -> None:
+        self.node_id = node_id
+        self.slots = slots
+        self.on_result = on_result
+        self.interpreters = default_interpreters()
+        self.interpreters.update(interpreters or {})
+        self.default_runner = default_runner
+        self.output_limit = output_limit
+        self.default_timeout_s = default_timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="unit")
+        self._calls = CallPool(slots)
+        self._lock = threading.Lock()
+        self._active: dict[UnitKey, threading.Event] = {}
+        self._procs: dict[UnitKey, subprocess.Popen] = {}
+        self._closed = False
+
+    # -------------------------------------------------------------- public API
+
+    def dispatch(self, works: list[Work]) -> int:
+        """Start units; a unit already active here is ignored (duplicate dispatch)."""
+        n = 0
+        with self._lock:
+            if self._closed:
+                return 0
+            for w in works:
+                if w.key in self._active:
+                    continue
+                self._active[w.key] = threading.Event()
+                self._pool.submit(self._run, w)
+                n += 1
+        return n
+
+    def active(self) -> list[UnitKey]:
+        with self._lock:
+            return list(self._active)
+
+    def free_slots(self) -> int:
+        with self._lock:
+            return max(0, self.slots - len(self._active))
+
+    def kill(self, keys: list[UnitKey]) -> int:
+        """Cancel units (their whole process group is killed)."""
+        n = 0
+        with self._lock:
+            for key in keys:
+                ev = self._active.get(tuple(key))
+                if ev is not None:
+                    ev.set()
+                    n += 1
+                proc = self._procs.get(tuple(key))
+                if proc is not None:
+                    _killpg(proc)
+        return n
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for ev in self._active.values():
+                ev.set()
+            for proc in self._procs.values():
+                _killpg(proc)
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._calls.close()
+
+    # -------------------------------------------------------------- running
+
+    def _run(self, w: Work) -> None:
+        cancel = self._active.get(w.key) or threading.Event()
+        started = time.time()
+        try:
+            out = self._execute(w, cancel)
+        except Exception as exc:  # noqa: BLE001 - a task must never take the node down
+            log.exception("node %s: unit %s failed to run", self.node_id, w.key)
+            out = {"ok": False, "result": "", "error": f"could not run: {exc}", "exit_code": -1}
+        finished = time.time()
+        with self._lock:
+            self._active.pop(w.key, None)
+            self._procs.pop(w.key, None)
+            killed = cancel.is_set()
+        if killed and out.get("ok"):
+            out = {"ok": False, "result": "", "error": "cancelled", "exit_code": -9}
+        self.on_result({
+            "task_id": w.task_id, "chunk": w.chunk, "attempt": w.attempt, "token": w.token,
+            "ok": bool(out.get("ok")), "exit_code": int(out.get("exit_code", 0) or 0),
+            "result": str(out.get("result", ""))[: self.output_limit],
+            "error": str(out.get("error", ""))[-4000:], "node": self.node_id,
+            "started_at": started, "finished_at": finished,
+        })
+
+    def _execute(self, w: Work, cancel: threading.Event) -> dict[str, Any]:
+        p = w.payload
+        timeout_s = float(p.get("timeout_s") or self.default_timeout_s)
+        if p.get("call"):
+            kwargs: dict[str, Any] = {}
+            if w.chunk >= 0:
+                kwargs = {"chunk_index": w.chunk, "chunk_count": w.chunk_count,
+                          "items": p.get("items")}
+            return self._calls.call({"call": p["call"], "args": p.get("args"), "kwargs": kwargs},
+                                    timeout_s, cancel)
+        if p.get("argv"):
+            argv = [str(a) for a in p["argv"]]
+        else:
+            prefix, code = split_prefix(str(p.get("data", "")))
+            if not prefix:
+                if self.default_runner == "echo":
+                    return {"ok": True, "result": str(p.get("data", "")), "exit_code": 0}
+                prefix, code = self.default_runner, str(p.get("data", ""))
+            interp = self.interpreters.get(prefix)
+            if interp is None:
+                return {"ok": False, "result": "", "exit_code": -1,
+                        "error": f"no interpreter configured for prefix {prefix!r}"}
+            argv = list(interp) + [code]
+        return self._subprocess(w, argv, timeout_s, cancel)
+
+    def _subprocess(self, w: Work, argv: list[str], timeout_s: float,
+                    cancel: threading.Event) -> dict[str, Any]:
+        env = {k: v for k, v in os.environ.items() if k in SAFE_ENV}
+        env.update({
+            "TASKANDGO_TASK_ID": w.task_id,
+            "TASKANDGO_ATTEMPT": str(w.attempt),
+            "TASKANDGO_NODE_ID": self.node_id,
+            "PYTHONUNBUFFERED": "1",
+        })
+        if w.chunk >= 0:
+            env.update({
+                "TASKANDGO_CHUNK_INDEX": str(w.chunk),
+                "TASKANDGO_CHUNK_COUNT": str(w.chunk_count),
+                "TASKANDGO_CHUNK_ITEMS": json.dumps(w.payload.get("items")),
+            })
+        workdir = tempfile.mkdtemp(prefix="taskandgo-run-")
+        try:
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, cwd=workdir, env=env,
+                                        start_new_session=True)
+            except OSError as exc:
+                return {"ok": False, "result": "", "error": f"cannot start {argv[0]}: {exc}",
+                        "exit_code": 127}
+            with self._lock:
+                self._procs[w.key] = proc
+                if cancel.is_set():
+                    _killpg(proc)
+            out, err, timed_out = self._collect(proc, timeout_s, cancel)
+            code = proc.returncode
+            text = out.decode("utf-8", "replace").rstrip("\n")
+            if timed_out:
+                return {"ok": False, "result": text, "exit_code": code,
+                        "error": f"timed out after {timeout_s:g} s"}
+            if cancel.is_set():
+                return {"ok": False, "result": text, "exit_code": code, "error": "cancelled"}
+            if code != 0:
+                tail = err.decode("utf-8", "replace")[-2000:]
+                return {"ok": False, "result": text, "exit_code": code,
+                        "error": f"exit code {code}: {tail}".strip()}
+            return {"ok": True, "result": text, "exit_code": 0}
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def _collect(self, proc: subprocess.Popen, timeout_s: float,
+                 cancel: threading.Event) -> tuple[bytes, bytes, bool]:
+        """Read stdout/stderr up to the output cap (the rest is drained and dropped)
+        until the process exits; kill its group on timeout or cancel."""
+        assert proc.stdout is not None and proc.stderr is not None
+        limit = self.output_limit
+        out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
+        bufs = {out_fd: bytearray(), err_fd: bytearray()}
+        open_fds = [out_fd, err_fd]
+        deadline = time.monotonic() + timeout_s
+        timed_out = False
+        while open_fds:
+            left = deadline - time.monotonic()
+            if left <= 0 and not timed_out:
+                timed_out = True
+                _killpg(proc)
+            if cancel.is_set() or proc.poll() is not None:
+                # Cancelled, or the task's main process is done: end its whole group
+                # so a leftover grandchild cannot hold the pipes open.
+                _killpg(proc)
+            ready, _, _ = select.select(open_fds, [], [], max(0.0, min(left, 0.1)) if left > 0 else 0.1)
+            for fd in ready:
+                data = os.read(fd, 65536)
+                if not data:
+                    open_fds.remove(fd)
+                    continue
+                buf = bufs[fd]
+                if len(buf) < limit:
+                    buf += data[: limit - len(buf)]
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _killpg(proc)
+            proc.wait()
+        # A process that exited while its group lives on (a leftover grandchild)
+        # has its group killed too.
+        _killpg(proc)
+        proc.stdout.close()
+        proc.stderr.close()
+        return bytes(bufs[out_fd]), bytes(bufs[err_fd]), timed_out
+
+
+def _killpg(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (OSError, ProcessLookupError):
+        pass

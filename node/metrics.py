@@ -1,0 +1,98 @@
+"""``GET /metrics`` in the Prometheus text format, through prometheus_client.
+
+Gauges are read from the node at scrape time by a custom collector (no second
+copy of the state); latencies observed by the node go to histograms.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_registries: dict[int, tuple[CollectorRegistry, dict[str, Histogram]]] = {}
+
+
+class _NodeCollector:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Any]:
+        app = self.app
+        st = app.node_status()
+        node = app.node_id
+        g = GaugeMetricFamily("taskandgo_queue_depth", "Queued tasks and chunks by priority",
+                              labels=["node", "priority"])
+        for prio, n in st.get("queue_by_priority", {}).items():
+            g.add_metric([node, str(prio)], n)
+        yield g
+        role = GaugeMetricFamily("taskandgo_raft_role", "1 for this node's current role",
+                                 labels=["node", "role"])
+        for r in ("leader", "follower", "candidate", "worker"):
+            role.add_metric([node, r], 1.0 if st["role"] == r else 0.0)
+        yield role
+        for name, key, doc in (
+            ("taskandgo_raft_term", "raft_term", "Current Raft term"),
+            ("taskandgo_raft_commit_index", "commit_index", "Raft commit index"),
+            ("taskandgo_raft_applied_index", "applied_index", "Raft last applied index"),
+            ("taskandgo_slots", "slots", "Task slots on this node"),
+            ("taskandgo_free_slots", "free_slots", "Free task slots on this node"),
+            ("taskandgo_cpu_percent", "cpu_percent", "Host CPU use, percent"),
+            ("taskandgo_memory_percent", "memory_percent", "Host memory use, percent"),
+            ("taskandgo_memory_rss_bytes", "memory_rss", "Node process resident memory"),
+        ):
+            m = GaugeMetricFamily(name, doc, labels=["node"])
+            m.add_metric([node], float(st.get(key, 0) or 0))
+            yield m
+        m = GaugeMetricFamily("taskandgo_running_units", "Units running on this node",
+                              labels=["node"])
+        m.add_metric([node], len(st.get("running", [])))
+        yield m
+        e = CounterMetricFamily("taskandgo_elections", "Times this node became leader",
+                                labels=["node"])
+        e.add_metric([node], app._elections)
+        yield e
+        if app.replicated is not None:
+            counts, dropped, committed = app.read(
+                lambda s: (s.counts_by_status(), s.dropped_results, s.committed_results))
+            t = GaugeMetricFamily("taskandgo_tasks", "Tasks by status (this replica)",
+                                  labels=["node", "status"])
+            for status, n in counts.items():
+                t.add_metric([node, status], n)
+            yield t
+            d = CounterMetricFamily("taskandgo_dropped_results",
+                                    "Late or duplicate results dropped by fencing", labels=["node"])
+            d.add_metric([node], dropped)
+            yield d
+            c = CounterMetricFamily("taskandgo_committed_results", "Results committed",
+                                    labels=["node"])
+            c.add_metric([node], committed)
+            yield c
+
+
+def _registry(app: Any) -> tuple[CollectorRegistry, dict[str, Histogram]]:
+    key = id(app)
+    if key not in _registries:
+        reg = CollectorRegistry()
+        reg.register(_NodeCollector(app))
+        hists = {
+            "commit_latency": Histogram("taskandgo_assign_commit_seconds",
+                                        "Assignment command propose-to-apply time", registry=reg),
+            "dispatch_latency": Histogram("taskandgo_dispatch_seconds",
+                                          "Time to hand a committed batch to workers",
+                                          registry=reg),
+        }
+        _registries[key] = (reg, hists)
+        app.metrics_hook = lambda name, v: hists[name].observe(v) if name in hists else None
+    return _registries[key]
+
+
+def install(app: Any) -> None:
+    _registry(app)
+
+
+def render(app: Any) -> tuple[bytes, str]:
+    reg, _ = _registry(app)
+    return generate_latest(reg), CONTENT_TYPE_LATEST

@@ -1,0 +1,223 @@
+"""gRPC layer: the public ``taskandgo.v1.Scheduler`` and the peer ``Peer`` services,
+standard health checking and reflection. The only node module (with the client)
+that imports generated protobuf code.
+
+Errors map one way: InvalidTask -> INVALID_ARGUMENT (message names the field),
+NotFound -> NOT_FOUND, Unavailable -> UNAVAILABLE; anything unexpected is logged
+and answered INTERNAL, never allowed to take the node down.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from concurrent import futures
+from typing import Any, Callable, Iterator
+
+import grpc
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from taskandgo.node.app import NodeApp, NotFound, Unavailable
+from taskandgo.node.tasks import InvalidTask
+from taskandgo.protos import peer_pb2, peer_pb2_grpc, taskandgo_pb2, taskandgo_pb2_grpc
+
+log = logging.getLogger("taskandgo.grpc")
+
+MAX_MESSAGE = 16 * 1024 * 1024
+#: Health service name that is SERVING only while the node is part of a cluster
+#: with a leader (readiness); "" is SERVING while the process is up (liveness).
+READINESS_SERVICE = "taskandgo.v1.Scheduler"
+
+
+def to_msg(cls: Any, d: dict[str, Any]) -> Any:
+    return json_format.ParseDict(d, cls(), ignore_unknown_fields=True)
+
+
+def to_dict(msg: Any) -> dict[str, Any]:
+    from taskandgo.node.client import _to_dict
+
+    return _to_dict(msg)
+
+
+def spec_from_msg(m: taskandgo_pb2.TaskSpec) -> dict[str, Any]:
+    """TaskSpec message -> the raw dict :func:`taskandgo.node.tasks.normalize` checks."""
+    return {
+        "id": m.id, "priority": m.priority, "data": m.data, "argv": list(m.argv),
+        "call": m.call, "args_json": m.args_json, "strategy": m.strategy, "shards": m.shards,
+        "items_json": m.items_json, "timeout_s": m.timeout_s, "retries": m.retries,
+        "labels": dict(m.labels),
+    }
+
+
+def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except InvalidTask as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except NotFound as exc:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+        except Unavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except grpc.RpcError as exc:  # a forwarded call failed: pass its status on
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNAVAILABLE
+            context.abort(code, exc.details() if hasattr(exc, "details") else str(exc))
+        except Exception as exc:  # noqa: BLE001
+            if isinstance(exc, Exception) and type(exc).__name__ == "_AbortError":
+                raise
+            log.exception("%s failed", fn.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+    return wrapper
+
+
+class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
+    def __init__(self, app: NodeApp) -> None:
+        self.app = app
+
+    @_errors
+    def SubmitTask(self, request: Any, context: Any) -> Any:
+        out = self.app.submit([spec_from_msg(request.task)], timeout_s=_left(context))
+        return to_msg(taskandgo_pb2.SubmitTaskResponse, out[0])
+
+    @_errors
+    def SubmitTasks(self, request: Any, context: Any) -> Any:
+        if not request.tasks:
+            raise InvalidTask("tasks", "at least one task")
+        out = self.app.submit([spec_from_msg(t) for t in request.tasks], timeout_s=_left(context))
+        return taskandgo_pb2.SubmitTasksResponse(
+            results=[to_msg(taskandgo_pb2.SubmitTaskResponse, r) for r in out])
+
+    @_errors
+    def GetTask(self, request: Any, context: Any) -> Any:
+        if not request.task_id:
+            raise InvalidTask("task_id", "required")
+        return taskandgo_pb2.GetTaskResponse(task=to_msg(taskandgo_pb2.Task,
+                                                         self.app.get(request.task_id)))
+
+    @_errors
+    def ListTasks(self, request: Any, context: Any) -> Any:
+        out = self.app.list(request.status, list(request.labels), request.limit, request.page_token)
+        return to_msg(taskandgo_pb2.ListTasksResponse, out)
+
+    @_errors
+    def CancelTask(self, request: Any, context: Any) -> Any:
+        if not request.task_id:
+            raise InvalidTask("task_id", "required")
+        return to_msg(taskandgo_pb2.CancelTaskResponse, self.app.cancel(request.task_id))
+
+    @_errors
+    def WaitTasks(self, request: Any, context: Any) -> Any:
+        if not request.task_ids:
+            raise InvalidTask("task_ids", "at least one id")
+        timeout = request.timeout_s or 30.0
+        if not 0 < timeout <= 600:
+            raise InvalidTask("timeout_s", "expected 0..600 seconds")
+        timeout = min(timeout, _left(context) - 0.2)
+        return to_msg(taskandgo_pb2.WaitTasksResponse,
+                      self.app.wait(list(request.task_ids), timeout))
+
+    def WatchTasks(self, request: Any, context: Any) -> Iterator[Any]:
+        if self.app.replicated is None:
+            try:
+                with self.app.forward_client() as c:
+                    for ev in c.watch_raw(list(request.task_ids), request.after_seq):
+                        if not context.is_active():
+                            return
+                        yield ev
+            except grpc.RpcError as exc:
+                context.abort(grpc.StatusCode.UNAVAILABLE, str(exc.details()))
+            return
+        ids = set(request.task_ids)
+        seq = request.after_seq if request.after_seq > 0 else self.app.bus.seq
+        while context.is_active():
+            for e in self.app.events(seq, 1.0):
+                seq = e["seq"]
+                if ids and e["task_id"] not in ids:
+                    continue
+                yield to_msg(taskandgo_pb2.TaskEvent, e)
+
+    @_errors
+    def GetNodeStatus(self, request: Any, context: Any) -> Any:
+        return to_msg(taskandgo_pb2.NodeStatus, self.app.node_status())
+
+    @_errors
+    def GetClusterStatus(self, request: Any, context: Any) -> Any:
+        if self.app.replicated is None:
+            with self.app.forward_client() as c:
+                return to_msg(taskandgo_pb2.ClusterStatusResponse, c.cluster_status())
+        return to_msg(taskandgo_pb2.ClusterStatusResponse, self.app.cluster_status())
+
+
+class PeerService(peer_pb2_grpc.PeerServicer):
+    def __init__(self, app: NodeApp) -> None:
+        self.app = app
+
+    @_errors
+    def Dispatch(self, request: Any, context: Any) -> Any:
+        return peer_pb2.DispatchResponse(accepted=self.app.handle_dispatch(request))
+
+    @_errors
+    def ReportResults(self, request: Any, context: Any) -> Any:
+        results = [to_dict(r) for r in request.results]
+        ok = self.app.accept_results(results)
+        return peer_pb2.ReportResultsResponse(accepted=ok, leader_grpc=self.app.leader_grpc() or "")
+
+    @_errors
+    def Heartbeat(self, request: Any, context: Any) -> Any:
+        return self.app.handle_heartbeat(request)
+
+    @_errors
+    def Kill(self, request: Any, context: Any) -> Any:
+        keys = [(u.task_id, u.chunk, u.attempt, u.token) for u in request.units]
+        return peer_pb2.KillResponse(killed=self.app.executor.kill(keys))
+
+
+def _left(context: grpc.ServicerContext, default: float = 30.0) -> float:
+    left = context.time_remaining()
+    return default if left is None else max(0.1, min(left, 600.0))
+
+
+def create_server(app: NodeApp, address: str, max_workers: int = 32) -> tuple[grpc.Server, int]:
+    """Build the node's gRPC server bound to address; returns it and the bound port."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=[("grpc.max_receive_message_length", MAX_MESSAGE),
+                 ("grpc.max_send_message_length", MAX_MESSAGE),
+                 ("grpc.so_reuseport", 0)],
+        maximum_concurrent_rpcs=max_workers * 8,
+    )
+    taskandgo_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(app), server)
+    peer_pb2_grpc.add_PeerServicer_to_server(PeerService(app), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        taskandgo_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
+        peer_pb2.DESCRIPTOR.services_by_name["Peer"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {address}")
+    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_servicer.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def track_readiness() -> None:
+        last = None
+        while not app._stop.wait(0.5):
+            try:
+                ready = bool(app.node_status()["ready"])
+            except Exception:  # noqa: BLE001
+                ready = False
+            if ready != last:
+                health_servicer.set(READINESS_SERVICE, health_pb2.HealthCheckResponse.SERVING
+                                    if ready else health_pb2.HealthCheckResponse.NOT_SERVING)
+                last = ready
+
+    threading.Thread(target=track_readiness, name="readiness", daemon=True).start()
+    return server, port
