@@ -35,7 +35,8 @@ import psutil
 
 from taskandgo.consensus.raft import MAYBE_COMMITTED, Raft, RaftTimers, ReplicatedState, \
     fail_reason_name
-from taskandgo.consensus.state import FINAL, PRIORITY_LEVELS, SchedulerState, priority_name
+from taskandgo.consensus.state import FAILED, FINAL, PRIORITY_LEVELS, SUCCEEDED, SchedulerState, \
+    priority_name
 from taskandgo.node.config import NodeConfig, Voter
 from taskandgo.node.executor import Executor, Work
 from taskandgo.node.tasks import InvalidTask, check_status, normalize, payload_for
@@ -151,6 +152,7 @@ class NodeApp:
         self._unreported: dict[tuple, dict[str, Any]] = {}
         self._unreported_cond = threading.Condition()
         self._leader_grpc_hint: str | None = None
+        self._leader_id_hint = ""
         self._channels: dict[str, grpc.Channel] = {}
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
@@ -368,7 +370,7 @@ class NodeApp:
     def events(self, after_seq: int, timeout_s: float) -> list[dict[str, Any]]:
         return self.bus.since(after_seq, timeout_s)
 
-    def node_status(self) -> dict[str, Any]:
+    def node_status(self, include_digest: bool = False) -> dict[str, Any]:
         st: dict[str, Any] = {
             "id": self.node_id, "role": "worker", "voter": self.voter is not None,
             "grpc_address": self.cfg.grpc_address, "http_address": self.cfg.http_address,
@@ -394,14 +396,24 @@ class NodeApp:
             byp = self.read(lambda s: dict(s.queued_by_priority))
             st["queue_by_priority"] = {priority_name(p): n for p, n in sorted(byp.items())}
             st["queued"] = sum(byp.values())
+            if include_digest:
+                import hashlib
+
+                def digest(s: SchedulerState) -> tuple[str, int]:
+                    return hashlib.sha256(repr(s.fingerprint()).encode()).hexdigest(), \
+                        self.raft.status().get("last_applied", 0) if self.raft else 0
+
+                st["state_digest"], st["applied_index"] = self.read(digest)
         else:
-            st["leader_id"] = ""
+            st["leader_id"] = self._leader_id_hint
             st["ready"] = self._leader_grpc_hint is not None
         return st
 
     def _voter_node_id(self, v: Voter) -> str:
         if self.voter is not None and v.raft == self.voter.raft:
             return self.node_id
+        if self._leader_id_hint and v.grpc == self._leader_grpc_hint:
+            return self._leader_id_hint
         with self._lock:
             for w in self.workers.values():
                 if w.raft_address == v.raft:
@@ -751,8 +763,9 @@ class NodeApp:
                 unit = t.unit_at(chunk) if t is not None else None
                 if unit is None or unit.status != "running" or unit.token != token \
                         or s.running.get((tid, chunk)) != req.node_id:
-                    if unit is not None and unit.token == token and unit.status in FINAL:
-                        continue  # finished and committed; the worker just has not heard
+                    if unit is not None and unit.token == token \
+                            and unit.status in (SUCCEEDED, FAILED):
+                        continue  # its result is committed; the worker just has not heard
                     out.append(key)
             return out
 
@@ -779,7 +792,8 @@ class NodeApp:
         if not self.is_leader():
             return peer_pb2.HeartbeatResponse(accepted=False, leader_grpc=self.leader_grpc() or "")
         kill = self._record_heartbeat(req)
-        return peer_pb2.HeartbeatResponse(accepted=True, leader_grpc=self.cfg.grpc_address, kill=[
+        return peer_pb2.HeartbeatResponse(accepted=True, leader_grpc=self.cfg.grpc_address,
+                                          leader_id=self.node_id, kill=[
             peer_pb2.RunningUnit(task_id=k[0], chunk=k[1], attempt=k[2], token=k[3]) for k in kill])
 
     def _leader_targets(self) -> list[str]:
@@ -803,6 +817,7 @@ class NodeApp:
                     continue
                 if resp.accepted:
                     self._leader_grpc_hint = target
+                    self._leader_id_hint = resp.leader_id
                     if resp.kill:
                         keys = [(u.task_id, u.chunk, u.attempt, u.token) for u in resp.kill]
                         self.executor.kill(keys)

@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    if hasattr(signal, "SIGPIPE"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `taskandgo tasks | head` ends quietly
     args = build_parser().parse_args(argv)
     if args.cmd == "node":
         return cmd_node(args)

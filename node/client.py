@@ -226,10 +226,11 @@ class Client:
         for ev in self.watch_raw(task_ids, after_seq):
             yield _to_dict(ev)
 
-    def node_status(self, node: str | None = None) -> dict[str, Any]:
+    def node_status(self, node: str | None = None, include_digest: bool = False) -> dict[str, Any]:
         """Status of one node (the given address, else the first reachable)."""
-        return _to_dict(self._call("GetNodeStatus", pb.NodeStatusRequest(), node=node,
-                                   timeout_s=5.0))
+        return _to_dict(self._call("GetNodeStatus",
+                                   pb.NodeStatusRequest(include_digest=include_digest),
+                                   node=node, timeout_s=5.0))
 
     def cluster_status(self) -> dict[str, Any]:
         return _to_dict(self._call("GetClusterStatus", pb.ClusterStatusRequest()))

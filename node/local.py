@@ -42,7 +42,8 @@ def node_argv(n: LocalNode, all_nodes: list[LocalNode], extra: list[str]) -> lis
     voters = ",".join(f"127.0.0.1:{v.grpc_port}:{v.raft_port}" for v in all_nodes if v.voter)
     return [sys.executable, "-m", "taskandgo", "node", "--id", n.node_id, "--bind", "127.0.0.1",
             "--grpc-port", str(n.grpc_port), "--raft-port", str(n.raft_port),
-            "--http-port", str(n.http_port), "--voters", voters, "--data-dir", n.data_dir] + extra
+            "--http-port", str(n.http_port), "--voters", voters, "--data-dir", n.data_dir,
+            "--grace", "5"] + extra
 
 
 def run_local(nodes: int, base_port: int, voters: int, data_dir: str, fresh: bool,

@@ -142,7 +142,7 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
 
     @_errors
     def GetNodeStatus(self, request: Any, context: Any) -> Any:
-        return to_msg(taskandgo_pb2.NodeStatus, self.app.node_status())
+        return to_msg(taskandgo_pb2.NodeStatus, self.app.node_status(request.include_digest))
 
     @_errors
     def GetClusterStatus(self, request: Any, context: Any) -> Any:

@@ -117,14 +117,16 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., accepting: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("accepted", "leader_grpc", "kill")
+    __slots__ = ("accepted", "leader_grpc", "kill", "leader_id")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     LEADER_GRPC_FIELD_NUMBER: _ClassVar[int]
     KILL_FIELD_NUMBER: _ClassVar[int]
+    LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     leader_grpc: str
     kill: _containers.RepeatedCompositeFieldContainer[RunningUnit]
-    def __init__(self, accepted: _Optional[bool] = ..., leader_grpc: _Optional[str] = ..., kill: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ...) -> None: ...
+    leader_id: str
+    def __init__(self, accepted: _Optional[bool] = ..., leader_grpc: _Optional[str] = ..., kill: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., leader_id: _Optional[str] = ...) -> None: ...
 
 class KillRequest(_message.Message):
     __slots__ = ("units",)

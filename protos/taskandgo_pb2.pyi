@@ -222,11 +222,13 @@ class TaskEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., kind: _Optional[str] = ..., task_id: _Optional[str] = ..., status: _Optional[str] = ..., chunk: _Optional[int] = ..., node: _Optional[str] = ..., at: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class NodeStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("include_digest",)
+    INCLUDE_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    include_digest: bool
+    def __init__(self, include_digest: _Optional[bool] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "role", "raft_term", "commit_index", "applied_index", "leader_id", "queue_by_priority", "queued", "running", "slots", "free_slots", "cpu_percent", "memory_percent", "memory_rss", "grpc_address", "http_address", "raft_address", "voter", "strategy", "ready", "last_seen_s")
+    __slots__ = ("id", "role", "raft_term", "commit_index", "applied_index", "leader_id", "queue_by_priority", "queued", "running", "slots", "free_slots", "cpu_percent", "memory_percent", "memory_rss", "grpc_address", "http_address", "raft_address", "voter", "strategy", "ready", "last_seen_s", "state_digest")
     class QueueByPriorityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +257,7 @@ class NodeStatus(_message.Message):
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_S_FIELD_NUMBER: _ClassVar[int]
+    STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     raft_term: int
@@ -276,7 +279,8 @@ class NodeStatus(_message.Message):
     strategy: str
     ready: bool
     last_seen_s: float
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_id: _Optional[str] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ..., queued: _Optional[int] = ..., running: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., strategy: _Optional[str] = ..., ready: _Optional[bool] = ..., last_seen_s: _Optional[float] = ...) -> None: ...
+    state_digest: str
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_id: _Optional[str] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ..., queued: _Optional[int] = ..., running: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., strategy: _Optional[str] = ..., ready: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., state_digest: _Optional[str] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()

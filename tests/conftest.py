@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cluster import Cluster  # noqa: E402
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def _cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+             **kw: object) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("cluster"), **kw)  # type: ignore[arg-type]
+    c.start()
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        c.stop()
+        failed = any(getattr(i, "rep_call", None) is not None and i.rep_call.failed
+                     for i in request.session.items if i.module is request.module)
+        if failed:
+            print("\n===== node logs =====\n" + c.logs())
+
+
+@pytest.fixture(scope="module")
+def cluster3(request: pytest.FixtureRequest,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A 3-voter cluster, 4 slots per node, shared by a module's tests."""
+    yield from _cluster(request, tmp_path_factory, n=3)
