@@ -1,0 +1,135 @@
+"""Properties of the replicated state machine: determinism, snapshot round trip,
+fencing, priority order, totality."""
+
+from __future__ import annotations
+
+import pickle
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from taskandgo.consensus.state import SchedulerState
+
+ids = st.sampled_from([f"t{i}" for i in range(8)])
+workers = st.sampled_from(["a", "b", "c"])
+
+command = st.one_of(
+    st.tuples(st.just("submit"), st.lists(st.fixed_dictionaries({
+        "id": ids, "priority": st.integers(-3, 30),
+        "strategy": st.sampled_from(["split", "batch"]), "data": st.just("sh: true")}),
+        max_size=4)),
+    st.tuples(st.just("assign"), st.lists(st.tuples(ids, st.integers(-1, 3), st.integers(1, 4),
+                                                    workers), max_size=4)),
+    st.tuples(st.just("complete"), st.lists(st.fixed_dictionaries({
+        "task_id": ids, "chunk": st.integers(-1, 3), "attempt": st.integers(0, 3),
+        "token": st.integers(0, 12), "ok": st.booleans(), "backoff_s": st.sampled_from([0, 1.0]),
+        "result": st.sampled_from(["1", "x", ""])}), max_size=4)),
+    st.tuples(st.just("cancel"), st.lists(ids, max_size=2)),
+    st.tuples(st.just("requeue"), st.lists(st.tuples(ids, st.integers(-1, 3), st.integers(0, 3),
+                                                     st.integers(0, 12)), max_size=3)),
+    st.tuples(st.just("compact"), st.integers(0, 5)),
+    st.tuples(st.just("garbage"), st.one_of(st.none(), st.integers(), st.text(max_size=3),
+                                            st.lists(st.none(), max_size=2))),
+)
+
+
+def apply(s: SchedulerState, cmd: tuple, now: float) -> object:
+    kind, arg = cmd
+    if kind == "submit":
+        return s.apply_submit(arg, now)
+    if kind == "assign":
+        return s.apply_assign(arg, now, 3.0)
+    if kind == "complete":
+        return s.apply_complete(arg, now)
+    if kind == "cancel":
+        return s.apply_cancel(arg, now)
+    if kind == "requeue":
+        return s.apply_requeue(arg, now, "lost")
+    if kind == "compact":
+        return s.apply_compact(now, 100.0, arg)
+    # Malformed arguments, as a defective proposer might send: must not raise.
+    s.apply_submit(arg, now)
+    s.apply_assign(arg, now, 1.0)
+    s.apply_complete(arg, now)
+    s.apply_cancel(arg, now)
+    return s.apply_requeue(arg, now, "x")
+
+
+@given(st.lists(command, max_size=40))
+@settings(max_examples=200, deadline=None)
+def test_same_commands_give_equal_states_and_results(cmds) -> None:
+    a, b = SchedulerState(), SchedulerState()
+    for i, cmd in enumerate(cmds):
+        assert apply(a, cmd, float(i)) == apply(b, cmd, float(i))
+    assert a.fingerprint() == b.fingerprint()
+
+
+@given(st.lists(command, max_size=40), st.integers(0, 40))
+@settings(max_examples=200, deadline=None)
+def test_snapshot_restore_round_trip(cmds, cut) -> None:
+    a = SchedulerState()
+    for i, cmd in enumerate(cmds[:cut]):
+        apply(a, cmd, float(i))
+    b = pickle.loads(pickle.dumps(a))
+    assert b.fingerprint() == a.fingerprint()
+    for i, cmd in enumerate(cmds[cut:], start=cut):
+        assert apply(a, cmd, float(i)) == apply(b, cmd, float(i))
+    assert a.fingerprint() == b.fingerprint()
+
+
+@given(st.lists(command, max_size=60))
+@settings(max_examples=200, deadline=None)
+def test_at_most_one_result_committed_per_unit_and_books_balance(cmds) -> None:
+    s = SchedulerState()
+    for i, cmd in enumerate(cmds):
+        apply(s, cmd, float(i))
+        for t in s.tasks.values():
+            units = [t.unit] if t.chunks is None else t.chunks
+            assert t.chunks_done <= len(units)
+        assert s.queued_count() == sum(
+            1 for t in s.tasks.values()
+            for u in ([t.unit] if t.chunks is None else t.chunks) if u.status == "queued" and u.qseq)
+        for (tid, chunk), w in s.running.items():
+            assert s.tasks[tid].unit_at(chunk).status == "running"
+
+
+def test_late_result_from_an_old_attempt_is_dropped() -> None:
+    s = SchedulerState()
+    s.apply_submit([{"id": "t", "priority": 0, "strategy": "batch"}], 0.0)
+    (_, _, _, attempt, token, _), = s.apply_assign([("t", -1, 0, "a")], 1.0, 3.0)[0]
+    assert s.apply_requeue([("t", -1, attempt, token)], 5.0, "lease")[0] == 1
+    (_, _, _, attempt2, token2, _), = s.apply_assign([("t", -1, 0, "b")], 6.0, 3.0)[0]
+    assert attempt2 == attempt + 1 and token2 > token
+    late = {"task_id": "t", "chunk": -1, "attempt": attempt, "token": token, "ok": True,
+            "result": "late"}
+    assert s.apply_complete([late], 7.0)[0] == {"committed": 0, "dropped": 1}
+    good = dict(late, attempt=attempt2, token=token2, result="fresh")
+    assert s.apply_complete([good, good], 8.0)[0] == {"committed": 1, "dropped": 1}
+    assert s.tasks["t"].status == "succeeded" and s.tasks["t"].result == "fresh"
+    assert s.dropped_results == 2
+
+
+def test_priority_then_fifo_order() -> None:
+    s = SchedulerState()
+    specs = [("l1", 0), ("h1", 20), ("m1", 10), ("h2", 20), ("c1", 30), ("l2", 0)]
+    for i, (tid, prio) in enumerate(specs):
+        s.apply_submit([{"id": tid, "priority": prio, "strategy": "batch"}], float(i))
+    order = [t.id for t, _ in s.peek_queued(10)]
+    assert order == ["c1", "h1", "h2", "m1", "l1", "l2"]
+
+
+def test_aging_lets_an_old_low_task_pass_a_new_high_one() -> None:
+    s = SchedulerState(aging_per_s=1.0 / 60)
+    s.apply_submit([{"id": "old-low", "priority": 0, "strategy": "batch"}], 0.0)
+    s.apply_submit([{"id": "new-high", "priority": 20, "strategy": "batch"}], 3600.0)
+    assert [t.id for t, _ in s.peek_queued(2)] == ["old-low", "new-high"]
+
+
+def test_compaction_forgets_old_finished_tasks_only() -> None:
+    s = SchedulerState()
+    s.apply_submit([{"id": f"t{i}", "priority": 0, "strategy": "batch"} for i in range(3)], 0.0)
+    s.apply_cancel(["t0", "t1"], 1.0)
+    assert s.apply_compact(2.0, 3600.0, 1)[0] == 1
+    assert set(s.tasks) == {"t1", "t2"}
+    assert s.apply_compact(10_000.0, 3600.0, 100)[0] == 1
+    assert set(s.tasks) == {"t2"}
