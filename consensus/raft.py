@@ -101,7 +101,7 @@ class RaftTimers:
 
     election_min_s: float = 0.3
     election_max_s: float = 0.6
-    append_entries_period_s: float = 0.02
+    append_entries_period_s: float = 0.005
     tick_period_s: float = 0.005
     leader_fallback_s: float = 2.0
 

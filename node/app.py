@@ -47,6 +47,7 @@ log = logging.getLogger("taskandgo.node")
 
 MAX_SUBMIT_BATCH = 5000
 MAX_INFLIGHT_SUBMITS = 4
+MAX_INFLIGHT_ASSIGNS = 3
 SUBMIT_RETRY_S = 3.0
 DISPATCH_TIMEOUT_S = 2.0
 
@@ -140,7 +141,12 @@ class NodeApp:
         self._leader_since: float | None = None
         self._leader_ready = False
         self._barrier_pending = False
-        self._assign_inflight = False
+        # Assignments proposed but not yet applied, by command: planning skips their
+        # units and counts their slots, so several assign commands can be in flight.
+        self._assigning: dict[int, list[tuple[str, int, str]]] = {}
+        self._assign_seq = 0
+        # Units whose result is being committed: they no longer hold a slot.
+        self._completing: dict[tuple[str, int], str] = {}
         self._completions: list[tuple[dict[str, Any], Future | None]] = []
         self._complete_inflight = 0
         self._requeue_recent: dict[tuple, float] = {}
@@ -527,7 +533,7 @@ class NodeApp:
                 continue
             self._heartbeat_self()
             self._flush_completions()
-            if not self._assign_inflight:
+            if len(self._assigning) < MAX_INFLIGHT_ASSIGNS:
                 self._plan_and_assign()
             if now - last_lease_check > 0.2:
                 last_lease_check = now
@@ -543,7 +549,9 @@ class NodeApp:
         assert self.replicated is not None
         log.info("node %s: became leader", self.node_id)
         self._leader_since = now
-        self._assign_inflight = False
+        with self._lock:
+            self._assigning.clear()
+            self._completing.clear()
         with self._lock:
             for w in self.workers.values():
                 w.last_seen = now
@@ -580,17 +588,29 @@ class NodeApp:
         live = self._live_workers(time.monotonic())
         if not live:
             return
+        with self._lock:
+            pending = [u for units in self._assigning.values() for u in units]
+            completing = dict(self._completing)
+        pending_keys = {(tid, chunk) for tid, chunk, _ in pending}
+        pending_tasks = {tid for tid, _, _ in pending}
 
         def snapshot(s: SchedulerState) -> tuple[list[Worker], list[QueuedUnit]]:
             busy: dict[str, int] = {}
-            for w in s.running.values():
+            for key, w in s.running.items():
+                if completing.get(key) != w:
+                    busy[w] = busy.get(w, 0) + 1
+            for _, _, w in pending:
                 busy[w] = busy.get(w, 0) + 1
             workers = [Worker(w.node_id, max(0, w.slots - busy.get(w.node_id, 0))) for w in live]
             total = sum(w.free_slots for w in workers)
-            head = s.peek_queued(total)
+            if total == 0:
+                return workers, []
+            head = s.peek_queued(total + len(pending_keys))
             units = [QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
                                 len(t.spec.get("items") or ()), t.chunk_count)
-                     for t, chunk in head]
+                     for t, chunk in head
+                     if (t.id, chunk) not in pending_keys
+                     and not (chunk == -1 and t.id in pending_tasks)]
             return workers, units
 
         workers, units = self.read(snapshot)
@@ -599,11 +619,15 @@ class NodeApp:
         assignments = plan(units, workers)
         if not assignments:
             return
-        self._assign_inflight = True
         t0 = time.monotonic()
+        with self._lock:
+            self._assign_seq += 1
+            cid = self._assign_seq
+            self._assigning[cid] = [(a.task_id, a.chunk, a.worker) for a in assignments]
 
         def done(result: Any, err: int) -> None:
-            self._assign_inflight = False
+            with self._lock:
+                self._assigning.pop(cid, None)
             if self.metrics_hook:
                 self.metrics_hook("commit_latency", time.monotonic() - t0)
             if err == 0 and result:
@@ -708,7 +732,10 @@ class NodeApp:
         def done(result: Any, err: int) -> None:
             with self._lock:
                 self._complete_inflight -= 1
-                if err != 0:
+                if err == 0:
+                    for r, _ in group:
+                        self._completing.pop((r["task_id"], int(r["chunk"])), None)
+                else:
                     self._completions.extend(g for g in group if g[1] is None or not g[1].done())
             for _, fut in group:
                 if fut is not None and not fut.done():
@@ -730,6 +757,7 @@ class NodeApp:
                 fut: Future = Future()
                 futs.append(fut)
                 self._completions.append((r, fut))
+                self._completing[(r["task_id"], int(r["chunk"]))] = str(r.get("node", ""))
         self._leader_wake.set()
         try:
             return all(f.result(timeout=timeout_s) for f in futs)
