@@ -83,6 +83,14 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise InvalidTask("Content-Length", "not a number") from None
         if length > MAX_BODY:
+            # Read (and drop) a moderately large body so the client gets to see the
+            # 413 instead of a broken pipe; beyond that, just close the connection.
+            left = length if length <= 8 * MAX_BODY else 0
+            while left > 0:
+                chunk = self.rfile.read(min(left, 65536))
+                if not chunk:
+                    break
+                left -= len(chunk)
             raise _TooLarge()
         raw = self.rfile.read(length) if length > 0 else b""
         if not raw.strip():
