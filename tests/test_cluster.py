@@ -200,3 +200,22 @@ def test_zz_invariants_hold_after_the_module(cluster3: Cluster) -> None:
     for allowed in {v for v in ACCEPTED.values()}:
         ids = [k for k, v in ACCEPTED.items() if v == allowed]
         cluster3.check_invariants(ids, allow=allowed)
+
+
+def test_grpc_health_and_reflection_on_every_node(cluster3: Cluster) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    for i in range(3):
+        with grpc.insecure_channel(cluster3.addr(i)) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "taskandgo.v1.Scheduler"):
+                wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service=service),
+                                              timeout=5).status
+                         == health_pb2.HealthCheckResponse.SERVING, 10, f"{service!r} serving")
+            refl = reflection_pb2_grpc.ServerReflectionStub(ch)
+            resp = next(refl.ServerReflectionInfo(iter([
+                reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+            names = {s.name for s in resp.list_services_response.service}
+            assert {"taskandgo.v1.Scheduler", "grpc.health.v1.Health"} <= names

@@ -124,3 +124,16 @@ def test_whole_cluster_kill_9_and_restart_keeps_every_task(cluster: Cluster) -> 
     with cluster.client() as c:
         results = {t["result"] for t in c.wait(ids, timeout_s=60)}
     assert results == {"before", "after"}
+
+
+def test_node_without_a_majority_answers_unavailable_quickly(cluster: Cluster) -> None:
+    import time
+
+    cluster.kill(1)
+    cluster.kill(2)
+    with cluster.client(0, timeout_s=4) as c:
+        t0 = time.monotonic()
+        with pytest.raises(TaskAndGoError) as err:
+            c.submit("python: print(1)", strategy="batch")
+        assert time.monotonic() - t0 < 10
+    assert err.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
