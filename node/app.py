@@ -48,6 +48,11 @@ log = logging.getLogger("taskandgo.node")
 MAX_SUBMIT_BATCH = 5000
 MAX_INFLIGHT_SUBMITS = 4
 MAX_INFLIGHT_ASSIGNS = 3
+#: Peers restart within seconds: reconnect quickly instead of gRPC's default
+#: backoff of up to two minutes.
+PEER_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
+                        ("grpc.min_reconnect_backoff_ms", 100),
+                        ("grpc.max_reconnect_backoff_ms", 1000)]
 SUBMIT_RETRY_S = 3.0
 DISPATCH_TIMEOUT_S = 2.0
 
@@ -670,7 +675,9 @@ class NodeApp:
                                         token=w.token, payload_json=_dumps(w.payload))
                     for w in works])
                 stub = peer_pb2_grpc.PeerStub(self._channel(info.grpc_address))
-                fut = stub.Dispatch.future(req, timeout=DISPATCH_TIMEOUT_S)
+                # wait_for_ready: a channel still backing off from a peer that was
+                # not up yet must not fail the dispatch at once.
+                fut = stub.Dispatch.future(req, timeout=DISPATCH_TIMEOUT_S, wait_for_ready=True)
                 fut.add_done_callback(lambda f, w=worker: self._dispatch_done(f, w))
             if self.metrics_hook:
                 self.metrics_hook("dispatch_latency", time.monotonic() - t0)
@@ -914,7 +921,7 @@ class NodeApp:
     def _channel(self, target: str) -> grpc.Channel:
         ch = self._channels.get(target)
         if ch is None:
-            ch = self._channels[target] = grpc.insecure_channel(target)
+            ch = self._channels[target] = grpc.insecure_channel(target, options=PEER_CHANNEL_OPTIONS)
         return ch
 
 

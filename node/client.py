@@ -122,7 +122,10 @@ class Client:
         ch = self._channels.get(node)
         if ch is None:
             ch = self._channels[node] = grpc.insecure_channel(
-                node, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+                node, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                               ("grpc.initial_reconnect_backoff_ms", 100),
+                               ("grpc.min_reconnect_backoff_ms", 100),
+                               ("grpc.max_reconnect_backoff_ms", 1000)])
         return pb_grpc.SchedulerStub(ch)
 
     def _call(self, method: str, request: Any, timeout_s: float | None = None,
