@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _cluster import BenchCluster  # noqa: E402
@@ -46,12 +48,15 @@ def latency(addrs: list[str], rate: float, seconds: float) -> tuple[float, float
 
     def watch() -> None:
         stream = watch_client.watch_raw()
-        for ev in stream:
-            if ev.status == "succeeded" and ev.task_id not in seen:
-                seen[ev.task_id] = time.perf_counter()
-            if stop.is_set():
-                stream.cancel()
-                return
+        try:
+            for ev in stream:
+                if ev.status == "succeeded" and ev.task_id not in seen:
+                    seen[ev.task_id] = time.perf_counter()
+                if stop.is_set():
+                    stream.cancel()
+                    return
+        except grpc.RpcError:
+            return  # cancelled at the end of the run
 
     t = threading.Thread(target=watch, daemon=True)
     t.start()
@@ -59,12 +64,13 @@ def latency(addrs: list[str], rate: float, seconds: float) -> tuple[float, float
     n = int(rate * seconds)
     lock = threading.Lock()
 
+    shared = Client(addrs[:1], timeout_s=30)  # one channel, as a real client would hold
+
     def submit(spec: dict) -> None:
-        with Client(addrs[:1], timeout_s=30) as c:
-            t0 = time.perf_counter()
-            c.submit_many([spec])
-            with lock:
-                started[spec["id"]] = t0
+        t0 = time.perf_counter()
+        shared.submit_many([spec])
+        with lock:
+            started[spec["id"]] = t0
 
     clients = []
     t_start = time.perf_counter()
@@ -83,6 +89,7 @@ def latency(addrs: list[str], rate: float, seconds: float) -> tuple[float, float
     while len([k for k in started if k in seen]) < len(started) and time.monotonic() < deadline:
         time.sleep(0.05)
     stop.set()
+    shared.close()
     lat = sorted((seen[k] - started[k]) * 1000 for k in started if k in seen)
     p50 = statistics.median(lat)
     p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
