@@ -461,9 +461,10 @@ class NodeApp:
             if v.raft not in seen_raft:
                 nodes.append({"id": v.grpc, "role": "unreachable", "voter": True,
                               "grpc_address": v.grpc, "raft_address": v.raft, "ready": False})
-        counts, dropped = self.read(lambda s: (s.counts_by_status(), s.dropped_results))
+        counts, dropped, committed = self.read(
+            lambda s: (s.counts_by_status(), s.dropped_results, s.committed_results))
         return {"leader_id": self.node_id, "nodes": nodes, "tasks_by_status": counts,
-                "dropped_results": dropped}
+                "dropped_results": dropped, "committed_results": committed}
 
     # ------------------------------------------------------------------ submits
 

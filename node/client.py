@@ -33,7 +33,7 @@ class TaskAndGoError(Exception):
 
 #: int64 fields, which protobuf's JSON mapping turns into strings.
 INT64_FIELDS = {"raft_term", "commit_index", "applied_index", "memory_rss", "seq", "after_seq",
-                "dropped_results", "token"}
+                "dropped_results", "committed_results", "token"}
 
 
 def _ints(value: Any) -> Any:
@@ -129,7 +129,9 @@ class Client:
         return pb_grpc.SchedulerStub(ch)
 
     def _call(self, method: str, request: Any, timeout_s: float | None = None,
-              node: str | None = None) -> Any:
+              node: str | None = None, attempt_s: float = 5.0) -> Any:
+        """Call one node; on UNAVAILABLE/DEADLINE_EXCEEDED try the next. Each try gets
+        at most attempt_s, so a hung (stopped) node cannot eat the whole timeout."""
         deadline = time.monotonic() + (timeout_s or self.timeout_s)
         delay = 0.05
         last: grpc.RpcError | None = None
@@ -138,7 +140,8 @@ class Client:
             target = node or self.nodes[self._current % len(self.nodes)]
             left = deadline - time.monotonic()
             try:
-                return getattr(self._stub(target), method)(request, timeout=max(0.2, left))
+                return getattr(self._stub(target), method)(
+                    request, timeout=max(0.2, min(left, attempt_s)))
             except grpc.RpcError as exc:
                 last = exc
                 if exc.code() not in RETRYABLE or node is not None and attempt >= 2:
@@ -196,7 +199,8 @@ class Client:
 
     def wait_raw(self, task_ids: list[str], timeout_s: float = 30.0) -> dict[str, Any]:
         req = pb.WaitTasksRequest(task_ids=task_ids, timeout_s=min(timeout_s, 600.0))
-        return _to_dict(self._call("WaitTasks", req, timeout_s=timeout_s + 5.0))
+        return _to_dict(self._call("WaitTasks", req, timeout_s=timeout_s + 5.0,
+                                   attempt_s=timeout_s + 5.0))
 
     def wait(self, task_ids: str | list[str], timeout_s: float = 60.0) -> list[dict[str, Any]]:
         """Wait until the tasks are final; returns them in the order asked.

@@ -287,7 +287,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("leader_id", "nodes", "tasks_by_status", "dropped_results")
+    __slots__ = ("leader_id", "nodes", "tasks_by_status", "dropped_results", "committed_results")
     class TasksByStatusEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -299,8 +299,10 @@ class ClusterStatusResponse(_message.Message):
     NODES_FIELD_NUMBER: _ClassVar[int]
     TASKS_BY_STATUS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_RESULTS_FIELD_NUMBER: _ClassVar[int]
     leader_id: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     tasks_by_status: _containers.ScalarMap[str, int]
     dropped_results: int
-    def __init__(self, leader_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., tasks_by_status: _Optional[_Mapping[str, int]] = ..., dropped_results: _Optional[int] = ...) -> None: ...
+    committed_results: int
+    def __init__(self, leader_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., tasks_by_status: _Optional[_Mapping[str, int]] = ..., dropped_results: _Optional[int] = ..., committed_results: _Optional[int] = ...) -> None: ...
