@@ -30,7 +30,9 @@ class BenchCluster:
         ports = _free_ports(3 * n)
         self.grpc = ports[:n]
         voters = ",".join(f"127.0.0.1:{ports[i]}:{ports[n + i]}" for i in range(n))
-        self.procs = []
+        self.procs: list = []
+        self.argvs: list[list[str]] = []
+        self.logs: list = []
         for i in range(n):
             argv = [sys.executable, "-m", "taskandgo", "node", "--id", f"node-{i}",
                     "--grpc-port", str(ports[i]), "--raft-port", str(ports[n + i]),
@@ -38,6 +40,8 @@ class BenchCluster:
                     "--data-dir", os.path.join(self.dir, f"node-{i}"), "--slots", str(slots),
                     *(extra or [])]
             log = open(os.path.join(self.dir, f"node-{i}.log"), "ab")
+            self.argvs.append(argv)
+            self.logs.append(log)
             self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log))
         self.addrs = [f"127.0.0.1:{p}" for p in self.grpc]
 
