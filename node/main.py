@@ -49,7 +49,10 @@ def run_node(cfg: NodeConfig, grace_s: float = 20.0) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    stop.wait()
+    # Wait with a timeout: a signal delivered to another thread only runs its
+    # Python handler once the main thread wakes up, and an untimed wait never does.
+    while not stop.wait(0.2):
+        pass
     app.drain(grace_s)
     http_server.shutdown()
     grpc_server.stop(grace=1.0).wait(2.0)
