@@ -141,7 +141,9 @@ class Raft:
             dynamicMembershipChange=False,
         )
         self.state = state
+        self._transfer = threading.Event()
         self.syncobj = SyncObj(self_addr, partners, conf=conf, consumers=[state])
+        self.syncobj.addOnTickCallback(self._on_tick)
 
     def status(self) -> dict[str, Any]:
         return self.syncobj.getStatus()
@@ -156,6 +158,20 @@ class Raft:
 
     def is_ready(self) -> bool:
         return self.syncobj.isReady()
+
+    def transfer_leadership(self) -> None:
+        """Ask the most caught-up follower to take over (Raft TimeoutNow). Done on the
+        tick thread at its next tick, as PySyncObj's own transfers are; best effort:
+        poll is_leader()."""
+        self._transfer.set()
+
+    def _on_tick(self) -> None:
+        # Runs on the tick thread, holding PySyncObj's callback lock: must not add or
+        # remove tick callbacks here.
+        if self._transfer.is_set():
+            self._transfer.clear()
+            if self.syncobj._isLeader():
+                self.syncobj.transferLeadership()
 
     def destroy(self) -> None:
         self.syncobj.destroy()

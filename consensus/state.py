@@ -303,7 +303,8 @@ class SchedulerState:
         """Record results. Each result is a dict with task_id, chunk, attempt, token,
         ok, exit_code, result, error, node, started_at, finished_at and ``backoff_s``
         (the proposer's jittered retry delay, used if the attempt failed and the task
-        has retries left).
+        has retries left). A result with ``requeue`` set hands the unit back unrun
+        (its node is shutting down): it is queued again without using a retry.
 
         A result is applied only if it carries the unit's current attempt and token
         and the unit is running; anything else (late, duplicate, fenced off) is
@@ -325,6 +326,15 @@ class SchedulerState:
             if task is None or unit is None or task.status in FINAL or unit.status != RUNNING \
                     or unit.attempt != attempt or unit.token != token:
                 dropped += 1
+                continue
+            if r.get("requeue"):
+                # Handed back unfinished by a node shutting down: not the task's
+                # failure; run it again elsewhere (as for a lost lease).
+                self.running.pop((tid, chunk), None)
+                unit.lost += 1
+                unit.error = str(r.get("error", "") or "handed back")[:500]
+                self._enqueue(task, chunk, unit)
+                events.append(("task", tid, "requeued", chunk, unit.node, now))
                 continue
             committed += 1
             self.running.pop((tid, chunk), None)

@@ -81,6 +81,7 @@ class WorkerInfo:
     accepting: bool = True
     last_seen: float = 0.0  # monotonic, on the leader
     last_seen_wall: float = 0.0
+    down: bool = False
 
 
 class EventBus:
@@ -124,7 +125,8 @@ class NodeApp:
         self.bus = EventBus()
         self.voter: Voter | None = cfg.self_voter
         self.timers = timers or RaftTimers(election_min_s=cfg.election_min_s,
-                                           election_max_s=cfg.election_max_s)
+                                           election_max_s=cfg.election_max_s,
+                                           append_entries_period_s=cfg.append_entries_s)
         self.replicated: ReplicatedState | None = None
         self.raft: Raft | None = None
         self.executor = Executor(cfg.node_id, cfg.slots, self._on_unit_result,
@@ -132,6 +134,7 @@ class NodeApp:
                                  output_limit=cfg.output_limit,
                                  default_timeout_s=cfg.default_timeout_s)
         self.accepting = True
+        self._handing_back = False
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._raft_to_voter = {v.raft: v for v in cfg.voters}
@@ -205,11 +208,40 @@ class NodeApp:
         return run
 
     def drain(self, grace_s: float) -> None:
-        """Stop taking work and let running units finish (up to grace_s)."""
+        """Stop taking work, hand leadership over if we hold it, and let running units
+        finish and report (up to grace_s)."""
         self.accepting = False
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and (self.executor.active() or self._unreported):
+        self.hand_over_leadership(min(2.0, grace_s))
+        while time.monotonic() < deadline and self.executor.active():
             self._stop.wait(0.05)
+        left = self.executor.active()
+        if left:
+            # Out of time: kill what still runs and hand it back to be run elsewhere.
+            log.info("node %s: handing back %d unfinished unit(s)", self.node_id, len(left))
+            self._handing_back = True
+            self.executor.kill(left)
+        report_by = time.monotonic() + 3.0
+        while time.monotonic() < report_by and (self.executor.active() or self._unreported):
+            self._stop.wait(0.05)
+
+    def hand_over_leadership(self, timeout_s: float) -> bool:
+        """If this node leads, ask a caught-up follower to take over and wait (up to
+        timeout_s) until it has; scheduling then stalls for one round, not for an
+        election timeout. Returns True when this node no longer leads."""
+        if self.raft is None or not self.raft.is_leader():
+            return True
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.raft.transfer_leadership()
+            step = time.monotonic() + 0.25
+            while time.monotonic() < min(step, deadline):
+                if not self.raft.is_leader():
+                    log.info("node %s: handed leadership over", self.node_id)
+                    return True
+                self._stop.wait(0.01)
+        log.warning("node %s: leadership handover did not complete", self.node_id)
+        return False
 
     def stop(self) -> None:
         self._stop.set()
@@ -493,11 +525,14 @@ class NodeApp:
     def _propose_submit(self, group: list) -> None:
         assert self.replicated is not None
         specs = [s for item in group for s in item[0]]
+        t0 = time.monotonic()
 
         def done(result: Any, err: int) -> None:
             with self._submit_cond:
                 self._submit_inflight -= 1
                 self._submit_cond.notify_all()
+            if err == 0 and self.metrics_hook:
+                self.metrics_hook("submit_commit", time.monotonic() - t0)
             if err == 0 and isinstance(result, list) and len(result) == len(specs):
                 i = 0
                 for item_specs, fut, _ in group:
@@ -653,10 +688,13 @@ class NodeApp:
 
             def payloads(s: SchedulerState) -> dict[str, list[Work]]:
                 by_worker: dict[str, list[Work]] = {}
+                now_wall = time.time()
                 for tid, chunk, count, attempt, token, worker in batch:
                     t = s.tasks.get(tid)
                     if t is None:
                         continue
+                    if attempt == 1 and self.metrics_hook:
+                        self.metrics_hook("queue_wait", max(0.0, now_wall - t.created_at))
                     by_worker.setdefault(worker, []).append(
                         Work(tid, chunk, count, attempt, token, payload_for(t.spec, chunk, count)))
                 return by_worker
@@ -713,6 +751,11 @@ class NodeApp:
                         and now - self._leader_since > grace:
                     lost.append(key)
                     reasons.append(f"worker {worker} is not running it")
+            for w in self.workers.values():
+                if not w.down and now - w.last_seen > self.cfg.lease_s:
+                    w.down = True
+                    self.bus.publish([{"kind": "node", "task_id": "", "status": "down",
+                                       "chunk": -1, "node": w.node_id, "at": wall}])
         self._requeue_recent = {k: t for k, t in self._requeue_recent.items() if now - t < 2.0}
         lost = [k for k in lost if k not in self._requeue_recent]
         if not lost:
@@ -743,6 +786,9 @@ class NodeApp:
                 if err == 0:
                     for r, _ in group:
                         self._completing.pop((r["task_id"], int(r["chunk"])), None)
+                        if self.metrics_hook:
+                            self.metrics_hook("run_time", max(0.0, float(r.get("finished_at", 0))
+                                                              - float(r.get("started_at", 0))))
                 else:
                     self._completions.extend(g for g in group if g[1] is None or not g[1].done())
             for _, fut in group:
@@ -788,6 +834,10 @@ class NodeApp:
             w.cpu_percent, w.memory_percent = req.cpu_percent, req.memory_percent
             w.memory_rss, w.accepting = req.memory_rss, req.accepting
             w.last_seen, w.last_seen_wall = time.monotonic(), time.time()
+            if w.down:
+                w.down = False
+                self.bus.publish([{"kind": "node", "task_id": "", "status": "up", "chunk": -1,
+                                   "node": req.node_id, "at": time.time()}])
         if not running or not self._leader_ready:
             return []
 
@@ -878,6 +928,8 @@ class NodeApp:
 
     def _on_unit_result(self, result: dict[str, Any]) -> None:
         key = (result["task_id"], result["chunk"], result["attempt"], result["token"])
+        if self._handing_back and not result.get("ok"):
+            result = dict(result, requeue=True, error="handed back: node shutting down")
         with self._unreported_cond:
             self._unreported[key] = result
             self._unreported_cond.notify_all()

@@ -9,6 +9,7 @@ file, never from a flag, so they do not show in ``ps``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import os
 import re
@@ -66,6 +67,7 @@ class NodeConfig:
     interpreters: dict[str, list[str]] = field(default_factory=dict)
     election_min_s: float = 0.3
     election_max_s: float = 0.6
+    append_entries_s: float = 0.005
 
     @property
     def grpc_address(self) -> str:
@@ -175,6 +177,12 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds finished tasks are kept (TASKANDGO_RETENTION_S; 86400)")
     p.add_argument("--max-finished", type=int,
                    help="finished tasks kept at most (TASKANDGO_MAX_FINISHED; 100000)")
+    p.add_argument("--election-timeout", dest="election_timeout",
+                   help="Raft election timeout range in seconds, MIN-MAX "
+                   "(TASKANDGO_ELECTION_TIMEOUT; 0.3-0.6)")
+    p.add_argument("--append-entries-period", type=float, dest="append_entries_s",
+                   help="leader's replication/heartbeat period in seconds "
+                   "(TASKANDGO_APPEND_ENTRIES_S; 0.005)")
 
 
 def _pick(flag: object, env: dict[str, str], name: str, default: object, cast: type) -> object:
@@ -254,6 +262,18 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         retention_s=float(_pick(args.retention_s, env, "TASKANDGO_RETENTION_S", 86400.0, float)),
         max_finished=int(_pick(args.max_finished, env, "TASKANDGO_MAX_FINISHED", 100_000, int)),
     )
+    election = str(_pick(getattr(args, "election_timeout", None), env,
+                         "TASKANDGO_ELECTION_TIMEOUT", "0.3-0.6", str))
+    try:
+        lo, hi = (float(x) for x in election.split("-", 1))
+    except ValueError:
+        raise ConfigError(f"--election-timeout {election!r}: expected MIN-MAX seconds") from None
+    append_s = float(_pick(getattr(args, "append_entries_s", None), env,
+                           "TASKANDGO_APPEND_ENTRIES_S", 0.005, float))
+    if not 0 < append_s < lo <= hi:
+        raise ConfigError("--election-timeout / --append-entries-period: need "
+                          "0 < append-entries period < election MIN <= MAX")
+    cfg = dataclasses.replace(cfg, election_min_s=lo, election_max_s=hi, append_entries_s=append_s)
     if cfg.lease_s <= 3 * cfg.heartbeat_s:
         raise ConfigError("--lease / TASKANDGO_LEASE_S must exceed 3 heartbeats (0.9 s)")
     return cfg

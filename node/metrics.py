@@ -83,6 +83,15 @@ def _registry(app: Any) -> tuple[CollectorRegistry, dict[str, Histogram]]:
             "dispatch_latency": Histogram("taskandgo_dispatch_seconds",
                                           "Time to hand a committed batch to workers",
                                           registry=reg),
+            "run_time": Histogram("taskandgo_task_run_seconds",
+                                  "Run time of committed units (leader)", registry=reg,
+                                  buckets=(.001, .005, .01, .05, .1, .5, 1, 5, 30, 120, 600,
+                                           3600)),
+            "queue_wait": Histogram("taskandgo_queue_wait_seconds",
+                                    "Submit to first dispatch (leader)", registry=reg,
+                                    buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 5, 30, 300)),
+            "submit_commit": Histogram("taskandgo_submit_commit_seconds",
+                                       "Submit command propose-to-apply time", registry=reg),
         }
         _registries[key] = (reg, hists)
         app.metrics_hook = lambda name, v: hists[name].observe(v) if name in hists else None

@@ -37,7 +37,7 @@ class DispatchResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("task_id", "chunk", "attempt", "token", "ok", "exit_code", "result", "error", "node", "started_at", "finished_at")
+    __slots__ = ("task_id", "chunk", "attempt", "token", "ok", "exit_code", "result", "error", "node", "started_at", "finished_at", "requeue")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,7 @@ class Result(_message.Message):
     NODE_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    REQUEUE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     chunk: int
     attempt: int
@@ -60,7 +61,8 @@ class Result(_message.Message):
     node: str
     started_at: float
     finished_at: float
-    def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ..., ok: _Optional[bool] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., node: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    requeue: bool
+    def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ..., ok: _Optional[bool] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., node: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., requeue: _Optional[bool] = ...) -> None: ...
 
 class ReportResultsRequest(_message.Message):
     __slots__ = ("results",)

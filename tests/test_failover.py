@@ -137,3 +137,50 @@ def test_node_without_a_majority_answers_unavailable_quickly(cluster: Cluster) -
             c.submit("python: print(1)", strategy="batch")
         assert time.monotonic() - t0 < 10
     assert err.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def test_sigterm_on_the_leader_hands_over_and_loses_nothing(cluster: Cluster) -> None:
+    import time
+
+    leader = cluster.wait_ready()
+    others = [i for i in range(3) if i != leader]
+    with cluster.client(others[0]) as c:
+        running = c.submit_many([task_spec("sh: sleep 1; echo done", strategy="batch")
+                                 for _ in range(6)])
+        wait_for(lambda: c.list(status="running"), 20, "tasks running")
+        proc = cluster.procs[leader]
+        assert proc is not None
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        new = wait_for(lambda: next((i + 1 for i in others if cluster.statuses() and any(
+            s["id"] == f"node-{i}" and s["role"] == "leader" for s in cluster.statuses())), None),
+            10, "a new leader") - 1
+        handover_s = time.monotonic() - t0
+        print(f"leadership moved to node-{new} in {handover_s * 1000:.0f} ms")
+        assert proc.wait(timeout=30) == 0
+        cluster.procs[leader] = None
+        after = c.submit("python: print('after')", strategy="batch")
+        assert c.wait(after, timeout_s=30)[0]["result"] == "after"
+    log = (cluster.root / f"node-{leader}.log").read_text()
+    assert "handed leadership over" in log
+    cluster.check_invariants([r["task_id"] for r in running] + [after])
+
+
+def test_sigterm_hands_back_work_that_outlives_the_grace_period(cluster: Cluster) -> None:
+    leader = cluster.wait_ready()
+    victim = next(i for i in range(3) if i != leader)
+    with cluster.client(leader) as c:
+        tid = c.submit("sh: sleep 3; echo finished", strategy="split", shards=3)
+        wait_for(lambda: any(ch["node"] == f"node-{victim}" and ch["status"] == "running"
+                             for ch in c.get(tid)["chunks"]), 20, "a chunk on the victim")
+        proc = cluster.procs[victim]
+        assert proc is not None
+        proc.send_signal(signal.SIGTERM)  # grace is 2 s in tests: too short for sleep 3
+        assert proc.wait(timeout=30) == 0
+        cluster.procs[victim] = None
+        task = c.wait(tid, timeout_s=60)[0]
+    assert task["status"] == "succeeded", task["error"]
+    moved = [ch for ch in task["chunks"] if ch["attempts"] == 2]
+    assert moved and all(ch["node"] != f"node-{victim}" for ch in moved)
+    assert "handing back 1 unfinished unit" in (cluster.root / f"node-{victim}.log").read_text()
+    cluster.check_invariants([tid])
