@@ -192,6 +192,12 @@ class NodeApp:
             t = threading.Thread(target=self._guard(target), name=name, daemon=True)
             t.start()
             self._threads.append(t)
+        if self.cfg.kube_api and self.raft is not None:
+            from taskandgo.node.kube import PodWatcher
+
+            self._pod_watcher = PodWatcher(self.cfg.namespace, self.cfg.pod_selector,
+                                           self.worker_gone)
+            self._pod_watcher.start()
         log.info("node %s started: grpc %s raft %s voter=%s", self.node_id,
                  self.cfg.grpc_address, self.cfg.raft_address, self.voter is not None)
 
@@ -243,8 +249,29 @@ class NodeApp:
         log.warning("node %s: leadership handover did not complete", self.node_id)
         return False
 
+    def worker_gone(self, node_id: str, reason: str) -> int:
+        """A worker is known to be gone (its pod was deleted or evicted): on the
+        leader, requeue its units now rather than at lease expiry. Returns how many
+        units were requeued (0 on other nodes)."""
+        if not self.is_leader() or not self._leader_ready or node_id == self.node_id:
+            return 0
+        assert self.replicated is not None
+        units = self.read(lambda s: s.running_on(node_id))
+        with self._lock:
+            w = self.workers.get(node_id)
+            if w is not None:
+                w.last_seen = time.monotonic() - self.cfg.lease_s - 1.0
+        if units:
+            log.warning("node %s: %s is gone (%s); requeueing %d unit(s)", self.node_id,
+                        node_id, reason, len(units))
+            self.replicated.requeue([list(u) for u in units], time.time(),
+                                    f"worker {node_id}: {reason}")
+        return len(units)
+
     def stop(self) -> None:
         self._stop.set()
+        if getattr(self, "_pod_watcher", None) is not None:
+            self._pod_watcher.stop()
         self._leader_wake.set()
         with self._unreported_cond:
             self._unreported_cond.notify_all()

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("status", help="node status (one node or every node)")
     client_args(sp)
     sp.add_argument("--all", action="store_true", help="every node in the cluster")
+    sp.add_argument("--kube", action="store_true", help="with --all: find the pods through "
+                    "the Kubernetes API (your kubeconfig) and reach each by port-forward")
+    sp.add_argument("--namespace", default="default", help="with --kube (default)")
+    sp.add_argument("--release", default="taskandgo", help="with --kube: Helm release name")
     return p
 
 
@@ -131,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from taskandgo.node.client import Client, TaskAndGoError
 
+    if args.cmd == "status" and args.kube:
+        from taskandgo.node.kube import status_all_via_api
+
+        try:
+            nodes = status_all_via_api(args.namespace, args.release)
+        except Exception as exc:  # noqa: BLE001 - no kubeconfig, API unreachable, RBAC
+            print(f"error: Kubernetes API: {exc}", file=sys.stderr)
+            return 2
+        return print_status(nodes, args.json, True)
     try:
         with Client(args.node, timeout_s=args.client_timeout) as c:
             return COMMANDS[args.cmd](c, args)
@@ -288,8 +301,12 @@ def cmd_watch(c: Any, args: argparse.Namespace) -> int:
 
 def cmd_status(c: Any, args: argparse.Namespace) -> int:
     nodes = c.status_all() if args.all else [c.node_status(c.nodes[0])]
-    if args.json:
-        print(json.dumps(nodes if args.all else nodes[0]))
+    return print_status(nodes, args.json, args.all)
+
+
+def print_status(nodes: list[dict[str, Any]], as_json: bool, many: bool) -> int:
+    if as_json:
+        print(json.dumps(nodes if many else nodes[0]))
         return 0
     for st in nodes:
         if st.get("role") == "unreachable":

@@ -68,6 +68,9 @@ class NodeConfig:
     election_min_s: float = 0.3
     election_max_s: float = 0.6
     append_entries_s: float = 0.005
+    kube_api: bool = False
+    namespace: str = "default"
+    pod_selector: str = ""
 
     @property
     def grpc_address(self) -> str:
@@ -273,7 +276,10 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     if not 0 < append_s < lo <= hi:
         raise ConfigError("--election-timeout / --append-entries-period: need "
                           "0 < append-entries period < election MIN <= MAX")
-    cfg = dataclasses.replace(cfg, election_min_s=lo, election_max_s=hi, append_entries_s=append_s)
+    kube_api = env.get("TASKANDGO_KUBERNETES_API", "").strip().lower() in ("1", "true", "yes")
+    cfg = dataclasses.replace(cfg, election_min_s=lo, election_max_s=hi, append_entries_s=append_s,
+                              kube_api=kube_api, namespace=namespace,
+                              pod_selector=env.get("TASKANDGO_POD_SELECTOR", ""))
     if cfg.lease_s <= 3 * cfg.heartbeat_s:
         raise ConfigError("--lease / TASKANDGO_LEASE_S must exceed 3 heartbeats (0.9 s)")
     return cfg
