@@ -39,6 +39,7 @@ from taskandgo.consensus.state import FAILED, FINAL, PRIORITY_LEVELS, SUCCEEDED,
     priority_name
 from taskandgo.node.config import NodeConfig, Voter
 from taskandgo.node.executor import Executor, Work
+from taskandgo.node.security import Overloaded
 from taskandgo.node.tasks import InvalidTask, check_status, normalize, payload_for
 from taskandgo.protos import peer_pb2, peer_pb2_grpc
 from taskandgo.strategies import QueuedUnit, Worker, plan
@@ -131,6 +132,7 @@ class NodeApp:
         self.raft: Raft | None = None
         self.executor = Executor(cfg.node_id, cfg.slots, self._on_unit_result,
                                  interpreters=cfg.interpreters, default_runner=cfg.default_runner,
+                                 policy=cfg.policy,
                                  output_limit=cfg.output_limit,
                                  default_timeout_s=cfg.default_timeout_s)
         self.accepting = True
@@ -318,11 +320,9 @@ class NodeApp:
     # NotFound or Unavailable. A non-voter forwards to a voter.
 
     def forward_client(self) -> Any:
-        from taskandgo.node.client import Client
-
         targets = [self._leader_grpc_hint] if self._leader_grpc_hint else []
         targets += [v.grpc for v in self.cfg.voters if v.grpc not in targets]
-        return Client(targets, timeout_s=10.0)
+        return self.client(targets, timeout_s=10.0)
 
     def submit(self, raw_specs: list[dict[str, Any]], timeout_s: float = 10.0) -> list[dict[str, Any]]:
         if not self.accepting:
@@ -330,7 +330,9 @@ class NodeApp:
         specs = []
         for i, raw in enumerate(raw_specs):
             try:
-                specs.append(normalize(raw, self.cfg.strategy))
+                spec = normalize(raw, self.cfg.strategy)
+                self.cfg.policy.check(spec, self.cfg.default_runner)
+                specs.append(spec)
             except InvalidTask as exc:
                 if len(raw_specs) > 1:
                     raise InvalidTask(f"tasks[{i}].{exc.field}", exc.message) from None
@@ -338,6 +340,10 @@ class NodeApp:
         if self.replicated is None:
             with self.forward_client() as c:
                 return c.submit_many([_spec_to_api(s) for s in specs])
+        queued = self.read(lambda s: s.queued_count())
+        if queued + len(specs) > self.cfg.max_queued:
+            raise Overloaded(f"queue is full ({queued} queued, bound {self.cfg.max_queued}); "
+                             "retry later")
         fut: Future = Future()
         self._submit_q.put((specs, fut, time.monotonic() + min(timeout_s, SUBMIT_RETRY_S)))
         try:
@@ -495,9 +501,7 @@ class NodeApp:
             target = self.leader_grpc()
             if target is None:
                 raise Unavailable("no leader known")
-            from taskandgo.node.client import Client
-
-            with Client([target], timeout_s=5.0, follow_leader=False) as c:
+            with self.client([target], timeout_s=5.0) as c:
                 return c.cluster_status()
         now = time.monotonic()
         nodes = []
@@ -743,7 +747,8 @@ class NodeApp:
                 stub = peer_pb2_grpc.PeerStub(self._channel(info.grpc_address))
                 # wait_for_ready: a channel still backing off from a peer that was
                 # not up yet must not fail the dispatch at once.
-                fut = stub.Dispatch.future(req, timeout=DISPATCH_TIMEOUT_S, wait_for_ready=True)
+                fut = stub.Dispatch.future(req, timeout=DISPATCH_TIMEOUT_S, wait_for_ready=True,
+                                           metadata=self._peer_md)
                 fut.add_done_callback(lambda f, w=worker: self._dispatch_done(f, w))
             if self.metrics_hook:
                 self.metrics_hook("dispatch_latency", time.monotonic() - t0)
@@ -925,7 +930,7 @@ class NodeApp:
                     continue
                 try:
                     resp = peer_pb2_grpc.PeerStub(self._channel(target)).Heartbeat(
-                        req, timeout=max(0.5, self.cfg.heartbeat_s * 2))
+                        req, timeout=max(0.5, self.cfg.heartbeat_s * 2), metadata=self._peer_md)
                 except grpc.RpcError:
                     continue
                 if resp.accepted:
@@ -981,7 +986,7 @@ class NodeApp:
                         continue
                     try:
                         resp = peer_pb2_grpc.PeerStub(self._channel(target)).ReportResults(
-                            req, timeout=5.0)
+                            req, timeout=5.0, metadata=self._peer_md)
                     except grpc.RpcError:
                         continue
                     if resp.accepted:
@@ -999,10 +1004,32 @@ class NodeApp:
                 self._stop.wait(backoff)
 
     def _channel(self, target: str) -> grpc.Channel:
+        from taskandgo.node.client import make_channel
+
         ch = self._channels.get(target)
         if ch is None:
-            ch = self._channels[target] = grpc.insecure_channel(target, options=PEER_CHANNEL_OPTIONS)
+            cfg = self.cfg
+            ch = self._channels[target] = make_channel(
+                target, cfg.tls_ca if cfg.tls else None, cfg.tls_cert, cfg.tls_key,
+                options=PEER_CHANNEL_OPTIONS)
         return ch
+
+    @property
+    def _peer_md(self) -> tuple:
+        """Metadata peers send: the cluster's first API token, if any."""
+        tokens = self.cfg.auth.tokens
+        return (("authorization", "Bearer " + tokens[0].decode()),) if tokens else ()
+
+    def client(self, targets: list[str], timeout_s: float) -> Any:
+        """A Client that talks to other nodes with this node's credentials."""
+        from taskandgo.node.client import Client
+
+        tokens = self.cfg.auth.tokens
+        cfg = self.cfg
+        return Client(targets, timeout_s=timeout_s, token=tokens[0].decode() if tokens else "",
+                      tls_ca=cfg.tls_ca if cfg.tls else None,
+                      tls_cert=cfg.tls_cert if cfg.tls else None,
+                      tls_key=cfg.tls_key if cfg.tls else None)
 
 
 # ---------------------------------------------------------------------- shapes

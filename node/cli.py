@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_NODE})")
         sp.add_argument("--timeout", type=float, default=30.0, dest="client_timeout",
                         help="seconds to keep retrying unreachable nodes (30)")
+        sp.add_argument("--token-file", default=os.environ.get("TASKANDGO_TOKEN_FILE"),
+                        help="file holding the API bearer token (TASKANDGO_TOKEN_FILE; or the "
+                        "token itself in TASKANDGO_TOKEN)")
+        sp.add_argument("--tls-ca", default=None, help="CA bundle that signs the nodes' "
+                        "certificates: connect with TLS (TASKANDGO_TLS_CA)")
+        sp.add_argument("--tls-cert", default=None, help="client certificate for mTLS "
+                        "(TASKANDGO_TLS_CERT)")
+        sp.add_argument("--tls-key", default=None, help="client key for mTLS (TASKANDGO_TLS_KEY)")
         if json_flag:
             sp.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -144,8 +152,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: Kubernetes API: {exc}", file=sys.stderr)
             return 2
         return print_status(nodes, args.json, True)
+    token = None
+    if args.token_file:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as exc:
+            print(f"error: --token-file: {exc}", file=sys.stderr)
+            return 2
     try:
-        with Client(args.node, timeout_s=args.client_timeout) as c:
+        with Client(args.node, timeout_s=args.client_timeout, token=token, tls_ca=args.tls_ca,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key) as c:
             return COMMANDS[args.cmd](c, args)
     except TaskAndGoError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)

@@ -90,11 +90,51 @@ def task_spec(
     return spec
 
 
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                   ("grpc.initial_reconnect_backoff_ms", 100),
+                   ("grpc.min_reconnect_backoff_ms", 100),
+                   ("grpc.max_reconnect_backoff_ms", 1000)]
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def make_channel(target: str, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, options: list | None = None) -> grpc.Channel:
+    """A channel to a node: TLS when a CA or a client certificate is given (the
+    certificate and key also serve as the client certificate for mTLS)."""
+    opts = list(options or CHANNEL_OPTIONS)
+    if tls_ca or tls_cert:
+        creds = grpc.ssl_channel_credentials(root_certificates=_read(tls_ca),
+                                             private_key=_read(tls_key),
+                                             certificate_chain=_read(tls_cert))
+        return grpc.secure_channel(target, creds, options=opts)
+    return grpc.insecure_channel(target, options=opts)
+
+
 class Client:
-    """Talks to a TaskAndGo cluster through any of its nodes. Thread-safe."""
+    """Talks to a TaskAndGo cluster through any of its nodes. Thread-safe.
+
+    ``token`` is sent as a bearer token (``authorization`` metadata); ``tls_ca``
+    verifies the nodes' certificates; ``tls_cert``/``tls_key`` present a client
+    certificate where the nodes require mTLS. Each falls back to its environment
+    variable: TASKANDGO_TOKEN, TASKANDGO_TLS_CA, TASKANDGO_TLS_CERT, TASKANDGO_TLS_KEY."""
 
     def __init__(self, nodes: str | Iterable[str] = "127.0.0.1:7000", timeout_s: float = 30.0,
-                 follow_leader: bool = True) -> None:
+                 follow_leader: bool = True, token: str | None = None,
+                 tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
+        import os
+
+        self.token = token if token is not None else os.environ.get("TASKANDGO_TOKEN") or None
+        self.tls = (tls_ca or os.environ.get("TASKANDGO_TLS_CA"),
+                    tls_cert or os.environ.get("TASKANDGO_TLS_CERT"),
+                    tls_key or os.environ.get("TASKANDGO_TLS_KEY"))
+        self._metadata = (("authorization", f"Bearer {self.token}"),) if self.token else ()
         if isinstance(nodes, str):
             nodes = [n.strip() for n in nodes.split(",") if n.strip()]
         self.nodes = list(dict.fromkeys(nodes))
@@ -121,11 +161,7 @@ class Client:
     def _stub(self, node: str) -> pb_grpc.SchedulerStub:
         ch = self._channels.get(node)
         if ch is None:
-            ch = self._channels[node] = grpc.insecure_channel(
-                node, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                               ("grpc.initial_reconnect_backoff_ms", 100),
-                               ("grpc.min_reconnect_backoff_ms", 100),
-                               ("grpc.max_reconnect_backoff_ms", 1000)])
+            ch = self._channels[node] = make_channel(node, *self.tls)
         return pb_grpc.SchedulerStub(ch)
 
     def _call(self, method: str, request: Any, timeout_s: float | None = None,
@@ -141,7 +177,7 @@ class Client:
             left = deadline - time.monotonic()
             try:
                 return getattr(self._stub(target), method)(
-                    request, timeout=max(0.2, min(left, attempt_s)))
+                    request, timeout=max(0.2, min(left, attempt_s)), metadata=self._metadata)
             except grpc.RpcError as exc:
                 last = exc
                 if exc.code() not in RETRYABLE or node is not None and attempt >= 2:
@@ -226,7 +262,8 @@ class Client:
     def watch_raw(self, task_ids: list[str] | None = None, after_seq: int = 0) -> Iterator[Any]:
         """Raw TaskEvent messages from one node (for forwarding)."""
         req = pb.WatchTasksRequest(task_ids=task_ids or [], after_seq=after_seq)
-        return self._stub(self.nodes[self._current % len(self.nodes)]).WatchTasks(req)
+        return self._stub(self.nodes[self._current % len(self.nodes)]).WatchTasks(
+            req, metadata=self._metadata)
 
     def watch(self, task_ids: list[str] | None = None, after_seq: int = 0) -> Iterator[dict[str, Any]]:
         """Follow events (task state changes, leader changes, nodes up/down)."""

@@ -16,6 +16,7 @@ import re
 import socket
 from dataclasses import dataclass, field
 
+from taskandgo.node.security import ExecPolicy, TokenAuth
 from taskandgo.strategies import STRATEGIES
 
 DEFAULT_GRPC_PORT = 7000
@@ -71,6 +72,18 @@ class NodeConfig:
     kube_api: bool = False
     namespace: str = "default"
     pod_selector: str = ""
+    auth: TokenAuth = TokenAuth()
+    policy: ExecPolicy = ExecPolicy()
+    rate_limit: float = 0.0
+    max_queued: int = 1_000_000
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_client_auth: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert and self.tls_key)
 
     @property
     def grpc_address(self) -> str:
@@ -139,6 +152,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def _read_secret(env: dict[str, str], name: str) -> str | None:
     value = env.get(name)
     path = env.get(name + "_FILE")
@@ -180,6 +197,20 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds finished tasks are kept (TASKANDGO_RETENTION_S; 86400)")
     p.add_argument("--max-finished", type=int,
                    help="finished tasks kept at most (TASKANDGO_MAX_FINISHED; 100000)")
+    p.add_argument("--allow", help="payload kinds this node runs: prefixes plus argv and call, "
+                   "e.g. 'python,sh,call' (TASKANDGO_ALLOW; default: all)")
+    p.add_argument("--allow-calls", help="module prefixes callables may come from, comma "
+                   "separated (TASKANDGO_ALLOW_CALLS; default: any)")
+    p.add_argument("--rate-limit", type=float, help="requests per second per client IP on the "
+                   "public API; 0 = off (TASKANDGO_RATE_LIMIT; 0)")
+    p.add_argument("--max-queued", type=int, help="queued tasks at most; submits beyond get "
+                   "RESOURCE_EXHAUSTED (TASKANDGO_MAX_QUEUED; 1000000)")
+    p.add_argument("--tls-cert", help="PEM certificate for gRPC and HTTP (TASKANDGO_TLS_CERT)")
+    p.add_argument("--tls-key", help="PEM private key (TASKANDGO_TLS_KEY)")
+    p.add_argument("--tls-ca", help="PEM CA bundle that signs peers' and clients' certificates "
+                   "(TASKANDGO_TLS_CA)")
+    p.add_argument("--tls-client-auth", action="store_true", default=None,
+                   help="require client certificates, mTLS (TASKANDGO_TLS_CLIENT_AUTH)")
     p.add_argument("--election-timeout", dest="election_timeout",
                    help="Raft election timeout range in seconds, MIN-MAX "
                    "(TASKANDGO_ELECTION_TIMEOUT; 0.3-0.6)")
@@ -276,10 +307,42 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     if not 0 < append_s < lo <= hi:
         raise ConfigError("--election-timeout / --append-entries-period: need "
                           "0 < append-entries period < election MIN <= MAX")
-    kube_api = env.get("TASKANDGO_KUBERNETES_API", "").strip().lower() in ("1", "true", "yes")
-    cfg = dataclasses.replace(cfg, election_min_s=lo, election_max_s=hi, append_entries_s=append_s,
-                              kube_api=kube_api, namespace=namespace,
-                              pod_selector=env.get("TASKANDGO_POD_SELECTOR", ""))
+    kube_api = _truthy(env.get("TASKANDGO_KUBERNETES_API"))
+    tokens = "\n".join(filter(None, [env.get("TASKANDGO_API_TOKEN"),
+                                     _read_secret(env, "TASKANDGO_API_TOKENS")]))
+    token_file = env.get("TASKANDGO_API_TOKEN_FILE")
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                tokens += "\n" + f.read()
+        except OSError as exc:
+            raise ConfigError(f"TASKANDGO_API_TOKEN_FILE: cannot read {token_file}: {exc}") from None
+    auth = TokenAuth.from_text(tokens, open_read_only=env.get(
+        "TASKANDGO_AUTH_READ_ONLY", "open").strip().lower() != "token")
+    policy = ExecPolicy.parse(_pick(getattr(args, "allow", None), env, "TASKANDGO_ALLOW", "", str),
+                              _pick(getattr(args, "allow_calls", None), env,
+                                    "TASKANDGO_ALLOW_CALLS", "", str))
+    tls = {k: _pick(getattr(args, f"tls_{k}", None), env, f"TASKANDGO_TLS_{k.upper()}", None, str)
+           for k in ("cert", "key", "ca")}
+    for k, path in tls.items():
+        if path and not os.path.isfile(str(path)):
+            raise ConfigError(f"--tls-{k} / TASKANDGO_TLS_{k.upper()}: no such file {path}")
+    if bool(tls["cert"]) != bool(tls["key"]):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    client_auth = getattr(args, "tls_client_auth", None) or _truthy(
+        env.get("TASKANDGO_TLS_CLIENT_AUTH"))
+    if client_auth and not (tls["ca"] and tls["cert"]):
+        raise ConfigError("--tls-client-auth needs --tls-cert, --tls-key and --tls-ca")
+    cfg = dataclasses.replace(
+        cfg, election_min_s=lo, election_max_s=hi, append_entries_s=append_s,
+        kube_api=kube_api, namespace=namespace, pod_selector=env.get("TASKANDGO_POD_SELECTOR", ""),
+        auth=auth, policy=policy,
+        rate_limit=float(_pick(getattr(args, "rate_limit", None), env, "TASKANDGO_RATE_LIMIT",
+                               0.0, float)),
+        max_queued=int(_pick(getattr(args, "max_queued", None), env, "TASKANDGO_MAX_QUEUED",
+                             1_000_000, int)),
+        tls_cert=tls["cert"], tls_key=tls["key"], tls_ca=tls["ca"],
+        tls_client_auth=bool(client_auth))
     if cfg.lease_s <= 3 * cfg.heartbeat_s:
         raise ConfigError("--lease / TASKANDGO_LEASE_S must exceed 3 heartbeats (0.9 s)")
     return cfg

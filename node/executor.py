@@ -178,8 +178,10 @@ class Executor:
         default_runner: str = "echo",
         output_limit: int = 64 * 1024,
         default_timeout_s: float = 3600.0,
+        policy: Any = None,
     ) -> None:
         self.node_id = node_id
+        self.policy = policy
         self.slots = slots
         self.on_result = on_result
         self.interpreters = default_interpreters()
@@ -269,6 +271,12 @@ class Executor:
 
     def _execute(self, w: Work, cancel: threading.Event) -> dict[str, Any]:
         p = w.payload
+        if self.policy is not None:
+            try:
+                self.policy.check(p, self.default_runner)  # again here: defence in depth
+            except ValueError as exc:
+                return {"ok": False, "result": "", "error": f"refused by policy: {exc}",
+                        "exit_code": -1}
         timeout_s = float(p.get("timeout_s") or self.default_timeout_s)
         if p.get("call"):
             kwargs: dict[str, Any] = {}

@@ -21,6 +21,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from taskandgo.node.app import NodeApp, NotFound, Unavailable
+from taskandgo.node.security import Overloaded, RateLimited, RateLimiter, TokenAuth, \
+    Unauthenticated, client_ip
 from taskandgo.node.tasks import InvalidTask
 from taskandgo.protos import peer_pb2, peer_pb2_grpc, taskandgo_pb2, taskandgo_pb2_grpc
 
@@ -63,6 +65,10 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except Unavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except (Overloaded, RateLimited) as exc:
+            context.set_trailing_metadata(
+                (("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except grpc.RpcError as exc:  # a forwarded call failed: pass its status on
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNAVAILABLE
             context.abort(code, exc.details() if hasattr(exc, "details") else str(exc))
@@ -176,6 +182,93 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         return peer_pb2.KillResponse(killed=self.app.executor.kill(keys))
 
 
+READ_ONLY_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                      "/grpc.reflection.v1.ServerReflection/")
+PUBLIC_PREFIX = "/taskandgo.v1.Scheduler/"
+
+
+class GuardInterceptor(grpc.ServerInterceptor):
+    """Bearer-token check on every method (health and reflection exempt while
+    read-only endpoints are open) and a per-client rate limit on the public API."""
+
+    def __init__(self, auth: TokenAuth, limiter: RateLimiter) -> None:
+        self.auth = auth
+        self.limiter = limiter
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        method = details.method or ""
+        if self.auth.enabled and not (self.auth.open_read_only
+                                      and method.startswith(READ_ONLY_PREFIXES)):
+            md = dict(details.invocation_metadata or ())
+            try:
+                self.auth.check(TokenAuth.parse_header(md.get("authorization")))
+            except Unauthenticated as exc:
+                return _deny(continuation(details), grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        if self.limiter.rate > 0 and method.startswith(PUBLIC_PREFIX):
+            handler = continuation(details)
+            return _rate_limited(handler, self.limiter)
+        return continuation(details)
+
+
+def _deny(handler: Any, code: grpc.StatusCode, message: str) -> Any:
+    def abort(request: Any, context: grpc.ServicerContext) -> Any:
+        context.abort(code, message)
+
+    if handler is None:
+        return None
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(
+            abort, handler.request_deserializer, handler.response_serializer)
+    return grpc.unary_unary_rpc_method_handler(
+        abort, handler.request_deserializer, handler.response_serializer)
+
+
+def _rate_limited(handler: Any, limiter: RateLimiter) -> Any:
+    if handler is None:
+        return None
+
+    def check(context: grpc.ServicerContext) -> None:
+        try:
+            limiter.take(client_ip(context.peer()))
+        except RateLimited as exc:
+            context.set_trailing_metadata(
+                (("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    if handler.unary_stream:
+        inner = handler.unary_stream
+
+        def stream(request: Any, context: grpc.ServicerContext) -> Any:
+            check(context)
+            yield from inner(request, context)
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream, handler.request_deserializer, handler.response_serializer)
+    inner_unary = handler.unary_unary
+
+    def unary(request: Any, context: grpc.ServicerContext) -> Any:
+        check(context)
+        return inner_unary(request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        unary, handler.request_deserializer, handler.response_serializer)
+
+
+def server_credentials(cfg: Any) -> grpc.ServerCredentials | None:
+    if not cfg.tls:
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_server_credentials(
+        [(read(cfg.tls_key), read(cfg.tls_cert))], root_certificates=read(cfg.tls_ca),
+        require_client_auth=bool(cfg.tls_client_auth))
+
+
 def _left(context: grpc.ServicerContext, default: float = 30.0) -> float:
     left = context.time_remaining()
     return default if left is None else max(0.1, min(left, 600.0))
@@ -189,6 +282,7 @@ def create_server(app: NodeApp, address: str, max_workers: int = 32) -> tuple[gr
                  ("grpc.max_send_message_length", MAX_MESSAGE),
                  ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=max_workers * 8,
+        interceptors=[GuardInterceptor(app.cfg.auth, RateLimiter(app.cfg.rate_limit))],
     )
     taskandgo_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(app), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(app), server)
@@ -201,7 +295,8 @@ def create_server(app: NodeApp, address: str, max_workers: int = 32) -> tuple[gr
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
+    creds = server_credentials(app.cfg)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind gRPC to {address}")
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)

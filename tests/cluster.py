@@ -52,13 +52,15 @@ def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, every_s: floa
 
 class Cluster:
     def __init__(self, root: Path, n: int = 3, voters: int | None = None, slots: int = 4,
-                 extra: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+                 extra: list[str] | None = None, env: dict[str, str] | None = None,
+                 client_kw: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
         self.n = n
         self.voters = n if voters is None else voters
         self.slots = slots
         self.extra = list(extra or [])
         self.env = dict(env or {})
+        self.client_kw = dict(client_kw or {})  # token / TLS files for every client here
         ports = free_ports(3 * n)
         self.grpc_ports = ports[:n]
         self.raft_ports = ports[n:2 * n]
@@ -152,7 +154,7 @@ class Cluster:
     def client(self, i: int | None = None, timeout_s: float = 20.0) -> Client:
         nodes = [self.addr(i)] if i is not None else [self.addr(j) for j in range(self.n)
                                                       if self.procs[j] is not None]
-        return Client(nodes, timeout_s=timeout_s)
+        return Client(nodes, timeout_s=timeout_s, **self.client_kw)
 
     def statuses(self) -> list[dict[str, Any]]:
         out = []
@@ -160,7 +162,7 @@ class Cluster:
             if self.procs[i] is None:
                 continue
             try:
-                with Client([self.addr(i)], timeout_s=2) as c:
+                with Client([self.addr(i)], timeout_s=2, **self.client_kw) as c:
                     out.append(c.node_status(self.addr(i)))
             except TaskAndGoError:
                 pass
@@ -171,7 +173,7 @@ class Cluster:
             if self.procs[i] is None:
                 continue
             try:
-                with Client([self.addr(i)], timeout_s=2) as c:
+                with Client([self.addr(i)], timeout_s=2, **self.client_kw) as c:
                     if c.node_status(self.addr(i))["role"] == "leader":
                         return i
             except TaskAndGoError:
@@ -189,7 +191,7 @@ class Cluster:
             live = sum(p is not None for p in self.procs)
             if len(sts) != live or not all(s["ready"] for s in sts):
                 return None
-            with Client([self.addr(leader)], timeout_s=2) as c:
+            with Client([self.addr(leader)], timeout_s=2, **self.client_kw) as c:
                 nodes = c.cluster_status()["nodes"]
             if sum(1 for n in nodes if n.get("ready")) < live:
                 return None
@@ -216,7 +218,7 @@ class Cluster:
             for i in range(min(self.voters, self.n)):
                 if self.procs[i] is None:
                     continue
-                with Client([self.addr(i)], timeout_s=5) as c:
+                with Client([self.addr(i)], timeout_s=5, **self.client_kw) as c:
                     st = c.node_status(self.addr(i), include_digest=True)
                 digests.add(st["state_digest"])
                 applied.add(st["applied_index"])

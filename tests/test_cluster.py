@@ -219,3 +219,12 @@ def test_grpc_health_and_reflection_on_every_node(cluster3: Cluster) -> None:
                 reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
             names = {s.name for s in resp.list_services_response.service}
             assert {"taskandgo.v1.Scheduler", "grpc.health.v1.Health"} <= names
+
+
+def test_endless_output_is_capped_and_times_out(cluster3: Cluster) -> None:
+    with cluster3.client() as c:
+        tid = c.submit("python: import sys\nwhile True: sys.stdout.write('x' * 65536)",
+                       strategy="batch", timeout_s=2)
+        task = c.wait(tid, timeout_s=60)[0]
+    assert task["status"] == "failed" and "timed out" in task["error"]
+    assert 0 < len(task["result"]) <= 64 * 1024
