@@ -27,6 +27,13 @@ def run_node(cfg: NodeConfig, grace_s: float = 20.0) -> int:
 
     setup_logging(cfg.node_id)
     log = logging.getLogger("taskandgo.node")
+    from taskandgo.node.config import is_loopback
+
+    if not cfg.auth.enabled and not is_loopback(cfg.bind):
+        log.warning("the API on %s has no token: anyone who reaches it can run code here; "
+                    "set TASKANDGO_API_TOKEN_FILE (the Helm chart does)", cfg.bind)
+    elif not cfg.auth.enabled:
+        log.info("API open on loopback (no token): for this machine only")
     app = NodeApp(cfg)
     metrics.install(app)
     try:
