@@ -33,8 +33,8 @@ from typing import Any, Callable
 import grpc
 import psutil
 
-from taskandgo.consensus.raft import MAYBE_COMMITTED, Raft, RaftTimers, ReplicatedState, \
-    fail_reason_name
+from taskandgo.consensus.raft import FAIL_REASON, MAYBE_COMMITTED, Raft, RaftTimers, \
+    ReplicatedState, fail_reason_name
 from taskandgo.consensus.state import FAILED, FINAL, PRIORITY_LEVELS, SUCCEEDED, SchedulerState, \
     priority_name
 from taskandgo.node.config import NodeConfig, Voter
@@ -168,6 +168,8 @@ class NodeApp:
         self._unreported: dict[tuple, dict[str, Any]] = {}
         self._unreported_cond = threading.Condition()
         self._leader_grpc_hint: str | None = None
+        self._proposals: dict[int, tuple[float, Callable[[Any, int], None]]] = {}
+        self._proposal_seq = 0
         self._leader_id_hint = ""
         self._channels: dict[str, grpc.Channel] = {}
         self._proc = psutil.Process()
@@ -187,9 +189,9 @@ class NodeApp:
         for name, target in (
             ("submit-flusher", self._submit_loop), ("leader", self._leader_loop),
             ("dispatch", self._dispatch_loop), ("heartbeat", self._heartbeat_loop),
-            ("reporter", self._reporter_loop),
+            ("reporter", self._reporter_loop), ("reaper", self._reaper_loop),
         ):
-            if name in ("submit-flusher", "leader") and self.raft is None:
+            if name in ("submit-flusher", "leader", "reaper") and self.raft is None:
                 continue
             t = threading.Thread(target=self._guard(target), name=name, daemon=True)
             t.start()
@@ -304,6 +306,47 @@ class NodeApp:
         self._leader_wake.set()
         if new == 2:
             self._elections += 1
+        if old == 2 and new != 2:
+            # Deposed: PySyncObj will not call our own pending commands back.
+            threading.Thread(target=self._release_proposals, args=(True,), daemon=True).start()
+
+    def propose(self, command: str, *args: Any, callback: Callable[[Any, int], None],
+                timeout_s: float = 2.0) -> None:
+        """Propose a replicated command; callback(result, err) is called exactly once:
+        when it applies, when PySyncObj reports failure, or with LEADER_CHANGED after
+        timeout_s or when this node stops leading (PySyncObj does not call a deposed
+        leader back). A command released that way may still commit later, so every
+        caller retries with the same ids or relies on fencing."""
+        assert self.replicated is not None
+        with self._lock:
+            self._proposal_seq += 1
+            pid = self._proposal_seq
+            self._proposals[pid] = (time.monotonic() + timeout_s, callback)
+
+        def once(result: Any, err: int) -> None:
+            with self._lock:
+                entry = self._proposals.pop(pid, None)
+            if entry is not None:
+                entry[1](result, err)
+
+        getattr(self.replicated, command)(*args, callback=once)
+
+    def _release_proposals(self, everything: bool) -> None:
+        """Fail pending proposals that are past their deadline (or all of them)."""
+        now = time.monotonic()
+        with self._lock:
+            due = [pid for pid, (deadline, _) in self._proposals.items()
+                   if everything or deadline <= now]
+            callbacks = [self._proposals.pop(pid)[1] for pid in due]
+        for cb in callbacks:
+            try:
+                cb(None, FAIL_REASON.LEADER_CHANGED)
+            except Exception:  # noqa: BLE001
+                log.exception("releasing a proposal failed")
+
+    def _reaper_loop(self) -> None:
+        while not self._stop.wait(0.1):
+            self._release_proposals(everything=False)
 
     def read(self, fn: Callable[[SchedulerState], Any]) -> Any:
         assert self.replicated is not None
@@ -401,7 +444,7 @@ class NodeApp:
 
         def propose() -> None:
             assert self.replicated is not None
-            self.replicated.cancel([task_id], time.time(), callback=done)
+            self.propose("cancel", [task_id], time.time(), callback=done)
 
         def done(result: Any, err: int) -> None:
             if err == 0 and result:
@@ -550,6 +593,15 @@ class NodeApp:
             with self._submit_cond:
                 while self._submit_inflight >= MAX_INFLIGHT_SUBMITS and not self._stop.is_set():
                     self._submit_cond.wait(0.5)
+            # A submit whose caller has given up must not commit behind its back.
+            now = time.monotonic()
+            for item in group:
+                if item[2] <= now and not item[1].done():
+                    item[1].set_exception(Unavailable("no leader: submit not committed in time"))
+            group = [item for item in group if not item[1].done()]
+            if not group:
+                continue
+            with self._submit_cond:
                 self._submit_inflight += 1
             self._propose_submit(group)
 
@@ -582,7 +634,7 @@ class NodeApp:
                 threading.Timer(0.05 if err not in MAYBE_COMMITTED else 0.0,
                                 lambda: [self._submit_q.put(it) for it in retry]).start()
 
-        self.replicated.submit(specs, time.time(), callback=done)
+        self.propose("submit", specs, time.time(), callback=done)
 
     # ------------------------------------------------------------------ leader
 
@@ -636,7 +688,7 @@ class NodeApp:
             self._leader_wake.set()
 
         self._leader_ready = False
-        self.replicated.requeue([], time.time(), "", callback=ready)
+        self.propose("requeue", [], time.time(), "", callback=ready)
 
     def _heartbeat_self(self) -> None:
         now = time.monotonic()
@@ -706,8 +758,8 @@ class NodeApp:
                 self._dispatch_q.put(result)
             self._leader_wake.set()
 
-        self.replicated.assign([(a.task_id, a.chunk, a.chunk_count, a.worker) for a in assignments],
-                               time.time(), self.cfg.lease_s, callback=done)
+        self.propose("assign", [(a.task_id, a.chunk, a.chunk_count, a.worker) for a in assignments],
+                     time.time(), self.cfg.lease_s, callback=done)
 
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
@@ -831,7 +883,7 @@ class NodeApp:
                         fut.set_result(False)
             self._leader_wake.set()
 
-        self.replicated.complete(results, time.time(), callback=done)
+        self.propose("complete", results, time.time(), callback=done, timeout_s=3.0)
 
     def accept_results(self, results: list[dict[str, Any]], timeout_s: float = 3.0) -> bool:
         """Leader side of ReportResults: True once the results are committed."""

@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from taskandgo.node.app import NodeApp, NotFound, Unavailable
+from taskandgo.node.client import TaskAndGoError
 from taskandgo.node.security import Overloaded, RateLimited, RateLimiter, TokenAuth, \
     Unauthenticated, client_ip
 from taskandgo.node.tasks import InvalidTask
@@ -69,6 +70,9 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             context.set_trailing_metadata(
                 (("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except TaskAndGoError as exc:  # a call this node forwarded failed: pass it on
+            context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNAVAILABLE),
+                          exc.message)
         except grpc.RpcError as exc:  # a forwarded call failed: pass its status on
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNAVAILABLE
             context.abort(code, exc.details() if hasattr(exc, "details") else str(exc))
