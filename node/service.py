@@ -172,7 +172,12 @@ class PeerService(peer_pb2_grpc.PeerServicer):
 
     @_errors
     def ReportResults(self, request: Any, context: Any) -> Any:
-        results = [to_dict(r) for r in request.results]
+        # Field by field: json_format per message costs more than the rest of the call.
+        results = [{"task_id": r.task_id, "chunk": r.chunk, "attempt": r.attempt,
+                    "token": r.token, "ok": r.ok, "exit_code": r.exit_code, "result": r.result,
+                    "error": r.error, "node": r.node, "started_at": r.started_at,
+                    "finished_at": r.finished_at, "requeue": r.requeue}
+                   for r in request.results]
         ok = self.app.accept_results(results)
         return peer_pb2.ReportResultsResponse(accepted=ok, leader_grpc=self.app.leader_grpc() or "")
 
