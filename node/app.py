@@ -74,6 +74,7 @@ class WorkerInfo:
     raft_address: str = ""
     voter: bool = False
     slots: int = 0
+    capacity: int = 0
     free_slots: int = 0
     running: set = field(default_factory=set)
     cpu_percent: float = 0.0
@@ -725,7 +726,8 @@ class NodeApp:
                     busy[w] = busy.get(w, 0) + 1
             for _, _, w in pending:
                 busy[w] = busy.get(w, 0) + 1
-            workers = [Worker(w.node_id, max(0, w.slots - busy.get(w.node_id, 0))) for w in live]
+            workers = [Worker(w.node_id, max(0, (w.capacity or w.slots) - busy.get(w.node_id, 0)))
+                       for w in live]
             total = sum(w.free_slots for w in workers)
             if total == 0:
                 return workers, []
@@ -779,7 +781,8 @@ class NodeApp:
                     if attempt == 1 and self.metrics_hook:
                         self.metrics_hook("queue_wait", max(0.0, now_wall - t.created_at))
                     by_worker.setdefault(worker, []).append(
-                        Work(tid, chunk, count, attempt, token, payload_for(t.spec, chunk, count)))
+                        Work(tid, chunk, count, attempt, token, payload_for(t.spec, chunk, count),
+                             t.priority))
                 return by_worker
 
             by_worker = self.read(payloads)
@@ -794,7 +797,8 @@ class NodeApp:
                 req = peer_pb2.DispatchRequest(leader_id=self.node_id, assignments=[
                     peer_pb2.Assignment(task_id=w.task_id, chunk=w.chunk,
                                         chunk_count=w.chunk_count, attempt=w.attempt,
-                                        token=w.token, payload_json=_dumps(w.payload))
+                                        token=w.token, payload_json=_dumps(w.payload),
+                                        priority=w.priority)
                     for w in works])
                 stub = peer_pb2_grpc.PeerStub(self._channel(info.grpc_address))
                 # wait_for_ready: a channel still backing off from a peer that was
@@ -915,6 +919,7 @@ class NodeApp:
             w.grpc_address, w.http_address = req.grpc_address, req.http_address
             w.raft_address, w.voter = req.raft_address, req.voter
             w.slots, w.free_slots, w.running = req.slots, req.free_slots, running
+            w.capacity = req.capacity or req.slots
             w.cpu_percent, w.memory_percent = req.cpu_percent, req.memory_percent
             w.memory_rss, w.accepting = req.memory_rss, req.accepting
             w.last_seen, w.last_seen_wall = time.monotonic(), time.time()
@@ -952,7 +957,7 @@ class NodeApp:
             http_address=self.cfg.http_address,
             raft_address=self.cfg.raft_address if self.voter else "",
             voter=self.voter is not None, slots=self.cfg.slots,
-            free_slots=self.executor.free_slots(),
+            capacity=self.cfg.slots + self.cfg.prefetch, free_slots=self.executor.free_slots(),
             running=[peer_pb2.RunningUnit(task_id=k[0], chunk=k[1], attempt=k[2], token=k[3])
                      for k in running],
             cpu_percent=psutil.cpu_percent(None), memory_percent=psutil.virtual_memory().percent,
@@ -1007,7 +1012,8 @@ class NodeApp:
                 payload = json.loads(a.payload_json)
             except ValueError:
                 payload = {"data": ""}
-            works.append(Work(a.task_id, a.chunk, a.chunk_count, a.attempt, a.token, payload))
+            works.append(Work(a.task_id, a.chunk, a.chunk_count, a.attempt, a.token, payload,
+                              a.priority))
         return self.executor.dispatch(works)
 
     def _on_unit_result(self, result: dict[str, Any]) -> None:

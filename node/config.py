@@ -76,6 +76,7 @@ class NodeConfig:
     policy: ExecPolicy = ExecPolicy()
     rate_limit: float = 0.0
     max_queued: int = 1_000_000
+    prefetch: int = 0
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -201,6 +202,10 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    "e.g. 'python,sh,call' (TASKANDGO_ALLOW; default: all)")
     p.add_argument("--allow-calls", help="module prefixes callables may come from, comma "
                    "separated (TASKANDGO_ALLOW_CALLS; default: any)")
+    p.add_argument("--prefetch", type=int, help="units a worker may hold beyond its slots, "
+                   "waiting to start (TASKANDGO_PREFETCH; 0). More throughput for short "
+                   "tasks; a prefetched unit may start after a newer higher-priority one "
+                   "is accepted elsewhere")
     p.add_argument("--rate-limit", type=float, help="requests per second per client IP on the "
                    "public API; 0 = off (TASKANDGO_RATE_LIMIT; 0)")
     p.add_argument("--max-queued", type=int, help="queued tasks at most; submits beyond get "
@@ -341,6 +346,8 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
                                0.0, float)),
         max_queued=int(_pick(getattr(args, "max_queued", None), env, "TASKANDGO_MAX_QUEUED",
                              1_000_000, int)),
+        prefetch=max(0, int(_pick(getattr(args, "prefetch", None), env, "TASKANDGO_PREFETCH",
+                                  0, int))),
         tls_cert=tls["cert"], tls_key=tls["key"], tls_ca=tls["ca"],
         tls_client_auth=bool(client_auth))
     if cfg.lease_s <= 3 * cfg.heartbeat_s:

@@ -12,6 +12,7 @@ Results go to ``on_result`` (the node's reporter) exactly once per dispatched un
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import os
@@ -24,7 +25,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,6 +43,7 @@ class Work:
     attempt: int
     token: int
     payload: dict[str, Any]
+    priority: int = 0
 
     @property
     def key(self) -> UnitKey:
@@ -189,12 +190,20 @@ class Executor:
         self.default_runner = default_runner
         self.output_limit = output_limit
         self.default_timeout_s = default_timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="unit")
         self._calls = CallPool(slots)
         self._lock = threading.Lock()
+        self._ready_cv = threading.Condition(self._lock)
+        # Units dispatched but not started (a leader may send more than `slots`):
+        # started highest priority first, FIFO within a priority.
+        self._ready: list[tuple[int, int, Work]] = []
+        self._seq = 0
         self._active: dict[UnitKey, threading.Event] = {}
         self._procs: dict[UnitKey, subprocess.Popen] = {}
         self._closed = False
+        self._runners = [threading.Thread(target=self._runner, name=f"unit-{i}", daemon=True)
+                         for i in range(slots)]
+        for t in self._runners:
+            t.start()
 
     # -------------------------------------------------------------- public API
 
@@ -208,9 +217,21 @@ class Executor:
                 if w.key in self._active:
                     continue
                 self._active[w.key] = threading.Event()
-                self._pool.submit(self._run, w)
+                self._seq += 1
+                heapq.heappush(self._ready, (-w.priority, self._seq, w))
                 n += 1
+            self._ready_cv.notify(n)
         return n
+
+    def _runner(self) -> None:
+        while True:
+            with self._ready_cv:
+                while not self._ready and not self._closed:
+                    self._ready_cv.wait()
+                if not self._ready:
+                    return
+                w = heapq.heappop(self._ready)[2]
+            self._run(w)
 
     def active(self) -> list[UnitKey]:
         with self._lock:
@@ -241,7 +262,9 @@ class Executor:
                 ev.set()
             for proc in self._procs.values():
                 _killpg(proc)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+            self._ready_cv.notify_all()
+        for t in self._runners:
+            t.join(timeout=10)
         self._calls.close()
 
     # -------------------------------------------------------------- running
@@ -250,7 +273,10 @@ class Executor:
         cancel = self._active.get(w.key) or threading.Event()
         started = time.time()
         try:
-            out = self._execute(w, cancel)
+            if cancel.is_set():  # killed before it started
+                out = {"ok": False, "result": "", "error": "cancelled", "exit_code": -9}
+            else:
+                out = self._execute(w, cancel)
         except Exception as exc:  # noqa: BLE001 - a task must never take the node down
             log.exception("node %s: unit %s failed to run", self.node_id, w.key)
             out = {"ok": False, "result": "", "error": f"could not run: {exc}", "exit_code": -1}

@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Assignment(_message.Message):
-    __slots__ = ("task_id", "chunk", "chunk_count", "attempt", "token", "payload_json")
+    __slots__ = ("task_id", "chunk", "chunk_count", "attempt", "token", "payload_json", "priority")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_JSON_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     chunk: int
     chunk_count: int
     attempt: int
     token: int
     payload_json: str
-    def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., chunk_count: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ..., payload_json: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., chunk_count: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ..., payload_json: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class DispatchRequest(_message.Message):
     __slots__ = ("leader_id", "assignments")
@@ -91,7 +93,7 @@ class RunningUnit(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "grpc_address", "http_address", "raft_address", "voter", "slots", "free_slots", "running", "cpu_percent", "memory_percent", "memory_rss", "accepting")
+    __slots__ = ("node_id", "grpc_address", "http_address", "raft_address", "voter", "slots", "free_slots", "running", "cpu_percent", "memory_percent", "memory_rss", "accepting", "capacity")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +106,7 @@ class HeartbeatRequest(_message.Message):
     MEMORY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_RSS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTING_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     grpc_address: str
     http_address: str
@@ -116,7 +119,8 @@ class HeartbeatRequest(_message.Message):
     memory_percent: float
     memory_rss: int
     accepting: bool
-    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., accepting: _Optional[bool] = ...) -> None: ...
+    capacity: int
+    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., accepting: _Optional[bool] = ..., capacity: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("accepted", "leader_grpc", "kill", "leader_id")
