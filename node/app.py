@@ -240,7 +240,7 @@ class NodeApp:
         """If this node leads, ask a caught-up follower to take over and wait (up to
         timeout_s) until it has; scheduling then stalls for one round, not for an
         election timeout. Returns True when this node no longer leads."""
-        if self.raft is None or not self.raft.is_leader():
+        if self.raft is None or len(self.cfg.voters) < 2 or not self.raft.is_leader():
             return True
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -403,6 +403,10 @@ class NodeApp:
                 return c.get(task_id)
         t = self.read(lambda s: s.tasks[task_id].as_dict() if task_id in s.tasks else None)
         if t is None:
+            if self.leader_voter() is None:
+                # A voter that has not heard from a leader (just restarted, cut off) may
+                # simply not have caught up: let the client ask another node.
+                raise Unavailable("this replica has no leader yet and may be behind; retry")
             raise NotFound(f"task {task_id} not found")
         return task_to_api(t)
 
@@ -568,10 +572,12 @@ class NodeApp:
             if v.raft not in seen_raft:
                 nodes.append({"id": v.grpc, "role": "unreachable", "voter": True,
                               "grpc_address": v.grpc, "raft_address": v.raft, "ready": False})
-        counts, dropped, committed = self.read(
-            lambda s: (s.counts_by_status(), s.dropped_results, s.committed_results))
+        counts, dropped, committed, byp = self.read(
+            lambda s: (s.counts_by_status(), s.dropped_results, s.committed_results,
+                       dict(s.queued_by_priority)))
         return {"leader_id": self.node_id, "nodes": nodes, "tasks_by_status": counts,
-                "dropped_results": dropped, "committed_results": committed}
+                "dropped_results": dropped, "committed_results": committed,
+                "queue_by_priority": {priority_name(p): n for p, n in sorted(byp.items())}}
 
     # ------------------------------------------------------------------ submits
 
@@ -645,6 +651,14 @@ class NodeApp:
         while not self._stop.is_set():
             self._leader_wake.wait(0.05)
             self._leader_wake.clear()
+            leader = self.raft.leader()
+            if leader != self._last_leader:
+                self._last_leader = leader
+                v = self._raft_to_voter.get(leader) if leader else None
+                self.bus.publish([{"kind": "leader", "task_id": "",
+                                   "status": "changed" if v else "none", "chunk": -1,
+                                   "node": self._voter_node_id(v) if v else "",
+                                   "at": time.time()}])
             if not self.raft.is_leader():
                 if self._leader_since is not None:
                     log.info("node %s: no longer leader", self.node_id)

@@ -120,15 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
                     "the Kubernetes API (your kubeconfig) and reach each by port-forward")
     sp.add_argument("--namespace", default="default", help="with --kube (default)")
     sp.add_argument("--release", default="taskandgo", help="with --kube: Helm release name")
+
+    sp = sub.add_parser("top", help="live view of the cluster: nodes, queue, running tasks")
+    client_args(sp, json_flag=False)
+    sp.add_argument("--interval", type=float, default=1.0, help="seconds between frames (1)")
+    sp.add_argument("--once", action="store_true", help="print one frame and exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     import signal
 
-    if hasattr(signal, "SIGPIPE"):
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `taskandgo tasks | head` ends quietly
     args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGPIPE") and args.cmd not in ("node", "local"):
+        # `taskandgo tasks | head` ends quietly. Never for a node: a client that hangs
+        # up mid-response would kill it.
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if args.cmd == "node":
         return cmd_node(args)
     if args.cmd == "local":
@@ -341,8 +348,14 @@ def print_status(nodes: list[dict[str, Any]], as_json: bool, many: bool) -> int:
     return 0
 
 
+def cmd_top(c: Any, args: argparse.Namespace) -> int:
+    from taskandgo.node.top import run_top
+
+    return run_top(c, args.interval, args.once)
+
+
 COMMANDS = {"submit": cmd_submit, "get": cmd_get, "tasks": cmd_tasks, "cancel": cmd_cancel,
-            "watch": cmd_watch, "status": cmd_status}
+            "watch": cmd_watch, "status": cmd_status, "top": cmd_top}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -1,56 +1,218 @@
 """HTTP on every node: the seed's ``POST /submit-task``, a JSON REST API with the
-reach of the gRPC one, health endpoints, Prometheus metrics and the dashboard.
+reach of the gRPC one, Server-Sent Events, health endpoints, Prometheus metrics,
+the OpenAPI document and the dashboard.
 
-Served by the standard library's threading HTTP server; every handler maps the
-node's typed errors to status codes (400 names the field, 404, 413, 503) and no
-request can take the node down.
+Served by the standard library's threading HTTP server (one thread per
+connection). Contract, which ``static/openapi.json`` documents route by route:
+
+* every error is JSON ``{"error": str, "code": int, "field"?: str}``: 400 names the
+  field that was wrong, 401 (no or a wrong bearer token), 404 (no such task or
+  endpoint), 405 (with ``Allow``), 411 (chunked bodies), 413 (body over
+  :data:`MAX_BODY`), 429 (rate limit or full queue, with ``Retry-After``), 502/503
+  (no leader reachable);
+* with API tokens configured, every route but the static pages (and health and
+  metrics while read-only endpoints are open) needs ``Authorization: Bearer``; the
+  event stream also takes ``?access_token=`` because browsers' EventSource cannot
+  set headers. The per-client rate limit applies to the API routes. TLS (and mTLS)
+  come from the same files as gRPC's;
+* a request body is always consumed (or the connection closed) before the next
+  request is read, so a keep-alive connection never misparses a leftover body;
+* no request can take the node down; anything unexpected is logged and answered 500.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
+import ssl
+import sys
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import grpc
+
 from taskandgo.node.app import NodeApp, NotFound, Unavailable
-from taskandgo.node.tasks import InvalidTask
+from taskandgo.node.client import TaskAndGoError, _to_dict
+from taskandgo.node.security import Overloaded, RateLimited, RateLimiter, TokenAuth, \
+    Unauthenticated, client_ip
+from taskandgo.node.tasks import ID_RE, InvalidTask
 
 log = logging.getLogger("taskandgo.http")
 
 MAX_BODY = 2 * 1024 * 1024
+#: JSON nested deeper than this is refused (400) before it reaches the state machine.
+MAX_DEPTH = 64
+MAX_ERROR_CHARS = 500
+#: An SSE stream sends a comment at least this often so proxies keep it open.
+KEEPALIVE_S = 15.0
 STATIC = Path(__file__).resolve().parent / "static"
 SPEC_FIELDS = ("id", "task_id", "priority", "data", "argv", "call", "args", "args_json",
                "strategy", "shards", "items", "items_json", "timeout_s", "retries", "labels")
+#: JSON types of the optional fields (``null`` only where it means "the default").
+#: NodeApp's validator takes absent, empty and zero alike (as protobuf does); over
+#: JSON a value of the wrong type is refused, even a falsy one like ``"retries": ""``.
+FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "priority": ((str, int, type(None)), "low, medium, high, critical or an integer"),
+    "data": ((str,), "a string"), "argv": ((list,), "a list of strings"),
+    "call": ((str,), "module:function"), "args": ((list, dict), "a JSON list or object"),
+    "args_json": ((str,), "a string of JSON"), "strategy": ((str,), "split or batch"),
+    "shards": ((int,), "an integer"), "items": ((list,), "a JSON list"),
+    "items_json": ((str,), "a string of JSON"), "timeout_s": ((int, float), "a number"),
+    "retries": ((int,), "an integer"), "labels": ((dict,), "an object of strings"),
+}
+#: Every node of ``GET /api/v1/cluster`` carries exactly these keys, whether the
+#: answer came from this node (the leader) or was forwarded to the leader over gRPC.
+CLUSTER_NODE_DEFAULTS: dict[str, Any] = {
+    "id": "", "role": "unreachable", "voter": False, "grpc_address": "", "http_address": "",
+    "raft_address": "", "slots": 0, "free_slots": 0, "running": [], "cpu_percent": 0.0,
+    "memory_percent": 0.0, "memory_rss": 0, "ready": False, "last_seen_s": 0.0,
+}
+GRPC_TO_HTTP = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503,
+                "DEADLINE_EXCEEDED": 503, "INTERNAL": 502, "UNKNOWN": 502}
 
 
 def spec_from_json(body: Any, where: str = "") -> dict[str, Any]:
     """A JSON task body (the seed's ``task_id``/``priority``/``data`` plus the API's
-    optional fields) -> the raw dict that ``normalize`` checks."""
+    optional fields) -> the raw dict that :func:`taskandgo.node.tasks.normalize`
+    checks. ``where`` prefixes field names (``tasks[3].``) in errors."""
     if not isinstance(body, dict):
-        raise InvalidTask(where or "body", "expected a JSON object")
-    unknown = sorted(set(body) - set(SPEC_FIELDS))
+        raise InvalidTask(where.rstrip(".") or "body", "expected a JSON object")
+    unknown = set(body) - set(SPEC_FIELDS)
     if unknown:
-        raise InvalidTask(where + unknown[0], "unknown field")
+        raise InvalidTask(where + min(unknown), "unknown field")
+    for a, b in (("task_id", "id"), ("args", "args_json"), ("items", "items_json")):
+        if a in body and b in body:
+            raise InvalidTask(where + b, f"give {a} or {b}, not both")
+    for name, (types, expected) in FIELD_TYPES.items():
+        if name in body and (isinstance(body[name], bool) or not isinstance(body[name], types)):
+            raise InvalidTask(where + name, f"expected {expected}")
+    for name in ("args_json", "items_json"):
+        # JSON inside a string: parsed by NodeApp's validator, which does not bound
+        # its nesting; too deep, and parsing or replicating it would recurse away.
+        if body.get(name):
+            try:
+                nested_ok = _depth_ok(json.loads(body[name]), MAX_DEPTH)
+            except RecursionError:
+                nested_ok = False
+            except ValueError:
+                nested_ok = True  # the validator names the field and the JSON error
+            if not nested_ok:
+                raise InvalidTask(where + name, f"nested deeper than {MAX_DEPTH} levels")
     raw = dict(body)
     if "task_id" in raw:
         tid = raw.pop("task_id")
-        if tid is not None and not isinstance(tid, (str, int)) or isinstance(tid, bool):
+        # The seed's ids look numeric ("123"); accept a JSON number for them too.
+        if isinstance(tid, bool) or not isinstance(tid, (str, int, type(None))):
             raise InvalidTask(where + "task_id", "expected a string")
-        raw["id"] = str(tid) if tid is not None else ""
-    elif "id" in raw and not isinstance(raw["id"], str):
+        raw["id"] = "" if tid is None else str(tid)
+    elif "id" in raw and not isinstance(raw["id"], (str, type(None))):
         raise InvalidTask(where + "id", "expected a string")
+    # ID_RE is anchored with ``$``, which also matches before a trailing newline.
+    if raw.get("id") and not ID_RE.fullmatch(raw["id"]):
+        raise InvalidTask(where + "task_id", "1-128 characters of letters, digits and ._:@- "
+                          "starting with a letter or digit")
     return raw
+
+
+def _depth_ok(value: Any, limit: int) -> bool:
+    """True when ``value`` nests lists/objects at most ``limit`` deep (iterative)."""
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (list, dict)):
+            if d > limit:
+                return False
+            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return True
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _LengthRequired(Exception):
+    pass
+
+
+class _NoRoute(Exception):
+    pass
+
+
+class _BadMethod(Exception):
+    def __init__(self, allowed: list[str]) -> None:
+        super().__init__(", ".join(allowed))
+        self.allowed = allowed
+
+
+#: (path pattern, {method: handler name}); ``{id}`` matches one path segment.
+ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
+    (("submit-task",), {"POST": "submit_task"}),
+    (("healthz",), {"GET": "healthz"}),
+    (("readyz",), {"GET": "readyz"}),
+    (("metrics",), {"GET": "metrics"}),
+    ((), {"GET": "dashboard"}),
+    (("index.html",), {"GET": "dashboard"}),
+    (("openapi.json",), {"GET": "openapi"}),
+    (("api", "v1", "tasks"), {"GET": "list_tasks", "POST": "create_tasks"}),
+    (("api", "v1", "tasks", "{id}"), {"GET": "get_task", "DELETE": "cancel_task"}),
+    (("api", "v1", "tasks", "{id}", "cancel"), {"POST": "cancel_task"}),
+    (("api", "v1", "wait"), {"GET": "wait"}),
+    (("api", "v1", "node"), {"GET": "node"}),
+    (("api", "v1", "cluster"), {"GET": "cluster"}),
+    (("api", "v1", "events"), {"GET": "events"}),
+]
+
+
+#: Routes that hold no data: served without a token.
+PAGES = frozenset({"dashboard", "openapi"})
+#: Routes for probes and scrapers: without a token while read-only endpoints are open.
+READ_ONLY = frozenset({"healthz", "readyz", "metrics"})
+
+
+def match_route(parts: list[str]) -> tuple[dict[str, str], dict[str, str]] | None:
+    """(methods, path params) of the route for these path segments, or None."""
+    for pattern, methods in ROUTES:
+        if len(pattern) != len(parts):
+            continue
+        params: dict[str, str] = {}
+        for want, got in zip(pattern, parts):
+            if want.startswith("{"):
+                params[want.strip("{}")] = got
+            elif want != got:
+                break
+        else:
+            return methods, params
+    return None
+
+
+def allowed_methods(methods: dict[str, str]) -> list[str]:
+    out = list(methods)
+    if "GET" in out:
+        out.append("HEAD")
+    return out + ["OPTIONS"]
 
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "TaskAndGo"
     protocol_version = "HTTP/1.1"
-    app: NodeApp  # set on the subclass made by create_http_server
+    #: Socket timeout: an idle or trickling client cannot hold a thread forever.
+    timeout = 120
+    # Set on the subclass made by create_http_server:
+    app: NodeApp
+    limiter: RateLimiter
+
+    def setup(self) -> None:
+        super().setup()
+        if isinstance(self.connection, ssl.SSLSocket):
+            # The handshake runs here, on this connection's thread, not in the
+            # accept loop where a slow client would hold up every other one.
+            self.connection.do_handshake()
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -67,21 +229,46 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-store")
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
 
-    def _error(self, code: int, message: str, field: str = "") -> None:
-        body = {"error": message, "code": code}
+    def _error(self, code: int, message: str, field: str = "",
+               headers: dict[str, str] | None = None) -> None:
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[:MAX_ERROR_CHARS] + "..."
+        body: dict[str, Any] = {"error": message, "code": code}
         if field:
             body["field"] = field
-        self._send(code, body)
+        self._send(code, body, headers=headers)
 
-    def _body(self) -> Any:
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own errors (bad request line, headers too long,
+        unknown method) as JSON too."""
+        self.close_connection = True
+        try:
+            self._error(code, message or self.responses.get(code, ("error",))[0])
+        except OSError:
+            pass
+
+    def _content_length(self) -> int:
+        if self.headers.get("Transfer-Encoding"):
+            raise _LengthRequired()
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             raise InvalidTask("Content-Length", "not a number") from None
+        if length < 0:
+            raise InvalidTask("Content-Length", "negative")
+        return length
+
+    def _body(self) -> Any:
+        """The request body as JSON (whatever its Content-Type: the seed's curl sends
+        form encoding); 400 naming ``body`` when empty, not JSON or nested too deep."""
+        length = self._content_length()
+        self._body_read = True
         if length > MAX_BODY:
             # Read (and drop) a moderately large body so the client gets to see the
             # 413 instead of a broken pipe; beyond that, just close the connection.
@@ -96,44 +283,84 @@ class Handler(BaseHTTPRequestHandler):
         if not raw.strip():
             raise InvalidTask("body", "empty; expected a JSON object")
         try:
-            return json.loads(raw)
+            body = json.loads(raw)
+        except RecursionError:
+            raise InvalidTask("body", f"nested deeper than {MAX_DEPTH} levels") from None
         except ValueError as exc:
             raise InvalidTask("body", f"not valid JSON: {exc}") from None
+        if not _depth_ok(body, MAX_DEPTH):
+            raise InvalidTask("body", f"nested deeper than {MAX_DEPTH} levels")
+        return body
+
+    def _drain_unread_body(self) -> None:
+        """Leave the connection at the next request: drop a body no handler read."""
+        if self._body_read or self.close_connection:
+            return
+        try:
+            length = self._content_length()
+        except (_LengthRequired, InvalidTask):
+            self.close_connection = True
+            return
+        if length > MAX_BODY:
+            self.close_connection = True
+        elif length:
+            self.rfile.read(length)
 
     def _dispatch(self, method: str) -> None:
+        self._body_read = False
         url = urlsplit(self.path)
-        parts = [unquote(p) for p in url.path.split("/") if p]
-        query = parse_qs(url.query)
+        segments = url.path.split("/")[1:]
+        if len(segments) > 1 and segments[-1] == "":
+            segments.pop()  # tolerate one trailing slash
+        # Split before unquoting, so an id may contain an encoded "/" (%2F).
+        parts = [] if segments == [""] else [unquote(p) for p in segments]
         try:
+            query = parse_qs(url.query, keep_blank_values=True)
             self._route(method, parts, query)
         except _TooLarge:
             self.close_connection = True
             self._error(413, f"request body larger than {MAX_BODY} bytes", "body")
+        except _LengthRequired:
+            self.close_connection = True
+            self._error(411, "send the body with a Content-Length (chunked bodies are not "
+                        "accepted)", "body")
         except InvalidTask as exc:
             self._error(400, str(exc), exc.field)
         except NotFound as exc:
             self._error(404, str(exc))
         except Unavailable as exc:
             self._error(503, str(exc))
+        except Unauthenticated as exc:
+            self._error(401, str(exc), "Authorization", headers={"WWW-Authenticate": "Bearer"})
+        except (RateLimited, Overloaded) as exc:
+            retry = max(1, round(exc.retry_after_s + 0.5))
+            self._error(429, str(exc), headers={"Retry-After": str(retry)})
+        except TaskAndGoError as exc:  # a call forwarded to another node failed
+            code = GRPC_TO_HTTP.get(exc.code, 503)
+            field = exc.message.split(":", 1)[0] if code == 400 and ":" in exc.message else ""
+            self._error(code, exc.message, field)
         except _NoRoute:
             self._error(404, f"no such endpoint: {method} {url.path}")
-        except _BadMethod:
-            self._error(405, f"method {method} not allowed on {url.path}")
+        except _BadMethod as exc:
+            self._error(405, f"method {method} not allowed on {url.path}; allowed: {exc}",
+                        headers={"Allow": str(exc)})
         except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception as exc:  # noqa: BLE001
-            if type(exc).__name__ == "TaskAndGoError":
-                code = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404}.get(getattr(exc, "code", ""), 503)
-                self._error(code, getattr(exc, "message", str(exc)))
-                return
+            self.close_connection = True
+            return
+        except Exception as exc:  # never let a request kill the thread silently
             log.exception("HTTP %s %s failed", method, url.path)
+            self.close_connection = True
             self._error(500, f"internal error: {type(exc).__name__}")
+        try:
+            self._drain_unread_body()
+        except OSError:
+            self.close_connection = True
 
     def do_GET(self) -> None:
         self._dispatch("GET")
 
     def do_HEAD(self) -> None:
-        self._dispatch("GET")
+        self._dispatch("HEAD")
 
     def do_POST(self) -> None:
         self._dispatch("POST")
@@ -141,111 +368,142 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
-    def do_PUT(self) -> None:
-        self._dispatch("PUT")
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def __getattr__(self, name: str) -> Any:
+        # Any other method (PUT, PATCH, QUERY, ...) gets 405 with Allow on a known
+        # path and 404 elsewhere, instead of the standard library's 501.
+        if name.startswith("do_"):
+            return lambda: self._dispatch(name[3:])
+        raise AttributeError(name)
 
     # -------------------------------------------------------------- routes
 
     def _route(self, method: str, parts: list[str], query: dict[str, list[str]]) -> None:
-        app = self.app
-        q = {k: v[-1] for k, v in query.items()}
-        if parts == ["submit-task"]:
-            self._need(method, "POST")
-            out = app.submit([spec_from_json(self._body())])[0]
-            self._send(201 if out["created"] else 200, out)
-        elif parts == ["healthz"]:
-            self._send(200, {"status": "ok", "node": app.node_id})
-        elif parts == ["readyz"]:
-            st = app.node_status()
-            self._send(200 if st["ready"] else 503,
-                       {"ready": st["ready"], "role": st["role"], "leader_id": st["leader_id"]})
-        elif parts == ["metrics"]:
-            from taskandgo.node.metrics import render
-
-            body, ctype = render(app)
-            self._send(200, body, ctype)
-        elif parts == [] or parts == ["index.html"]:
-            self._static("dashboard.html", "text/html; charset=utf-8")
-        elif parts == ["openapi.json"]:
-            self._static("openapi.json", "application/json")
-        elif parts[:2] == ["api", "v1"]:
-            self._api(method, parts[2:], q, query)
-        else:
+        found = match_route(parts)
+        if found is None:
             raise _NoRoute()
+        methods, params = found
+        allowed = allowed_methods(methods)
+        if method == "OPTIONS":
+            self.send_response(204)
+            self.send_header("Allow", ", ".join(allowed))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        name = methods.get("GET" if method == "HEAD" else method)
+        if name is None:
+            raise _BadMethod(allowed)
+        self._guard(name, query)
+        handler: Callable[[dict[str, str], dict[str, str], dict[str, list[str]]], None] = \
+            getattr(self, "h_" + name)
+        handler(params, {k: v[-1] for k, v in query.items()}, query)
 
-    def _api(self, method: str, rest: list[str], q: dict[str, str],
-             query: dict[str, list[str]]) -> None:
-        app = self.app
-        if rest == ["tasks"]:
-            if method == "POST":
-                body = self._body()
-                if isinstance(body, dict) and "tasks" in body:
-                    if not isinstance(body["tasks"], list) or not body["tasks"]:
-                        raise InvalidTask("tasks", "expected a non-empty list")
-                    specs = [spec_from_json(b, f"tasks[{i}].") for i, b in enumerate(body["tasks"])]
-                    self._send(201, {"results": app.submit(specs)})
-                else:
-                    out = app.submit([spec_from_json(body)])[0]
-                    self._send(201 if out["created"] else 200, out)
-                return
-            self._need(method, "GET")
-            limit = _int(q.get("limit", "100"), "limit")
-            self._send(200, app.list(q.get("status", ""), query.get("label", []), limit,
-                                     q.get("page_token", "")))
-        elif len(rest) == 2 and rest[0] == "tasks":
-            if method == "DELETE":
-                self._send(200, app.cancel(rest[1]))
-                return
-            self._need(method, "GET")
-            self._send(200, app.get(rest[1]))
-        elif len(rest) == 3 and rest[0] == "tasks" and rest[2] == "cancel":
-            self._need(method, "POST")
-            self._send(200, app.cancel(rest[1]))
-        elif rest == ["wait"]:
-            self._need(method, "GET")
-            ids = [i for v in query.get("id", []) for i in v.split(",") if i]
-            if not ids:
-                raise InvalidTask("id", "at least one task id")
-            timeout = _float(q.get("timeout_s", "30"), "timeout_s")
-            if not 0 < timeout <= 600:
-                raise InvalidTask("timeout_s", "expected 0..600 seconds")
-            self._send(200, app.wait(ids, timeout))
-        elif rest == ["node"]:
-            self._need(method, "GET")
-            self._send(200, app.node_status())
-        elif rest == ["cluster"]:
-            self._need(method, "GET")
-            self._send(200, app.cluster_status())
-        elif rest == ["events"]:
-            self._need(method, "GET")
-            self._events(q)
-        else:
-            raise _NoRoute()
+    def _guard(self, name: str, query: dict[str, list[str]]) -> None:
+        """Token check and rate limit for the route ``name`` (see the module doc)."""
+        auth: TokenAuth = self.app.cfg.auth
+        if name in PAGES:
+            return
+        if auth.enabled and not (auth.open_read_only and name in READ_ONLY):
+            token = TokenAuth.parse_header(self.headers.get("Authorization"))
+            if token is None and name == "events":
+                values = query.get("access_token")
+                token = values[-1] if values else None
+            auth.check(token)
+        if name not in READ_ONLY:
+            self.limiter.take(client_ip(str(self.client_address[0])))
 
-    def _events(self, q: dict[str, str]) -> None:
-        """Server-Sent Events; resumable with Last-Event-ID (or ?after=)."""
-        after = self.headers.get("Last-Event-ID") or q.get("after") or ""
-        seq = _int(after, "after") if after else self.app.bus.seq
-        task = q.get("task_id", "")
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        deadline = time.monotonic() + _float(q.get("max_s", "3600"), "max_s")
-        self.wfile.write(b"retry: 1000\n\n")
-        self.wfile.flush()
-        while time.monotonic() < deadline and not self.app._stop.is_set():
-            events = self.app.events(seq, 15.0)
-            if not events:
-                self.wfile.write(b": keep-alive\n\n")
-            for e in events:
-                seq = e["seq"]
-                if task and e["task_id"] != task:
-                    continue
-                self.wfile.write(f"id: {seq}\nevent: {e['kind']}\ndata: {json.dumps(e)}\n\n".encode())
-            self.wfile.flush()
+    # One method per route: (path params, last value of each query parameter,
+    # every value of each query parameter).
+
+    def h_submit_task(self, params: dict[str, str], q: dict[str, str],
+                      query: dict[str, list[str]]) -> None:
+        self._submit_one(self._body())
+
+    def _submit_one(self, body: Any) -> None:
+        out = self.app.submit([spec_from_json(body)])[0]
+        self._send(201 if out["created"] else 200, out)
+
+    def h_create_tasks(self, params: dict[str, str], q: dict[str, str],
+                       query: dict[str, list[str]]) -> None:
+        body = self._body()
+        if not (isinstance(body, dict) and "tasks" in body):
+            self._submit_one(body)
+            return
+        if set(body) != {"tasks"}:
+            raise InvalidTask(min(set(body) - {"tasks"}), "unknown field next to tasks")
+        if not isinstance(body["tasks"], list) or not body["tasks"]:
+            raise InvalidTask("tasks", "expected a non-empty list")
+        specs = [spec_from_json(b, f"tasks[{i}].") for i, b in enumerate(body["tasks"])]
+        try:
+            results = self.app.submit(specs)
+        except InvalidTask as exc:
+            # NodeApp names tasks[i] only when there are several; always name it here.
+            if exc.field.startswith("tasks["):
+                raise
+            raise InvalidTask(f"tasks[0].{exc.field}", exc.message) from None
+        self._send(201 if any(r["created"] for r in results) else 200, {"results": results})
+
+    def h_list_tasks(self, params: dict[str, str], q: dict[str, str],
+                     query: dict[str, list[str]]) -> None:
+        limit = _int(q.get("limit", "100"), "limit")
+        labels = query.get("label", [])
+        for item in labels:
+            if "=" not in item:
+                raise InvalidTask("label", f"{item!r}: expected key=value")
+        self._send(200, self.app.list(q.get("status", ""), labels, limit, q.get("page_token", "")))
+
+    def h_get_task(self, params: dict[str, str], q: dict[str, str],
+                   query: dict[str, list[str]]) -> None:
+        self._send(200, self.app.get(_task_id(params)))
+
+    def h_cancel_task(self, params: dict[str, str], q: dict[str, str],
+                      query: dict[str, list[str]]) -> None:
+        self._send(200, self.app.cancel(_task_id(params)))
+
+    def h_wait(self, params: dict[str, str], q: dict[str, str],
+               query: dict[str, list[str]]) -> None:
+        ids = [i for v in query.get("id", []) for i in v.split(",") if i]
+        if not ids:
+            raise InvalidTask("id", "at least one task id")
+        timeout = _float(q.get("timeout_s", "30"), "timeout_s")
+        if not 0 < timeout <= 600:
+            raise InvalidTask("timeout_s", "expected 0..600 seconds")
+        self._send(200, self.app.wait(ids, timeout))
+
+    def h_node(self, params: dict[str, str], q: dict[str, str],
+               query: dict[str, list[str]]) -> None:
+        self._send(200, self.app.node_status())
+
+    def h_cluster(self, params: dict[str, str], q: dict[str, str],
+                  query: dict[str, list[str]]) -> None:
+        self._send(200, cluster_view(self.app.cluster_status()))
+
+    def h_healthz(self, params: dict[str, str], q: dict[str, str],
+                  query: dict[str, list[str]]) -> None:
+        self._send(200, {"status": "ok", "node": self.app.node_id})
+
+    def h_readyz(self, params: dict[str, str], q: dict[str, str],
+                 query: dict[str, list[str]]) -> None:
+        st = self.app.node_status()
+        self._send(200 if st["ready"] else 503,
+                   {"ready": st["ready"], "role": st["role"], "leader_id": st["leader_id"]})
+
+    def h_metrics(self, params: dict[str, str], q: dict[str, str],
+                  query: dict[str, list[str]]) -> None:
+        from taskandgo.node.metrics import render
+
+        body, ctype = render(self.app)
+        self._send(200, body, ctype)
+
+    def h_dashboard(self, params: dict[str, str], q: dict[str, str],
+                    query: dict[str, list[str]]) -> None:
+        self._static("dashboard.html", "text/html; charset=utf-8")
+
+    def h_openapi(self, params: dict[str, str], q: dict[str, str],
+                  query: dict[str, list[str]]) -> None:
+        self._static("openapi.json", "application/json")
 
     def _static(self, name: str, ctype: str) -> None:
         path = STATIC / name
@@ -253,22 +511,114 @@ class Handler(BaseHTTPRequestHandler):
             raise _NoRoute()
         self._send(200, path.read_bytes(), ctype)
 
-    @staticmethod
-    def _need(method: str, allowed: str) -> None:
-        if method != allowed:
-            raise _BadMethod()
+    # -------------------------------------------------------------- events
+
+    def h_events(self, params: dict[str, str], q: dict[str, str],
+                 query: dict[str, list[str]]) -> None:
+        """Server-Sent Events, resumable with ``Last-Event-ID`` (or ``?after=``).
+
+        Each event's id is this node's event sequence number. Events without an id
+        are advisory and never replayed: ``leader`` (this node saw the leader
+        change) and ``reset`` (events were missed: the id is from before this node
+        restarted, or older than its buffer; refetch state)."""
+        header = (self.headers.get("Last-Event-ID") or "").strip()
+        after_text, field = (header, "Last-Event-ID") if header else (q.get("after", ""), "after")
+        after = _int(after_text, field) if after_text or "after" in q else None
+        if after is not None and after < 0:
+            raise InvalidTask(field, "expected an event id (>= 0)")
+        task = q.get("task_id", "")
+        max_s = _float(q.get("max_s", "3600"), "max_s")
+        if not 0 < max_s <= 86400:
+            raise InvalidTask("max_s", "expected 0..86400 seconds")
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        self.wfile.write(b"retry: 1000\n\n")
+        self.wfile.flush()
+        if self.app.replicated is None:
+            self._relay_events(after, task, max_s)
+        else:
+            self._stream_events(after, task, max_s)
+
+    def _stream_events(self, after: int | None, task: str, max_s: float) -> None:
+        app = self.app
+        seq = app.bus.seq if after is None else after
+        out: list[bytes] = []
+        if seq > app.bus.seq:  # an id from before this node restarted
+            seq = app.bus.seq
+            out.append(_sse_advisory("reset", app.node_id))
+        leader = app.leader_grpc()
+        now = time.monotonic()
+        deadline, last_write = now + max_s, 0.0
+        while now < deadline and not app._stop.is_set():
+            events = app.events(seq, min(1.0, deadline - now))
+            if events and events[0]["seq"] > seq + 1:
+                out.append(_sse_advisory("reset", app.node_id))
+            for e in events:
+                seq = e["seq"]
+                if not task or e["task_id"] == task:
+                    out.append(_sse(e, seq))
+            if app.leader_grpc() != leader:
+                leader = app.leader_grpc()
+                out.append(_sse_advisory("leader", app.node_status()["leader_id"], "changed"))
+            now = time.monotonic()
+            if not out and now - last_write >= KEEPALIVE_S:
+                out.append(b": keep-alive\n\n")
+            if out:
+                self.wfile.write(b"".join(out))
+                self.wfile.flush()
+                out, last_write = [], now
+
+    def _relay_events(self, after: int | None, task: str, max_s: float) -> None:
+        """A worker holds no replicated state: relay a voter's stream (its ids)."""
+        with self.app.forward_client() as c:
+            stream = c.watch_raw([task] if task else None, after or 0)
+            timer = threading.Timer(max_s, stream.cancel)
+            timer.daemon = True
+            timer.start()
+            try:
+                for msg in stream:
+                    ev = _to_dict(msg)
+                    self.wfile.write(_sse(ev, ev["seq"]))
+                    self.wfile.flush()
+            except grpc.RpcError:
+                pass  # the voter went away or max_s passed: the client reconnects
+            finally:
+                timer.cancel()
+                stream.cancel()
 
 
-class _TooLarge(Exception):
-    pass
+def _sse(event: dict[str, Any], seq: int) -> bytes:
+    return f"id: {seq}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
 
 
-class _NoRoute(Exception):
-    pass
+def _sse_advisory(kind: str, node: str, status: str = "") -> bytes:
+    data = {"kind": kind, "task_id": "", "status": status or kind, "chunk": -1, "node": node,
+            "at": time.time()}
+    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-class _BadMethod(Exception):
-    pass
+def cluster_view(status: dict[str, Any]) -> dict[str, Any]:
+    """The cluster status in one shape: every node with every documented key."""
+    nodes = [{k: n.get(k, v) for k, v in CLUSTER_NODE_DEFAULTS.items()}
+             for n in status.get("nodes", [])]
+    return {"leader_id": status.get("leader_id", ""), "nodes": nodes,
+            "tasks_by_status": status.get("tasks_by_status", {}),
+            "dropped_results": status.get("dropped_results", 0),
+            "committed_results": status.get("committed_results", 0)}
+
+
+def _task_id(params: dict[str, str]) -> str:
+    tid = params.get("id", "")
+    if not tid:
+        raise NotFound("task '' not found")
+    return tid
 
 
 def _int(value: str, field: str) -> int:
@@ -285,11 +635,46 @@ def _float(value: str, field: str) -> float:
         raise InvalidTask(field, "expected a number") from None
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that fails the TLS handshake or vanishes mid-request: one log
+        # line, not a traceback on stderr.
+        log.debug("HTTP connection from %s failed: %r", client_address, sys.exc_info()[1])
+
+
+def tls_context(cfg: Any) -> ssl.SSLContext | None:
+    """Server-side TLS from the node's certificate files (mTLS with tls_client_auth)."""
+    if not cfg.tls:
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    if cfg.tls_ca:
+        ctx.load_verify_locations(cfg.tls_ca)
+    if cfg.tls_client_auth:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
 def create_http_server(app: NodeApp, host: str, port: int) -> tuple[ThreadingHTTPServer, int]:
-    """Bind the HTTP server (port 0 picks a free one); returns it and its port."""
-    handler = type("BoundHandler", (Handler,), {"app": app})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+    """Bind the HTTP server (port 0 picks a free one); returns it and its port.
+    Serves HTTPS when the node has a TLS certificate.
+
+    Called on the main thread, it also ignores SIGPIPE (Python's own default, which
+    the CLI resets for ``taskandgo tasks | head``): a client that goes away while
+    its response is written must be a BrokenPipeError in one handler thread, not a
+    signal that kills the node (a closed dashboard tab did exactly that)."""
+    if hasattr(signal, "SIGPIPE") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    handler = type("BoundHandler", (Handler,), {
+        "app": app, "limiter": RateLimiter(getattr(app.cfg, "rate_limit", 0.0))})
+    server = Server((host, port), handler)
+    ctx = tls_context(app.cfg)
+    if ctx is not None:
+        server.socket = ctx.wrap_socket(server.socket, server_side=True,
+                                        do_handshake_on_connect=False)
     return server, server.server_address[1]
 
 

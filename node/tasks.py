@@ -26,6 +26,7 @@ MAX_LABELS = 32
 PRIORITY_RANGE = (-1000, 1000)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_RETRIES = 100
+MAX_JSON_DEPTH = 64
 
 
 class InvalidTask(ValueError):
@@ -67,10 +68,28 @@ def _json_field(name: str, value: Any, limit: int) -> Any:
         if len(value) > limit:
             raise InvalidTask(name, f"longer than {limit} bytes")
         try:
-            return json.loads(value)
-        except ValueError as exc:
+            value = json.loads(value)
+        except (ValueError, RecursionError) as exc:
             raise InvalidTask(name, f"not valid JSON: {exc}") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise InvalidTask(name, f"nested deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+def _depth(value: Any, limit: int = 1000) -> int:
+    """Nesting depth of a JSON value, computed without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > deepest:
+            deepest = d
+            if deepest > limit:
+                return deepest
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 def normalize(raw: dict[str, Any], default_strategy: str) -> dict[str, Any]:
@@ -81,7 +100,7 @@ def normalize(raw: dict[str, Any], default_strategy: str) -> dict[str, Any]:
     tid = raw.get("id")
     if tid is None or tid == "":
         tid = uuid.uuid4().hex
-    if not isinstance(tid, str) or not ID_RE.match(tid):
+    if not isinstance(tid, str) or not ID_RE.fullmatch(tid):
         raise InvalidTask("task_id", "1-128 characters of letters, digits and ._:@- "
                           "starting with a letter or digit")
     spec["id"] = tid
@@ -161,7 +180,7 @@ def normalize(raw: dict[str, Any], default_strategy: str) -> dict[str, Any]:
     if not isinstance(labels, dict) or len(labels) > MAX_LABELS:
         raise InvalidTask("labels", f"expected at most {MAX_LABELS} key=value pairs")
     for k, v in labels.items():
-        if not isinstance(k, str) or not LABEL_KEY_RE.match(k):
+        if not isinstance(k, str) or not LABEL_KEY_RE.fullmatch(k):
             raise InvalidTask("labels", f"bad label key {k!r}")
         if not isinstance(v, str) or len(v) > 255:
             raise InvalidTask("labels", f"label {k}: value must be a string of at most 255 chars")

@@ -16,7 +16,8 @@ units = st.lists(
             shards, 0, 0 if chunk < 0 else 8),
         st.integers(0, 10**6), st.integers(-5, 30), st.sampled_from(["split", "batch"]),
         st.integers(0, 6), st.integers(-1, 7)),
-    max_size=30, unique_by=lambda u: (u.task_id, u.chunk))
+    # One entry per task: a task is either still whole (chunk -1) or already cut.
+    max_size=30, unique_by=lambda u: u.task_id)
 workers = st.lists(st.builds(Worker, st.sampled_from(["a", "b", "c", "d", "e"]),
                              st.integers(0, 5)), max_size=5, unique_by=lambda w: w.node_id)
 
@@ -38,9 +39,8 @@ def test_assigned_units_are_a_prefix_of_the_queue(q, ws) -> None:
     """Priority order: a unit is placed only if every unit before it was."""
     out = plan(q, ws)
     placed_tasks = [a.task_id for a in out]
-    order = {(u.task_id, u.chunk): i for i, u in enumerate(q)}
-    positions = sorted({order[(a.task_id, a.chunk if (a.task_id, a.chunk) in order else -1)]
-                        for a in out})
+    order = {u.task_id: i for i, u in enumerate(q)}
+    positions = sorted({order[a.task_id] for a in out})
     assert positions == list(range(len(positions)))
     if out:
         assert placed_tasks[0] == q[0].task_id
