@@ -287,8 +287,15 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
-    __slots__ = ("leader_id", "nodes", "tasks_by_status", "dropped_results", "committed_results")
+    __slots__ = ("leader_id", "nodes", "tasks_by_status", "dropped_results", "committed_results", "queue_by_priority")
     class TasksByStatusEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class QueueByPriorityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -300,9 +307,11 @@ class ClusterStatusResponse(_message.Message):
     TASKS_BY_STATUS_FIELD_NUMBER: _ClassVar[int]
     DROPPED_RESULTS_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_BY_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     leader_id: str
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     tasks_by_status: _containers.ScalarMap[str, int]
     dropped_results: int
     committed_results: int
-    def __init__(self, leader_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., tasks_by_status: _Optional[_Mapping[str, int]] = ..., dropped_results: _Optional[int] = ..., committed_results: _Optional[int] = ...) -> None: ...
+    queue_by_priority: _containers.ScalarMap[str, int]
+    def __init__(self, leader_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., tasks_by_status: _Optional[_Mapping[str, int]] = ..., dropped_results: _Optional[int] = ..., committed_results: _Optional[int] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ...) -> None: ...
