@@ -139,6 +139,9 @@ class Raft:
             commandsWaitLeader=False,
             onStateChanged=on_state_changed,
             dynamicMembershipChange=False,
+            # Send each command to the followers at once instead of on the next
+            # append-entries period: our commands already carry many tasks each.
+            appendEntriesUseBatch=False,
         )
         self.state = state
         self._transfer = threading.Event()

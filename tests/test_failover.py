@@ -173,6 +173,9 @@ def test_sigterm_hands_back_work_that_outlives_the_grace_period(cluster: Cluster
         tid = c.submit("sh: sleep 3; echo finished", strategy="split", shards=3)
         wait_for(lambda: any(ch["node"] == f"node-{victim}" and ch["status"] == "running"
                              for ch in c.get(tid)["chunks"]), 20, "a chunk on the victim")
+        # Running on the victim itself, not only committed as assigned to it.
+        wait_for(lambda: any(s["id"] == f"node-{victim}" and s["running"]
+                             for s in cluster.statuses()), 20, "the victim to run its chunk")
         proc = cluster.procs[victim]
         assert proc is not None
         proc.send_signal(signal.SIGTERM)  # grace is 2 s in tests: too short for sleep 3
