@@ -568,9 +568,13 @@ class NodeApp:
                 "memory_rss": w.memory_rss, "ready": alive and w.accepting,
                 "last_seen_s": round(now - w.last_seen, 3),
             })
+        # A voter not heard from: unreachable once every live node has had a full
+        # lease to report to this leader; until then, not known yet.
+        settled = self._leader_since is not None and now - self._leader_since > self.cfg.lease_s
         for v in self.cfg.voters:
             if v.raft not in seen_raft:
-                nodes.append({"id": v.grpc, "role": "unreachable", "voter": True,
+                nodes.append({"id": v.grpc, "role": "unreachable" if settled else "unknown",
+                              "voter": True,
                               "grpc_address": v.grpc, "raft_address": v.raft, "ready": False})
         counts, dropped, committed, byp = self.read(
             lambda s: (s.counts_by_status(), s.dropped_results, s.committed_results,

@@ -108,10 +108,10 @@ def render(snap: Snapshot, width: int = 100, height: int = 40, interval_s: float
     lines.append(f"{'NODE':12} {'ROLE':11} {'HEALTH':11} {'CPU':>5} {'MEM':>5} {'RSS':>8} "
                  f"{'SLOTS':>6}  RUNNING")
     for n in sorted((cluster or {}).get("nodes", []), key=lambda n: str(n.get("id"))):
-        if n.get("role") != "unreachable":
+        if n.get("role") not in ("unreachable", "unknown"):
             names[n.get("grpc_address", "")] = n["id"]
         name = names.get(n.get("grpc_address", ""), n["id"])
-        if n.get("role") == "unreachable":
+        if n.get("role") in ("unreachable", "unknown"):
             lines.append(f"{name:12} {'unreachable':11} {'down':11} {'-':>5} {'-':>5} {'-':>8} "
                          f"{'-':>6}  -")
             continue
