@@ -1,0 +1,59 @@
+"""Priority under load: with 10 ms tasks, 2,000 low queued, then 100 high submitted.
+
+    python bench/priority.py [--low 2000] [--high 100]
+
+Counts the exceptions: low-priority tasks that started after the first high one was
+accepted while a high one was still queued (tasks already running do not count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cluster import BenchCluster  # noqa: E402
+
+from taskandgo import Client  # noqa: E402
+from taskandgo.node.client import task_spec  # noqa: E402
+
+SLEEP = "taskandgo.node.builtins:sleep"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--low", type=int, default=2000)
+    ap.add_argument("--high", type=int, default=100)
+    ap.add_argument("--prefetch", type=int, default=0, help="node --prefetch to test with")
+    args = ap.parse_args()
+    cluster = BenchCluster(3, extra=["--prefetch", str(args.prefetch)])
+    try:
+        cluster.wait_leader()
+        with Client(cluster.addrs, timeout_s=120) as c:
+            lows = [task_spec(call=SLEEP, args=[0.01], priority="low", strategy="batch")
+                    for _ in range(args.low)]
+            for i in range(0, len(lows), 1000):
+                c.submit_many(lows[i:i + 1000])
+            highs = [task_spec(call=SLEEP, args=[0.01], priority="high", strategy="batch")
+                     for _ in range(args.high)]
+            c.submit_many(highs)
+            accepted = time.time()
+            done = c.wait([s["id"] for s in lows + highs], timeout_s=600)
+        by_id = {t["id"]: t for t in done}
+        high_starts = [by_id[s["id"]]["started_at"] for s in highs]
+        last_high = max(high_starts)
+        exceptions = sum(1 for s in lows if accepted < by_id[s["id"]]["started_at"] < last_high)
+        print(f"priority: {exceptions} low-priority tasks started after the first high one "
+              f"was accepted while a high one was queued ({args.low} low, {args.high} high, "
+              f"10 ms tasks, prefetch {args.prefetch}); last high started "
+              f"{(last_high - accepted) * 1000:.0f} ms after acceptance")
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
