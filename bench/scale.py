@@ -1,0 +1,74 @@
+"""Scale: memory per queued task on every node, and submit throughput with a deep queue.
+
+    python bench/scale.py [--queued 1000000] [--batch 5000]
+
+Starts a 3-node cluster whose workers accept nothing (every node runs with
+--slots 1 and one long blocker per node keeps the slots busy), fills the queue with
+no-op callable tasks through submit_many, and prints the resident memory growth per
+queued task on each node and the submit rate at the start (first 10k) and at the end
+(last 10k) of the fill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _cluster import BenchCluster  # noqa: E402
+
+from taskandgo import Client  # noqa: E402
+from taskandgo.node.client import task_spec  # noqa: E402
+
+
+def rss(c: Client, addrs: list[str]) -> list[int]:
+    return [c.node_status(a)["memory_rss"] for a in addrs]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--queued", type=int, default=1_000_000)
+    ap.add_argument("--batch", type=int, default=5000)
+    args = ap.parse_args()
+    cluster = BenchCluster(3, slots=1, extra=["--max-queued", str(args.queued + 10)])
+    try:
+        cluster.wait_leader()
+        with Client(cluster.addrs, timeout_s=120) as c:
+            blockers = c.submit_many([task_spec("sh: sleep 3600", strategy="batch")
+                                      for _ in range(3)])
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and any(
+                    c.get(b["task_id"])["status"] != "running" for b in blockers):
+                time.sleep(0.1)
+            before = rss(c, cluster.addrs)
+            rates = []
+            n = 0
+            t0 = time.perf_counter()
+            window_start, window_n = t0, 0
+            while n < args.queued:
+                k = min(args.batch, args.queued - n)
+                c.submit_many([task_spec(call="taskandgo.node.builtins:noop", strategy="batch",
+                                         priority="low") for _ in range(k)])
+                n += k
+                window_n += k
+                if window_n >= 10_000:
+                    now = time.perf_counter()
+                    rates.append(window_n / (now - window_start))
+                    window_start, window_n = now, 0
+            total = time.perf_counter() - t0
+            after = rss(c, cluster.addrs)
+        per_task = [(a - b) / args.queued for a, b in zip(after, before)]
+        print(f"scale: {args.queued} queued; memory per queued task "
+              + ", ".join(f"node-{i} {p:.0f} B" for i, p in enumerate(per_task))
+              + f"; submit {rates[0]:.0f} tasks/s at the start, {rates[-1]:.0f} tasks/s at "
+              f"the end ({args.queued / total:.0f} tasks/s overall)")
+    finally:
+        cluster.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
