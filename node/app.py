@@ -20,6 +20,7 @@ forwards client calls to a voter through :class:`taskandgo.Client`.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import queue
 import random
@@ -111,7 +112,7 @@ class EventBus:
                 return []
             first = self._events[0]["seq"] if self._events else self.seq + 1
             start = max(0, seq + 1 - first)
-            return list(self._events)[start:]
+            return list(itertools.islice(self._events, start, None))
 
     def wait(self, timeout_s: float) -> None:
         with self._cond:
@@ -475,21 +476,32 @@ class NodeApp:
                 return c.wait_raw(task_ids, timeout_s)
         deadline = time.monotonic() + max(0.0, min(timeout_s or 30.0, 600.0))
         ids = list(dict.fromkeys(task_ids))
-        while True:
-            seq = self.bus.seq
 
-            def check(s: SchedulerState) -> tuple[bool, list]:
-                done = all(tid in s.tasks and s.tasks[tid].status in FINAL for tid in ids)
-                return done, ([s.tasks[t].as_dict() for t in ids if t in s.tasks] if done else [])
+        def unfinished(among: set[str]) -> Callable[[SchedulerState], set[str]]:
+            return lambda s: {t for t in among if t not in s.tasks or s.tasks[t].status not in FINAL}
 
-            done, tasks = self.read(check)
+        # Check every id once, then only the ids that events name (a full check
+        # again whenever events may have been missed), not every id on every event.
+        seq = self.bus.seq
+        pending = self.read(unfinished(set(ids)))
+        last_full = time.monotonic()
+        while pending:
             left = deadline - time.monotonic()
-            if done or left <= 0:
-                if not done:
-                    tasks = self.read(lambda s: [s.tasks[t].as_dict() for t in ids if t in s.tasks])
-                return {"tasks": [task_to_api(t) for t in tasks], "complete": done}
-            if self.bus.seq == seq:
-                self.bus.since(seq, min(left, 0.5))
+            if left <= 0:
+                break
+            events = self.bus.since(seq, min(left, 0.5))
+            gap = bool(events) and events[0]["seq"] > seq + 1
+            if events:
+                seq = events[-1]["seq"]
+            if gap or time.monotonic() - last_full > 1.0:
+                pending = self.read(unfinished(pending))
+                last_full = time.monotonic()
+            else:
+                touched = {e["task_id"] for e in events} & pending
+                if touched:
+                    pending -= touched - self.read(unfinished(touched))
+        tasks = self.read(lambda s: [s.tasks[t].as_dict() for t in ids if t in s.tasks])
+        return {"tasks": [task_to_api(t) for t in tasks], "complete": not pending}
 
     def events(self, after_seq: int, timeout_s: float) -> list[dict[str, Any]]:
         return self.bus.since(after_seq, timeout_s)
