@@ -20,6 +20,7 @@ from typing import Iterator
 import grpc
 import pytest
 from cluster import Cluster
+from conftest import _cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,15 +36,10 @@ ACCEPTED: list[str] = []
 
 
 @pytest.fixture(scope="module")
-def fuzz_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("fuzz"), n=3,
-                extra=["--allow", "call", "--allow-calls", "taskandgo.node.builtins"])
-    c.start()
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        c.stop()
+def fuzz_cluster(request: pytest.FixtureRequest,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from _cluster(request, tmp_path_factory, n=3,
+                        extra=["--allow", "call", "--allow-calls", "taskandgo.node.builtins"])
 
 
 text = st.text(max_size=40)
