@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.pipe_notifier import PipeNotifier
 
 from taskandgo.consensus.state import SchedulerState
 
@@ -147,6 +148,8 @@ class Raft:
         )
         self.state = state
         self._transfer = threading.Event()
+        self._notifier: PipeNotifier | None = None
+        self._seen = (0, 0)
         self.syncobj = SyncObj(self_addr, partners, conf=conf, consumers=[state])
         self.syncobj.addOnTickCallback(self._on_tick)
 
@@ -170,13 +173,39 @@ class Raft:
         poll is_leader()."""
         self._transfer.set()
 
+    def wake(self) -> None:
+        """Wake the tick thread now (a command was just proposed) instead of at the
+        end of its poll period. Safe from any thread."""
+        n = self._notifier
+        if n is not None:
+            try:
+                n.notify()
+            except OSError:
+                pass  # the pipe is full: the tick thread is already due to wake
+
     def _on_tick(self) -> None:
         # Runs on the tick thread, holding PySyncObj's callback lock: must not add or
         # remove tick callbacks here.
+        so = self.syncobj
+        if self._notifier is None:
+            # Created here, on the tick thread, so the poller is never changed under it.
+            self._notifier = PipeNotifier(so._poller)
         if self._transfer.is_set():
             self._transfer.clear()
-            if self.syncobj._isLeader():
-                self.syncobj.transferLeadership()
+            if so._isLeader():
+                so.transferLeadership()
+        # Adaptive batching. PySyncObj's batched mode sends append-entries once per
+        # period, so an idle cluster waits up to a period (plus a poll period) per
+        # commit. When this tick appended commands or advanced the commit index, make
+        # the next tick send at once and skip its poll wait: commands commit in one
+        # round trip when idle, while under load each tick still carries everything
+        # that queued up meanwhile (one message per follower per tick).
+        if so._isLeader():
+            seen = (so._SyncObj__getCurrentLogIndex(), so._SyncObj__raftCommitIndex)
+            if seen != self._seen:
+                self._seen = seen
+                so._SyncObj__newAppendEntriesTime = 0.0
+                self.wake()
 
     def destroy(self) -> None:
         self.syncobj.destroy()

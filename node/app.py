@@ -332,6 +332,8 @@ class NodeApp:
                 entry[1](result, err)
 
         getattr(self.replicated, command)(*args, callback=once)
+        if self.raft is not None:
+            self.raft.wake()
 
     def _release_proposals(self, everything: bool) -> None:
         """Fail pending proposals that are past their deadline (or all of them)."""
