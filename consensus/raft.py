@@ -96,6 +96,75 @@ class ReplicatedState(SyncObjConsumer):
         return self._run("apply_compact", now, retention_s, max_finished)
 
 
+class SafeSyncObj(SyncObj):
+    """SyncObj whose followers truncate their log only on a real conflict.
+
+    PySyncObj 0.3.17 deletes every entry after ``prevLogIdx`` whenever an
+    append-entries message starts before the end of the follower's log, even when
+    the entries match. A stale message (the leader rewinds nextIndex after a reset
+    reply, a reconnect, a restart) then makes a follower drop entries it has already
+    acknowledged to this leader, which the leader has counted towards a majority: a
+    committed entry could be lost in a later election. Raft (section 5.3) deletes
+    only from the first entry whose term conflicts. The message is trimmed before
+    PySyncObj sees it, so its own code does the rest unchanged:
+
+    * entries the follower already holds with the same term are dropped from the
+      message (the reply still names the leader's last entry, as before);
+    * if every entry is already held and the follower's log goes further, the
+      message is moved to the furthest index known to match the leader's log (an
+      entry of the leader's term, or one this follower has acknowledged in this
+      term); only entries beyond that, never acknowledged in this term, may go.
+    """
+
+    _tg_confirmed_term = -1
+    _tg_confirmed = 0
+
+    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+        if success and nextNodeIdx is not None:
+            term = self._SyncObj__raftCurrentTerm
+            if term != self._tg_confirmed_term:
+                self._tg_confirmed_term, self._tg_confirmed = term, 0
+            self._tg_confirmed = max(self._tg_confirmed, nextNodeIdx - 1)
+        return SyncObj._SyncObj__sendNextNodeIdx(self, node, reset, nextNodeIdx, success)
+
+    def _SyncObj__onMessageReceived(self, node, message):
+        if isinstance(message, dict) and message.get("type") == "append_entries" \
+                and "prevLogIdx" in message and message.get("transmission") is None:
+            message = self._tg_trim_append(message)
+        return SyncObj._SyncObj__onMessageReceived(self, node, message)
+
+    def _tg_trim_append(self, message: dict) -> dict:
+        term = message["term"]
+        if term < self._SyncObj__raftCurrentTerm:
+            return message  # PySyncObj ignores it
+        prev = message["prevLogIdx"]
+        last = self._SyncObj__getCurrentLogIndex()
+        if prev >= last:
+            return message  # nothing of ours after prev: no truncation anyway
+        ours = self._SyncObj__getEntries(prev)  # ours[i] holds index prev + i
+        if not ours or ours[0][2] != message["prevLogTerm"]:
+            return message  # PySyncObj answers the mismatch itself
+        entries = message.get("entries") or []
+        k = 0
+        while k < len(entries) and k + 1 < len(ours) and ours[k + 1][2] == entries[k][2]:
+            k += 1
+        if k < len(entries):
+            # entries[k] conflicts (PySyncObj truncates from it) or lies past our end.
+            if k == 0:
+                return message
+            return dict(message, prevLogIdx=prev + k, prevLogTerm=entries[k - 1][2],
+                        entries=entries[k:])
+        # Everything sent is already here and our log goes further.
+        if ours[-1][2] == term:
+            safe = last  # an entry of the leader's term: our whole log is the leader's
+        elif self._tg_confirmed_term == term:
+            safe = self._tg_confirmed
+        else:
+            safe = 0
+        safe = min(last, max(prev + len(entries), safe))
+        return dict(message, prevLogIdx=safe, prevLogTerm=ours[safe - prev][2], entries=[])
+
+
 @dataclass(frozen=True)
 class RaftTimers:
     """Raft timing. Defaults: sub-second elections that stay quiet on 2 busy cores."""
@@ -105,6 +174,37 @@ class RaftTimers:
     append_entries_period_s: float = 0.005
     tick_period_s: float = 0.005
     leader_fallback_s: float = 2.0
+    #: Snapshot (and journal compaction) at least this often; also after 100k entries.
+    snapshot_interval_s: float = 600.0
+
+
+def make_conf(bind: str, data_dir: str, password: str | None, timers: RaftTimers,
+              on_state_changed: Callable[[int, int], None] | None = None) -> SyncObjConf:
+    """The PySyncObj settings every node uses (bench/consensus.py uses them too)."""
+    os.makedirs(data_dir, exist_ok=True)
+    return SyncObjConf(
+        bindAddress=bind,
+        password=password or None,
+        # Journal and dump file together: a journal alone loses state after compaction,
+        # and the dump file keeps snapshots off the tick thread (a forked writer).
+        journalFile=os.path.join(data_dir, "raft.journal"),
+        fullDumpFile=os.path.join(data_dir, "raft.dump"),
+        logCompactionMinEntries=100_000,
+        logCompactionMinTime=timers.snapshot_interval_s,
+        logCompactionSplit=True,  # the nodes take turns, never all at once
+        raftMinTimeout=timers.election_min_s,
+        raftMaxTimeout=timers.election_max_s,
+        appendEntriesPeriod=timers.append_entries_period_s,
+        autoTickPeriod=timers.tick_period_s,
+        leaderFallbackTimeout=timers.leader_fallback_s,
+        connectionRetryTime=0.5,
+        connectionTimeout=1.5,
+        commandsWaitLeader=False,
+        onStateChanged=on_state_changed,
+        dynamicMembershipChange=False,
+        # Batched append-entries (the default). Raft.wake and the tick hook below make
+        # it adaptive: sent at once when idle, one message per tick under load.
+    )
 
 
 class Raft:
@@ -117,40 +217,17 @@ class Raft:
         data_dir: str,
         bind_host: str,
         password: str | None,
-        state: ReplicatedState,
+        state: SyncObjConsumer,
         timers: RaftTimers = RaftTimers(),
         on_state_changed: Callable[[int, int], None] | None = None,
     ) -> None:
-        os.makedirs(data_dir, exist_ok=True)
-        conf = SyncObjConf(
-            bindAddress=f"{bind_host}:{self_addr.rsplit(':', 1)[1]}",
-            password=password or None,
-            journalFile=os.path.join(data_dir, "raft.journal"),
-            fullDumpFile=os.path.join(data_dir, "raft.dump"),
-            logCompactionMinEntries=100_000,
-            logCompactionMinTime=600,
-            logCompactionSplit=True,
-            raftMinTimeout=timers.election_min_s,
-            raftMaxTimeout=timers.election_max_s,
-            appendEntriesPeriod=timers.append_entries_period_s,
-            autoTickPeriod=timers.tick_period_s,
-            leaderFallbackTimeout=timers.leader_fallback_s,
-            connectionRetryTime=0.5,
-            connectionTimeout=1.5,
-            commandsWaitLeader=False,
-            onStateChanged=on_state_changed,
-            dynamicMembershipChange=False,
-            # Keep PySyncObj's batched append-entries. With appendEntriesUseBatch=False
-            # (2x throughput, 4x lower latency here) a stale reply rewinds the
-            # leader's nextIndex, and a follower truncates entries it has already
-            # applied and acknowledged (PySyncObj logs "truncating already-applied
-            # log entries"): a committed entry could then be lost in an election.
-        )
+        conf = make_conf(f"{bind_host}:{self_addr.rsplit(':', 1)[1]}", data_dir, password,
+                         timers, on_state_changed)
         self.state = state
         self._transfer = threading.Event()
         self._notifier: PipeNotifier | None = None
         self._seen = (0, 0)
-        self.syncobj = SyncObj(self_addr, partners, conf=conf, consumers=[state])
+        self.syncobj = SafeSyncObj(self_addr, partners, conf=conf, consumers=[state])
         self.syncobj.addOnTickCallback(self._on_tick)
 
     def status(self) -> dict[str, Any]:

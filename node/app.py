@@ -129,7 +129,8 @@ class NodeApp:
         self.voter: Voter | None = cfg.self_voter
         self.timers = timers or RaftTimers(election_min_s=cfg.election_min_s,
                                            election_max_s=cfg.election_max_s,
-                                           append_entries_period_s=cfg.append_entries_s)
+                                           append_entries_period_s=cfg.append_entries_s,
+                                           snapshot_interval_s=cfg.snapshot_interval_s)
         self.replicated: ReplicatedState | None = None
         self.raft: Raft | None = None
         self.executor = Executor(cfg.node_id, cfg.slots, self._on_unit_result,

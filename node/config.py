@@ -69,6 +69,7 @@ class NodeConfig:
     election_min_s: float = 0.3
     election_max_s: float = 0.6
     append_entries_s: float = 0.005
+    snapshot_interval_s: float = 600.0
     kube_api: bool = False
     namespace: str = "default"
     pod_selector: str = ""
@@ -222,6 +223,10 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--append-entries-period", type=float, dest="append_entries_s",
                    help="leader's replication/heartbeat period in seconds "
                    "(TASKANDGO_APPEND_ENTRIES_S; 0.005)")
+    p.add_argument("--snapshot-interval", type=float, dest="snapshot_interval_s",
+                   help="seconds between Raft snapshots, which also compact the journal; "
+                   "one is written sooner after 100,000 log entries "
+                   "(TASKANDGO_SNAPSHOT_INTERVAL_S; 600)")
 
 
 def _pick(flag: object, env: dict[str, str], name: str, default: object, cast: type) -> object:
@@ -312,6 +317,10 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     if not 0 < append_s < lo <= hi:
         raise ConfigError("--election-timeout / --append-entries-period: need "
                           "0 < append-entries period < election MIN <= MAX")
+    snapshot_s = float(_pick(getattr(args, "snapshot_interval_s", None), env,
+                             "TASKANDGO_SNAPSHOT_INTERVAL_S", 600.0, float))
+    if not snapshot_s >= 1.0:
+        raise ConfigError("--snapshot-interval: need at least 1 second")
     kube_api = _truthy(env.get("TASKANDGO_KUBERNETES_API"))
     tokens = "\n".join(filter(None, [env.get("TASKANDGO_API_TOKEN"),
                                      _read_secret(env, "TASKANDGO_API_TOKENS")]))
@@ -340,7 +349,7 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         raise ConfigError("--tls-client-auth needs --tls-cert, --tls-key and --tls-ca")
     cfg = dataclasses.replace(
         cfg, election_min_s=lo, election_max_s=hi, append_entries_s=append_s,
-        kube_api=kube_api, namespace=namespace, pod_selector=env.get("TASKANDGO_POD_SELECTOR", ""),
+        snapshot_interval_s=snapshot_s, kube_api=kube_api, namespace=namespace, pod_selector=env.get("TASKANDGO_POD_SELECTOR", ""),
         auth=auth, policy=policy,
         rate_limit=float(_pick(getattr(args, "rate_limit", None), env, "TASKANDGO_RATE_LIMIT",
                                0.0, float)),
