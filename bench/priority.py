@@ -27,9 +27,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--low", type=int, default=2000)
     ap.add_argument("--high", type=int, default=100)
-    ap.add_argument("--prefetch", type=int, default=0, help="node --prefetch to test with")
+    ap.add_argument("--prefetch", type=int, help="node --prefetch to test with (default: the "
+                    "node's default)")
     args = ap.parse_args()
-    cluster = BenchCluster(3, extra=["--prefetch", str(args.prefetch)])
+    cluster = BenchCluster(3, extra=[] if args.prefetch is None else
+                           ["--prefetch", str(args.prefetch)])
     try:
         cluster.wait_leader()
         with Client(cluster.addrs, timeout_s=120) as c:
@@ -42,13 +44,15 @@ def main() -> int:
             c.submit_many(highs)
             accepted = time.time()
             done = c.wait([s["id"] for s in lows + highs], timeout_s=600)
+            held = sum(int(c.node_status(a).get("held_back", 0)) for a in cluster.addrs)
         by_id = {t["id"]: t for t in done}
         high_starts = [by_id[s["id"]]["started_at"] for s in highs]
         last_high = max(high_starts)
         exceptions = sum(1 for s in lows if accepted < by_id[s["id"]]["started_at"] < last_high)
         print(f"priority: {exceptions} low-priority tasks started after the first high one "
               f"was accepted while a high one was queued ({args.low} low, {args.high} high, "
-              f"10 ms tasks, prefetch {args.prefetch}); last high started "
+              f"10 ms tasks, prefetch {'node default' if args.prefetch is None else args.prefetch}, "
+              f"{held} waiting units handed back); last high started "
               f"{(last_high - accepted) * 1000:.0f} ms after acceptance")
     finally:
         cluster.stop()

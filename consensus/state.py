@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import sys
 from typing import Any, Iterable
 
 QUEUED = "queued"
@@ -238,7 +239,11 @@ class SchedulerState:
             if existing is not None:
                 out.append((tid, False, existing.status))
                 continue
-            task = Task(tid, spec, prio, strategy, now)
+            call = spec.get("call") if isinstance(spec, dict) else None
+            if type(call) is str and len(call) <= 200:
+                # One copy of each callable path, however many tasks name it.
+                spec["call"] = sys.intern(call)
+            task = Task(tid, spec, prio, sys.intern(strategy), now)
             task.key = now * self.aging_per_s - prio
             self.tasks[tid] = task
             self._enqueue(task, WHOLE, task.unit)
@@ -329,8 +334,17 @@ class SchedulerState:
                 continue
             if r.get("requeue"):
                 # Handed back unfinished by a node shutting down: not the task's
-                # failure; run it again elsewhere (as for a lost lease).
+                # failure; run it again elsewhere (as for a lost lease). Held back
+                # unstarted (a higher-priority task arrived): as if never assigned.
                 self.running.pop((tid, chunk), None)
+                if r.get("held"):
+                    unit.attempt = max(0, unit.attempt - 1)
+                    unit.started_at = 0.0
+                    if task.chunks is None:
+                        task.status = QUEUED
+                    self._enqueue(task, chunk, unit)
+                    events.append(("task", tid, QUEUED, chunk, "", now))
+                    continue
                 unit.lost += 1
                 unit.error = str(r.get("error", "") or "handed back")[:500]
                 self._enqueue(task, chunk, unit)
@@ -338,6 +352,14 @@ class SchedulerState:
                 continue
             committed += 1
             self.running.pop((tid, chunk), None)
+            try:
+                # When the worker really started it (a unit may wait in a prefetch
+                # window after its assignment).
+                started = float(r.get("started_at", 0.0) or 0.0)
+            except (TypeError, ValueError):
+                started = 0.0
+            if unit.started_at < started < float("inf"):
+                unit.started_at = started
             unit.exit_code = int(r.get("exit_code", 0) or 0)
             unit.result = str(r.get("result", "") or "")
             unit.error = str(r.get("error", "") or "")
@@ -481,6 +503,15 @@ class SchedulerState:
         return removed, events
 
     # ------------------------------------------------------------------ reads
+
+    def running_below(self, priority: int) -> bool:
+        """Is any unit running (or waiting in a worker's prefetch window) with a
+        priority below this one? (Bounded by the cluster's capacity.)"""
+        for tid, _ in self.running:
+            t = self.tasks.get(tid)
+            if t is not None and t.priority < priority:
+                return True
+        return False
 
     def queued_count(self) -> int:
         return sum(self.queued_by_priority.values())

@@ -56,6 +56,8 @@ PEER_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
                         ("grpc.min_reconnect_backoff_ms", 100),
                         ("grpc.max_reconnect_backoff_ms", 1000)]
 SUBMIT_RETRY_S = 3.0
+#: Prefetch windows are used only while recent units ran shorter than this.
+PREFETCH_MAX_RUN_S = 0.05
 DISPATCH_TIMEOUT_S = 2.0
 
 
@@ -164,6 +166,16 @@ class NodeApp:
         self._complete_inflight = 0
         self._requeue_recent: dict[tuple, float] = {}
         self._dispatch_q: queue.Queue = queue.Queue()
+        # Committed assign batches handed to the dispatcher / delivered to workers.
+        self._dispatch_put_n = 0
+        self._dispatch_done_n = 0
+        self._dispatch_cond = threading.Condition(self._lock)
+        # While a hold is in progress (a higher-priority task is being submitted):
+        # plan nothing below this priority, until the given monotonic time.
+        self._floor: tuple[int, float] | None = None
+        # Moving average of recent units' run times (None: none seen as leader yet).
+        self._run_ewma: float | None = None
+        self.held_back = 0
         self._last_compact = 0.0
         self._elections = 0
         self._last_leader: str | None = None
@@ -392,6 +404,12 @@ class NodeApp:
         if queued + len(specs) > self.cfg.max_queued:
             raise Overloaded(f"queue is full ({queued} queued, bound {self.cfg.max_queued}); "
                              "retry later")
+        top = max(s["priority"] for s in specs) if specs else 0
+        if self.read(lambda s: s.running_below(top)):
+            # Lower-priority units may wait in workers' prefetch windows: have them
+            # handed back before this task is accepted, so none of them starts
+            # after it while it is queued.
+            self._hold_for(top)
         fut: Future = Future()
         self._submit_q.put((specs, fut, time.monotonic() + min(timeout_s, SUBMIT_RETRY_S)))
         try:
@@ -515,6 +533,7 @@ class NodeApp:
             "grpc_address": self.cfg.grpc_address, "http_address": self.cfg.http_address,
             "raft_address": self.cfg.raft_address if self.voter else "",
             "slots": self.cfg.slots, "free_slots": self.executor.free_slots(),
+            "prefetch": self.cfg.prefetch, "held_back": self.held_back,
             "running": [f"{k[0]}" + (f"#{k[1]}" if k[1] >= 0 else "")
                         for k in self.executor.active()],
             "cpu_percent": psutil.cpu_percent(None),
@@ -710,6 +729,7 @@ class NodeApp:
         with self._lock:
             self._assigning.clear()
             self._completing.clear()
+            self._run_ewma = None
         with self._lock:
             for w in self.workers.values():
                 w.last_seen = now
@@ -752,14 +772,31 @@ class NodeApp:
         pending_keys = {(tid, chunk) for tid, chunk, _ in pending}
         pending_tasks = {tid for tid, _, _ in pending}
 
+        floor = self._floor
+        if floor is not None and time.monotonic() > floor[1]:
+            floor = self._floor = None
+        # Prefetch pays only for short units: a long one waiting in a window could
+        # sit behind another while a different worker has a free slot.
+        short = self._run_ewma is not None and self._run_ewma < PREFETCH_MAX_RUN_S
+
         def snapshot(s: SchedulerState) -> tuple[list[Worker], list[QueuedUnit]]:
             busy: dict[str, int] = {}
+            prios = set(s.queued_by_priority)
             for key, w in s.running.items():
                 if completing.get(key) != w:
                     busy[w] = busy.get(w, 0) + 1
+                    t = s.tasks.get(key[0])
+                    if t is not None:
+                        prios.add(t.priority)
             for _, _, w in pending:
                 busy[w] = busy.get(w, 0) + 1
-            workers = [Worker(w.node_id, max(0, (w.capacity or w.slots) - busy.get(w.node_id, 0)))
+            # Prefetch (units beyond a worker's slots, waiting there to start) only
+            # while every queued and running unit has the same priority: then no
+            # unit can start ahead of a more urgent one. A more urgent submit has
+            # the windows handed back first (see submit).
+            prefetch = len(prios) <= 1 and short
+            workers = [Worker(w.node_id, max(0, ((w.capacity or w.slots) if prefetch else w.slots)
+                                          - busy.get(w.node_id, 0)))
                        for w in live]
             total = sum(w.free_slots for w in workers)
             if total == 0:
@@ -770,6 +807,12 @@ class NodeApp:
                      for t, chunk in head
                      if (t.id, chunk) not in pending_keys
                      and not (chunk == -1 and t.id in pending_tasks)]
+            if floor is not None:
+                # Stop at the first unit below the floor (order is a prefix).
+                for i, u in enumerate(units):
+                    if u.priority < floor[0]:
+                        units = units[:i]
+                        break
             return workers, units
 
         workers, units = self.read(snapshot)
@@ -787,6 +830,9 @@ class NodeApp:
         def done(result: Any, err: int) -> None:
             with self._lock:
                 self._assigning.pop(cid, None)
+                if err == 0 and result:
+                    self._dispatch_put_n += 1
+                self._dispatch_cond.notify_all()
             if self.metrics_hook:
                 self.metrics_hook("commit_latency", time.monotonic() - t0)
             if err == 0 and result:
@@ -819,6 +865,16 @@ class NodeApp:
                 return by_worker
 
             by_worker = self.read(payloads)
+            remote = [w for w in by_worker if w != self.node_id]
+            left = [len(remote) + 1]
+
+            def delivered(_f: Any = None, left: list = left) -> None:
+                with self._lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        self._dispatch_done_n += 1
+                        self._dispatch_cond.notify_all()
+
             for worker, works in by_worker.items():
                 if worker == self.node_id:
                     self.executor.dispatch(works)
@@ -826,6 +882,7 @@ class NodeApp:
                 with self._lock:
                     info = self.workers.get(worker)
                 if info is None:
+                    delivered()
                     continue  # lease check requeues these
                 req = peer_pb2.DispatchRequest(leader_id=self.node_id, assignments=[
                     peer_pb2.Assignment(task_id=w.task_id, chunk=w.chunk,
@@ -839,6 +896,8 @@ class NodeApp:
                 fut = stub.Dispatch.future(req, timeout=DISPATCH_TIMEOUT_S, wait_for_ready=True,
                                            metadata=self._peer_md)
                 fut.add_done_callback(lambda f, w=worker: self._dispatch_done(f, w))
+                fut.add_done_callback(delivered)
+            delivered()
             if self.metrics_hook:
                 self.metrics_hook("dispatch_latency", time.monotonic() - t0)
 
@@ -907,6 +966,11 @@ class NodeApp:
                 if err == 0:
                     for r, _ in group:
                         self._completing.pop((r["task_id"], int(r["chunk"])), None)
+                        if not r.get("requeue"):
+                            rt = max(0.0, float(r.get("finished_at", 0) or 0)
+                                     - float(r.get("started_at", 0) or 0))
+                            e = self._run_ewma
+                            self._run_ewma = rt if e is None else 0.9 * e + 0.1 * rt
                         if self.metrics_hook:
                             self.metrics_hook("run_time", max(0.0, float(r.get("finished_at", 0))
                                                               - float(r.get("started_at", 0))))
@@ -921,6 +985,76 @@ class NodeApp:
             self._leader_wake.set()
 
         self.propose("complete", results, time.time(), callback=done, timeout_s=3.0)
+
+    # ------------------------------------------------------------------ prefetch holds
+
+    def _hold_for(self, priority: int, timeout_s: float = 1.0) -> None:
+        """Before a submit of this priority: have the leader take back lower units
+        waiting in prefetch windows. Best effort within timeout_s."""
+        if self.is_leader():
+            self.hold_workers(priority, timeout_s)
+            return
+        target = self.leader_grpc()
+        if not target:
+            return
+        try:
+            peer_pb2_grpc.PeerStub(self._channel(target)).Hold(
+                peer_pb2.HoldRequest(min_priority=priority, fan_out=True),
+                timeout=timeout_s + 0.5, metadata=self._peer_md)
+        except grpc.RpcError as exc:
+            log.info("node %s: hold at the leader failed: %s", self.node_id, exc.code())
+
+    def hold_workers(self, priority: int, timeout_s: float = 1.0) -> int:
+        """Leader: stop planning below priority, let committed assignments reach their
+        workers, then have every worker with a prefetch window hand back its waiting
+        units below priority. Returns how many were handed back."""
+        deadline = time.monotonic() + timeout_s
+        # The floor lasts until the submit has had time to commit; the planner then
+        # takes the new task first anyway.
+        self._floor = (priority, deadline + 2.0)
+        with self._lock:
+            # Assignments already proposed must reach their workers before the hold,
+            # or a unit could arrive after it and start.
+            proposed = set(self._assigning)
+            while proposed & set(self._assigning) and time.monotonic() < deadline:
+                self._dispatch_cond.wait(max(0.001, deadline - time.monotonic()))
+            put = self._dispatch_put_n
+            while self._dispatch_done_n < put and time.monotonic() < deadline:
+                self._dispatch_cond.wait(max(0.001, deadline - time.monotonic()))
+            targets = [w for w in self.workers.values()
+                       if (w.capacity or w.slots) > w.slots and not w.down]
+        n = 0
+        futs = []
+        for w in targets:
+            if w.node_id == self.node_id:
+                n += self.handle_hold(peer_pb2.HoldRequest(min_priority=priority)).handed_back
+                continue
+            stub = peer_pb2_grpc.PeerStub(self._channel(w.grpc_address))
+            futs.append(stub.Hold.future(peer_pb2.HoldRequest(min_priority=priority),
+                                         timeout=max(0.05, deadline - time.monotonic()),
+                                         metadata=self._peer_md))
+        for f in futs:
+            try:
+                n += f.result().handed_back
+            except grpc.RpcError as exc:
+                log.info("node %s: hold at a worker failed: %s", self.node_id, exc.code())
+        return n
+
+    def handle_hold(self, req: peer_pb2.HoldRequest) -> peer_pb2.HoldResponse:
+        if req.fan_out:
+            if not self.is_leader():
+                return peer_pb2.HoldResponse(accepted=False)
+            return peer_pb2.HoldResponse(accepted=True,
+                                         handed_back=self.hold_workers(req.min_priority))
+        works = self.executor.hold(req.min_priority)
+        now = time.time()
+        for w in works:
+            self._on_unit_result({
+                "task_id": w.task_id, "chunk": w.chunk, "attempt": w.attempt, "token": w.token,
+                "ok": False, "exit_code": 0, "result": "", "error": "", "node": self.node_id,
+                "started_at": 0.0, "finished_at": now, "requeue": True, "held": True})
+        self.held_back += len(works)
+        return peer_pb2.HoldResponse(accepted=True, handed_back=len(works))
 
     def accept_results(self, results: list[dict[str, Any]], timeout_s: float = 3.0) -> bool:
         """Leader side of ReportResults: True once the results are committed."""

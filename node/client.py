@@ -33,7 +33,7 @@ class TaskAndGoError(Exception):
 
 #: int64 fields, which protobuf's JSON mapping turns into strings.
 INT64_FIELDS = {"raft_term", "commit_index", "applied_index", "memory_rss", "seq", "after_seq",
-                "dropped_results", "committed_results", "token"}
+                "dropped_results", "committed_results", "token", "held_back"}
 
 
 def _ints(value: Any) -> Any:
@@ -46,17 +46,41 @@ def _ints(value: Any) -> Any:
 
 
 def _to_dict(msg: Any) -> dict[str, Any]:
-    """A response message as a plain dict (int64 fields as ints)."""
-    from google.protobuf import json_format
+    """A response message as a plain dict: every field by its proto name, int64 as
+    int, unset sub-messages left out (what json_format.MessageToDict gives with
+    preserving_proto_field_name and always_print_fields_with_no_presence, about ten
+    times faster: waiting for 10,000 tasks spent a second here)."""
+    out: dict[str, Any] = {}
+    for f in msg.DESCRIPTOR.fields:
+        v = getattr(msg, f.name)
+        sub = f.message_type
+        if sub is not None and sub.GetOptions().map_entry:
+            vsub = sub.fields_by_name["value"].message_type
+            out[f.name] = {k: _to_dict(x) if vsub is not None else x for k, x in v.items()}
+        elif _is_repeated(f):
+            out[f.name] = [_to_dict(x) for x in v] if sub is not None else list(v)
+        elif sub is not None:
+            if msg.HasField(f.name):
+                out[f.name] = _to_dict(v)
+        else:
+            out[f.name] = v
+    return out
 
-    return _ints(json_format.MessageToDict(msg, preserving_proto_field_name=True,
-                                           always_print_fields_with_no_presence=True))
+
+def _is_repeated(f: Any) -> bool:
+    rep = getattr(f, "is_repeated", None)  # protobuf >= 5.29; label is deprecated
+    if rep is not None:
+        return bool(rep)
+    return f.label == f.LABEL_REPEATED
 
 
 def _to_msg(cls: Any, d: dict[str, Any]) -> Any:
-    from google.protobuf import json_format
+    try:
+        return cls(**d)  # fast; json_format below for what it refuses
+    except (TypeError, ValueError):
+        from google.protobuf import json_format
 
-    return json_format.ParseDict(d, cls(), ignore_unknown_fields=True)
+        return json_format.ParseDict(d, cls(), ignore_unknown_fields=True)
 
 
 def task_spec(

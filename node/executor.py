@@ -233,6 +233,21 @@ class Executor:
                 w = heapq.heappop(self._ready)[2]
             self._run(w)
 
+    def hold(self, min_priority: int) -> list[Work]:
+        """Take back every unit still waiting to start whose priority is below
+        min_priority (a higher-priority task arrived); the caller hands them back."""
+        with self._lock:
+            keep, out = [], []
+            for entry in self._ready:
+                (out if entry[2].priority < min_priority else keep).append(entry)
+            if not out:
+                return []
+            heapq.heapify(keep)
+            self._ready = keep
+            for _, _, w in out:
+                self._active.pop(w.key, None)
+        return [w for _, _, w in sorted(out)]
+
     def active(self) -> list[UnitKey]:
         with self._lock:
             return list(self._active)

@@ -54,6 +54,11 @@ class _NodeCollector:
                                 labels=["node"])
         e.add_metric([node], app._elections)
         yield e
+        h = CounterMetricFamily("taskandgo_prefetch_held_back",
+                                "Units handed back unstarted from this node's prefetch window "
+                                "because more urgent work arrived", labels=["node"])
+        h.add_metric([node], app.held_back)
+        yield h
         if app.replicated is not None:
             counts, dropped, committed = app.read(
                 lambda s: (s.counts_by_status(), s.dropped_results, s.committed_results))

@@ -39,7 +39,7 @@ class DispatchResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("task_id", "chunk", "attempt", "token", "ok", "exit_code", "result", "error", "node", "started_at", "finished_at", "requeue")
+    __slots__ = ("task_id", "chunk", "attempt", "token", "ok", "exit_code", "result", "error", "node", "started_at", "finished_at", "requeue", "held")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,7 @@ class Result(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     REQUEUE_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     chunk: int
     attempt: int
@@ -64,7 +65,8 @@ class Result(_message.Message):
     started_at: float
     finished_at: float
     requeue: bool
-    def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ..., ok: _Optional[bool] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., node: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., requeue: _Optional[bool] = ...) -> None: ...
+    held: bool
+    def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ..., ok: _Optional[bool] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., node: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., requeue: _Optional[bool] = ..., held: _Optional[bool] = ...) -> None: ...
 
 class ReportResultsRequest(_message.Message):
     __slots__ = ("results",)
@@ -133,6 +135,22 @@ class HeartbeatResponse(_message.Message):
     kill: _containers.RepeatedCompositeFieldContainer[RunningUnit]
     leader_id: str
     def __init__(self, accepted: _Optional[bool] = ..., leader_grpc: _Optional[str] = ..., kill: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., leader_id: _Optional[str] = ...) -> None: ...
+
+class HoldRequest(_message.Message):
+    __slots__ = ("min_priority", "fan_out")
+    MIN_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    FAN_OUT_FIELD_NUMBER: _ClassVar[int]
+    min_priority: int
+    fan_out: bool
+    def __init__(self, min_priority: _Optional[int] = ..., fan_out: _Optional[bool] = ...) -> None: ...
+
+class HoldResponse(_message.Message):
+    __slots__ = ("handed_back", "accepted")
+    HANDED_BACK_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    handed_back: int
+    accepted: bool
+    def __init__(self, handed_back: _Optional[int] = ..., accepted: _Optional[bool] = ...) -> None: ...
 
 class KillRequest(_message.Message):
     __slots__ = ("units",)

@@ -54,6 +54,11 @@ class PeerStub:
                 request_serializer=taskandgo_dot_protos_dot_peer__pb2.KillRequest.SerializeToString,
                 response_deserializer=taskandgo_dot_protos_dot_peer__pb2.KillResponse.FromString,
                 _registered_method=True)
+        self.Hold = channel.unary_unary(
+                '/taskandgo.peer.v1.Peer/Hold',
+                request_serializer=taskandgo_dot_protos_dot_peer__pb2.HoldRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_peer__pb2.HoldResponse.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -83,6 +88,12 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Hold(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.Kill,
                     request_deserializer=taskandgo_dot_protos_dot_peer__pb2.KillRequest.FromString,
                     response_serializer=taskandgo_dot_protos_dot_peer__pb2.KillResponse.SerializeToString,
+            ),
+            'Hold': grpc.unary_unary_rpc_method_handler(
+                    servicer.Hold,
+                    request_deserializer=taskandgo_dot_protos_dot_peer__pb2.HoldRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_peer__pb2.HoldResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class Peer:
             '/taskandgo.peer.v1.Peer/Kill',
             taskandgo_dot_protos_dot_peer__pb2.KillRequest.SerializeToString,
             taskandgo_dot_protos_dot_peer__pb2.KillResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Hold(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.peer.v1.Peer/Hold',
+            taskandgo_dot_protos_dot_peer__pb2.HoldRequest.SerializeToString,
+            taskandgo_dot_protos_dot_peer__pb2.HoldResponse.FromString,
             options,
             channel_credentials,
             insecure,
