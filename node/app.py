@@ -20,6 +20,7 @@ forwards client calls to a voter through :class:`taskandgo.Client`.
 from __future__ import annotations
 
 import collections
+import gc
 import itertools
 import logging
 import queue
@@ -56,6 +57,8 @@ PEER_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
                         ("grpc.min_reconnect_backoff_ms", 100),
                         ("grpc.max_reconnect_backoff_ms", 1000)]
 SUBMIT_RETRY_S = 3.0
+#: How often surviving objects are frozen out of the cyclic collector.
+GC_FREEZE_S = 10.0
 #: Prefetch windows are used only while recent units ran shorter than this.
 PREFETCH_MAX_RUN_S = 0.05
 DISPATCH_TIMEOUT_S = 2.0
@@ -112,9 +115,13 @@ class EventBus:
                 self._cond.wait(timeout_s)
             if self.seq <= seq:
                 return []
-            first = self._events[0]["seq"] if self._events else self.seq + 1
-            start = max(0, seq + 1 - first)
-            return list(itertools.islice(self._events, start, None))
+            # The newest (self.seq - seq) events, walked from the right: slicing from
+            # the left walks the whole buffer (50k events) under the lock, which
+            # stalled the Raft tick thread's publish once the buffer was full.
+            n = min(self.seq - seq, len(self._events))
+            out = list(itertools.islice(reversed(self._events), n))
+            out.reverse()
+            return out
 
     def wait(self, timeout_s: float) -> None:
         with self._cond:
@@ -362,8 +369,19 @@ class NodeApp:
                 log.exception("releasing a proposal failed")
 
     def _reaper_loop(self) -> None:
+        last_freeze = time.monotonic()
         while not self._stop.wait(0.1):
             self._release_proposals(everything=False)
+            if time.monotonic() - last_freeze > GC_FREEZE_S:
+                last_freeze = time.monotonic()
+                # The replicated state is hundreds of thousands of long-lived objects
+                # without reference cycles (refcounting frees them). Left to the cyclic
+                # collector, every full collection walks all of them with the GIL held:
+                # tens of ms at 20k tasks, seconds at 1M, long enough to miss Raft
+                # heartbeats. Collect the young generations, then move what survived
+                # out of the collector's sight.
+                gc.collect(1)
+                gc.freeze()
 
     def read(self, fn: Callable[[SchedulerState], Any]) -> Any:
         assert self.replicated is not None
