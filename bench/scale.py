@@ -6,12 +6,16 @@ Starts a 3-node cluster whose workers accept nothing (every node runs with
 --slots 1 and one long blocker per node keeps the slots busy), fills the queue with
 no-op callable tasks through submit_many, and prints the resident memory growth per
 queued task on each node and the submit rate at the start (first 10k) and at the end
-(last 10k) of the fill.
+(last 10k) of the fill. The nodes snapshot every --snapshot-interval seconds (20 by
+default, instead of 600) so that snapshots of the full queue are written during the
+fill; the script reports how many were written, whether any election happened (Raft
+terms before and after) and the longest single submit call (a stall would show there).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,8 +36,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--queued", type=int, default=1_000_000)
     ap.add_argument("--batch", type=int, default=5000)
+    ap.add_argument("--snapshot-interval", type=float, default=20.0)
     args = ap.parse_args()
-    cluster = BenchCluster(3, slots=1, extra=["--max-queued", str(args.queued + 10)])
+    cluster = BenchCluster(3, slots=1, extra=["--max-queued", str(args.queued + 10),
+                                              "--snapshot-interval",
+                                              str(args.snapshot_interval)])
     try:
         cluster.wait_leader()
         with Client(cluster.addrs, timeout_s=120) as c:
@@ -44,14 +51,26 @@ def main() -> int:
                     c.get(b["task_id"])["status"] != "running" for b in blockers):
                 time.sleep(0.1)
             before = rss(c, cluster.addrs)
+            terms = [c.node_status(a)["raft_term"] for a in cluster.addrs]
+            dumps = [os.path.join(cluster.dir, f"node-{i}", "raft.dump") for i in range(3)]
+            seen_dumps: list[set] = [set() for _ in dumps]
+            calls: list[float] = []
             rates = []
             n = 0
             t0 = time.perf_counter()
             window_start, window_n = t0, 0
             while n < args.queued:
                 k = min(args.batch, args.queued - n)
-                c.submit_many([task_spec(call="taskandgo.node.builtins:noop", strategy="batch",
-                                         priority="low") for _ in range(k)])
+                specs = [task_spec(call="taskandgo.node.builtins:noop", strategy="batch",
+                                   priority="low") for _ in range(k)]
+                t_call = time.perf_counter()
+                c.submit_many(specs)
+                calls.append(time.perf_counter() - t_call)
+                for i, d in enumerate(dumps):
+                    try:
+                        seen_dumps[i].add(os.stat(d).st_mtime_ns)
+                    except OSError:
+                        pass
                 n += k
                 window_n += k
                 if window_n >= 10_000:
@@ -60,11 +79,18 @@ def main() -> int:
                     window_start, window_n = now, 0
             total = time.perf_counter() - t0
             after = rss(c, cluster.addrs)
+            terms_after = [c.node_status(a)["raft_term"] for a in cluster.addrs]
         per_task = [(a - b) / args.queued for a, b in zip(after, before)]
         print(f"scale: {args.queued} queued; memory per queued task "
               + ", ".join(f"node-{i} {p:.0f} B" for i, p in enumerate(per_task))
               + f"; submit {rates[0]:.0f} tasks/s at the start, {rates[-1]:.0f} tasks/s at "
               f"the end ({args.queued / total:.0f} tasks/s overall)")
+        print(f"scale: snapshots written during the fill: "
+              + ", ".join(f"node-{i} {len(d)}" for i, d in enumerate(seen_dumps))
+              + f"; Raft term {max(terms)} before, {max(terms_after)} after "
+              f"({'no election' if max(terms_after) == max(terms) else 'ELECTION'}); "
+              f"submit calls of {args.batch} tasks: median {sorted(calls)[len(calls) // 2] * 1000:.0f} ms, "
+              f"longest {max(calls) * 1000:.0f} ms")
     finally:
         cluster.stop()
     return 0

@@ -226,6 +226,7 @@ class SchedulerState:
         returns ``created=False`` and leaves the task unchanged (idempotency)."""
         events = self._advance(now)
         out = []
+        keys: dict[int, float] = {}
         for spec in specs if isinstance(specs, list) else []:
             try:
                 tid = str(spec["id"])
@@ -244,7 +245,11 @@ class SchedulerState:
                 # One copy of each callable path, however many tasks name it.
                 spec["call"] = sys.intern(call)
             task = Task(tid, spec, prio, sys.intern(strategy), now)
-            task.key = now * self.aging_per_s - prio
+            key = keys.get(prio)
+            if key is None:
+                # One float per priority per command, shared by its tasks (24 B each).
+                key = keys[prio] = now * self.aging_per_s - prio
+            task.key = key
             self.tasks[tid] = task
             self._enqueue(task, WHOLE, task.unit)
             out.append((tid, True, QUEUED))
