@@ -59,8 +59,9 @@ PEER_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 100),
 SUBMIT_RETRY_S = 3.0
 #: How often surviving objects are frozen out of the cyclic collector.
 GC_FREEZE_S = 10.0
-#: Prefetch windows are used only while recent units ran shorter than this.
-PREFETCH_MAX_RUN_S = 0.05
+#: A prefetch window holds about this much work (seconds per slot, at the recent
+#: run time), up to the worker's --prefetch.
+PREFETCH_WORK_S = 0.2
 DISPATCH_TIMEOUT_S = 2.0
 
 
@@ -793,9 +794,12 @@ class NodeApp:
         floor = self._floor
         if floor is not None and time.monotonic() > floor[1]:
             floor = self._floor = None
-        # Prefetch pays only for short units: a long one waiting in a window could
-        # sit behind another while a different worker has a free slot.
-        short = self._run_ewma is not None and self._run_ewma < PREFETCH_MAX_RUN_S
+        # A window holds about PREFETCH_WORK_S of work per slot at the recent run
+        # time: deep for no-ops, none for units of a second or more (a long unit
+        # waiting in a window could sit behind another while a different worker has
+        # a free slot). None until this leader has seen results.
+        ewma = self._run_ewma
+        per_slot = 0.0 if ewma is None else PREFETCH_WORK_S / max(ewma, 1e-4)
 
         def snapshot(s: SchedulerState) -> tuple[list[Worker], list[QueuedUnit]]:
             busy: dict[str, int] = {}
@@ -812,10 +816,11 @@ class NodeApp:
             # while every queued and running unit has the same priority: then no
             # unit can start ahead of a more urgent one. A more urgent submit has
             # the windows handed back first (see submit).
-            prefetch = len(prios) <= 1 and short
-            workers = [Worker(w.node_id, max(0, ((w.capacity or w.slots) if prefetch else w.slots)
-                                          - busy.get(w.node_id, 0)))
-                       for w in live]
+            same = len(prios) <= 1
+            workers = [Worker(w.node_id, max(0, w.slots + (
+                min(max(0, (w.capacity or w.slots) - w.slots), int(w.slots * per_slot))
+                if same else 0) - busy.get(w.node_id, 0)))
+                for w in live]
             total = sum(w.free_slots for w in workers)
             if total == 0:
                 return workers, []

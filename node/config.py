@@ -77,7 +77,7 @@ class NodeConfig:
     policy: ExecPolicy = ExecPolicy()
     rate_limit: float = 0.0
     max_queued: int = 1_000_000
-    prefetch: int = 32
+    prefetch: int = 128
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
@@ -204,9 +204,10 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-calls", help="module prefixes callables may come from, comma "
                    "separated (TASKANDGO_ALLOW_CALLS; default: any)")
     p.add_argument("--prefetch", type=int, help="units this node may hold beyond its slots, "
-                   "waiting to start (TASKANDGO_PREFETCH; 32). Used only while tasks are "
-                   "short (recent run times under 50 ms) and all queued and running work "
-                   "has one priority; a more urgent submit has waiting units handed back "
+                   "waiting to start (TASKANDGO_PREFETCH; 128). The leader fills a window "
+                   "with about 0.2 s of work per slot at recent run times (none for tasks "
+                   "of a second or more), and only while all queued and running work has "
+                   "one priority; a more urgent submit has waiting units handed back "
                    "first. 0 turns it off")
     p.add_argument("--rate-limit", type=float, help="requests per second per client IP on the "
                    "public API; 0 = off (TASKANDGO_RATE_LIMIT; 0)")
@@ -357,7 +358,7 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         max_queued=int(_pick(getattr(args, "max_queued", None), env, "TASKANDGO_MAX_QUEUED",
                              1_000_000, int)),
         prefetch=max(0, int(_pick(getattr(args, "prefetch", None), env, "TASKANDGO_PREFETCH",
-                                  32, int))),
+                                  128, int))),
         tls_cert=tls["cert"], tls_key=tls["key"], tls_ca=tls["ca"],
         tls_client_auth=bool(client_auth))
     if cfg.lease_s <= 3 * cfg.heartbeat_s:
