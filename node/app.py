@@ -176,6 +176,7 @@ class NodeApp:
         self._dispatch_q: queue.Queue = queue.Queue()
         # Committed assign batches handed to the dispatcher / delivered to workers.
         self._dispatch_put_n = 0
+        self._senders: dict[str, queue.Queue] = {}
         self._dispatch_done_n = 0
         self._dispatch_cond = threading.Condition(self._lock)
         # While a hold is in progress (a higher-priority task is being submitted):
@@ -913,16 +914,48 @@ class NodeApp:
                                         token=w.token, payload_json=_dumps(w.payload),
                                         priority=w.priority)
                     for w in works])
-                stub = peer_pb2_grpc.PeerStub(self._channel(info.grpc_address))
-                # wait_for_ready: a channel still backing off from a peer that was
-                # not up yet must not fail the dispatch at once.
-                fut = stub.Dispatch.future(req, timeout=DISPATCH_TIMEOUT_S, wait_for_ready=True,
-                                           metadata=self._peer_md)
-                fut.add_done_callback(lambda f, w=worker: self._dispatch_done(f, w))
-                fut.add_done_callback(delivered)
+                self._send_dispatch(worker, info.grpc_address, req, delivered)
             delivered()
             if self.metrics_hook:
                 self.metrics_hook("dispatch_latency", time.monotonic() - t0)
+
+    def _send_dispatch(self, worker: str, address: str, req: Any,
+                       done: Callable[[], None]) -> None:
+        """Queue a Dispatch for the worker's sender thread. One thread per worker
+        makes blocking calls, in order: a gRPC future would start a channel thread
+        whenever the channel was idle (most calls at moderate rates), and a slow
+        worker delays only its own dispatches."""
+        with self._lock:
+            q = self._senders.get(worker)
+            if q is None:
+                q = self._senders[worker] = queue.Queue()
+                threading.Thread(target=self._guard(lambda: self._sender_loop(worker, q)),
+                                 name=f"dispatch-{worker}", daemon=True).start()
+            q.put((address, req, done))
+
+    def _sender_loop(self, worker: str, q: queue.Queue) -> None:
+        idle = 0
+        while not self._stop.is_set():
+            try:
+                address, req, done = q.get(timeout=0.5)
+            except queue.Empty:
+                idle += 1
+                if idle >= 60:  # 30 s without work: end (a new one starts on demand)
+                    with self._lock:
+                        if q.empty():
+                            self._senders.pop(worker, None)
+                            return
+                continue
+            idle = 0
+            try:
+                # wait_for_ready: a channel still backing off from a peer that was
+                # not up yet must not fail the dispatch at once.
+                peer_pb2_grpc.PeerStub(self._channel(address)).Dispatch(
+                    req, timeout=DISPATCH_TIMEOUT_S, wait_for_ready=True, metadata=self._peer_md)
+            except grpc.RpcError as exc:
+                log.warning("node %s: dispatch to %s failed: %s", self.node_id, worker, exc.code())
+            finally:
+                done()
 
     def _dispatch_done(self, fut: Any, worker: str) -> None:
         try:
@@ -1090,6 +1123,9 @@ class NodeApp:
                 futs.append(fut)
                 self._completions.append((r, fut))
                 self._completing[(r["task_id"], int(r["chunk"]))] = str(r.get("node", ""))
+        # Propose from this thread (no hop through the leader loop); completions that
+        # arrive while 4 commands are in flight go with the next one.
+        self._flush_completions()
         self._leader_wake.set()
         try:
             return all(f.result(timeout=timeout_s) for f in futs)
