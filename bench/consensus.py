@@ -28,7 +28,6 @@ import threading
 import time
 
 from pysyncobj import SyncObjConsumer, replicated
-
 from taskandgo.consensus.raft import Raft, RaftTimers
 
 TASK = {"id": "task-0000000", "priority": 10, "strategy": "batch",

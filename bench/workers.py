@@ -26,12 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import grpc  # noqa: E402
-from _cluster import BenchCluster  # noqa: E402
-
-from taskandgo import Client  # noqa: E402
-from taskandgo.node.client import task_spec  # noqa: E402
-from taskandgo.protos import peer_pb2, peer_pb2_grpc  # noqa: E402
+import grpc
+from _cluster import BenchCluster
+from taskandgo import Client
+from taskandgo.node.client import task_spec
+from taskandgo.protos import peer_pb2, peer_pb2_grpc
 
 HEARTBEAT_S = 0.3
 
@@ -164,7 +163,8 @@ def main() -> int:
 
 
 def _cpu(pid: int) -> float:
-    f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    with open(f"/proc/{pid}/stat") as fh:
+        f = fh.read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / 100.0
 
 

@@ -78,13 +78,33 @@ class Unit:
     def as_dict(self) -> dict[str, Any]:
         return {s: getattr(self, s) for s in self.__slots__}
 
+    def pristine_qseq(self) -> int | None:
+        """The queue entry of a unit never assigned and otherwise at its defaults
+        (the form a queued task's unit is kept in: see Task.unit), else None."""
+        if self.status == QUEUED and self.attempt == 0 and self.token == 0 \
+                and self.node == "" and self.exit_code == 0 and self.result == "" \
+                and self.error == "" and self.started_at == 0.0 and self.finished_at == 0.0 \
+                and self.deadline == 0.0 and self.lost == 0:
+            return self.qseq
+        return None
+
+
+#: Read-only stand-in for a unit at its defaults (never assign to it).
+_DEFAULT_UNIT = Unit()
+
 
 class Task:
-    """A submitted task. ``unit`` is its own run state while it is not split."""
+    """A submitted task. ``unit`` is its own run state while it is not split.
+
+    Until a whole task's unit is first touched it is kept as just its queue
+    sequence number (an int, shared with its heap entry) instead of a Unit object:
+    ~120 B less per queued task. ``unit`` materialises it; pickling turns a unit
+    still at its defaults back into the int, so replicas that materialised at
+    different moments have equal snapshots and fingerprints."""
 
     __slots__ = (
         "id", "spec", "priority", "strategy", "status", "created_at", "finished_at",
-        "retries", "unit", "chunks", "chunk_count", "chunks_done", "key", "result",
+        "retries", "_u", "chunks", "chunk_count", "chunks_done", "key", "result",
         "error", "exit_code", "node",
     )
 
@@ -97,7 +117,7 @@ class Task:
         self.created_at = now
         self.finished_at = 0.0
         self.retries = int(spec.get("retries", 0) or 0)
-        self.unit = Unit()
+        self._u: Unit | int = 0
         self.chunks: list[Unit] | None = None
         self.chunk_count = 0
         self.chunks_done = 0
@@ -108,11 +128,49 @@ class Task:
         self.node = ""
 
     def __getstate__(self) -> tuple:
-        return tuple(getattr(self, s) for s in self.__slots__)
+        st = [getattr(self, s) for s in self.__slots__]
+        u = self._u
+        if isinstance(u, Unit):
+            q = u.pristine_qseq()
+            if q is not None:
+                st[8] = q
+        return tuple(st)
+
+    def unit_state(self) -> Any:
+        """The whole-task unit in canonical form (the int while at its defaults)."""
+        u = self._u
+        if isinstance(u, Unit):
+            q = u.pristine_qseq()
+            return q if q is not None else u.__getstate__()
+        return u
 
     def __setstate__(self, st: tuple) -> None:
         for s, v in zip(self.__slots__, st):
             setattr(self, s, v)
+
+    @property
+    def unit(self) -> Unit:
+        u = self._u
+        if isinstance(u, Unit):
+            return u
+        unit = Unit()
+        unit.qseq = u
+        self._u = unit
+        return unit
+
+    def peek_unit(self) -> Unit:
+        """The unit for reading only: never materialises it."""
+        u = self._u
+        if isinstance(u, Unit):
+            return u
+        return _DEFAULT_UNIT
+
+    def live_qseq(self) -> int:
+        """The queue sequence number of the whole-task unit (0: not queued)."""
+        u = self._u
+        if isinstance(u, Unit):
+            return u.qseq if u.status == QUEUED else 0
+        return u
 
     def unit_at(self, chunk: int) -> Unit | None:
         if chunk == WHOLE:
@@ -122,7 +180,7 @@ class Task:
         return self.chunks[chunk]
 
     def as_dict(self) -> dict[str, Any]:
-        u = self.unit
+        u = self.peek_unit()
         return {
             "id": self.id,
             "spec": self.spec,
@@ -212,9 +270,9 @@ class SchedulerState:
         task = self.tasks.get(tid)
         if task is None or task.status in FINAL:
             return False
+        if chunk == WHOLE:
+            return task.chunks is None and task.live_qseq() == qseq
         unit = task.unit_at(chunk)
-        if chunk == WHOLE and task.chunks is not None:
-            return False
         return unit is not None and unit.status == QUEUED and unit.qseq == qseq
 
     # ------------------------------------------------------------------ commands
@@ -251,7 +309,10 @@ class SchedulerState:
                 key = keys[prio] = now * self.aging_per_s - prio
             task.key = key
             self.tasks[tid] = task
-            self._enqueue(task, WHOLE, task.unit)
+            self.seq += 1
+            task._u = self.seq  # a queued unit at its defaults (see Task)
+            heapq.heappush(self.heap, (task.key, self.seq, task.id, WHOLE))
+            self.queued_by_priority[prio] = self.queued_by_priority.get(prio, 0) + 1
             out.append((tid, True, QUEUED))
             events.append(("task", tid, QUEUED, WHOLE, "", now))
         return out, events
@@ -585,7 +646,7 @@ class SchedulerState:
     def fingerprint(self) -> tuple:
         """A value equal on two replicas exactly when their states are equal."""
         return (
-            tuple(json.dumps(t.as_dict(), sort_keys=True) + repr(t.unit.__getstate__())
+            tuple(json.dumps(t.as_dict(), sort_keys=True) + repr(t.unit_state())
                   for t in self.tasks.values()),
             tuple(sorted(e for e in self.heap if self._is_live_entry(e))),
             tuple(self.delayed.items()), tuple(self.running.items()),

@@ -957,12 +957,6 @@ class NodeApp:
             finally:
                 done()
 
-    def _dispatch_done(self, fut: Any, worker: str) -> None:
-        try:
-            fut.result()
-        except grpc.RpcError as exc:
-            log.warning("node %s: dispatch to %s failed: %s", self.node_id, worker, exc.code())
-
     def _check_leases(self, now: float) -> None:
         """Requeue units whose worker is gone (no heartbeat within the lease) or
         that a live worker does not run (a dispatch that never arrived)."""

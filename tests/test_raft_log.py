@@ -12,7 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 from pysyncobj import SyncObjConf
-
 from taskandgo.consensus.raft import SafeSyncObj
 
 LEADER_TERM = 2
