@@ -831,7 +831,10 @@ class NodeApp:
                      for t, chunk in head
                      if (t.id, chunk) not in pending_keys
                      and not (chunk == -1 and t.id in pending_tasks)]
-            if floor is not None:
+            if floor is not None and any(p >= floor[0] for p in s.queued_by_priority):
+                # The urgent task is queued: priority order takes it from here.
+                self._floor = None
+            elif floor is not None:
                 # Stop at the first unit below the floor (order is a prefix).
                 for i, u in enumerate(units):
                     if u.priority < floor[0]:
