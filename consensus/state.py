@@ -556,12 +556,16 @@ class SchedulerState:
         events = self._advance(now)
         removed = 0
         excess = len(self.finished) - max(0, int(max_finished))
-        for tid, at in list(self.finished.items()):
-            if excess <= 0 and at > now - retention_s:
+        # finished is in finish order: walk only the head that goes (copying all of
+        # it, up to --max-finished entries, stalled every replica's tick thread).
+        doomed = []
+        for tid, at in self.finished.items():
+            if excess - len(doomed) <= 0 and at > now - retention_s:
                 break
+            doomed.append(tid)
+        for tid in doomed:
             del self.finished[tid]
             self.tasks.pop(tid, None)
-            excess -= 1
             removed += 1
         if len(self.heap) > 64 and len(self.heap) > 2 * self.queued_count():
             self.heap = [e for e in self.heap if self._is_live_entry(e)]
