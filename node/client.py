@@ -75,8 +75,11 @@ def _is_repeated(f: Any) -> bool:
 
 
 def _to_msg(cls: Any, d: dict[str, Any]) -> Any:
+    """API dict -> message. The constructor is about ten times faster than
+    json_format (it was ~9% of a busy node's time); json_format is the fallback for
+    anything the constructor refuses (unknown keys, strings for numbers)."""
     try:
-        return cls(**d)  # fast; json_format below for what it refuses
+        return cls(**d)
     except (TypeError, ValueError):
         from google.protobuf import json_format
 

@@ -16,7 +16,6 @@ from concurrent import futures
 from typing import Any, Callable, Iterator
 
 import grpc
-from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -36,13 +35,9 @@ READINESS_SERVICE = "taskandgo.v1.Scheduler"
 
 
 def to_msg(cls: Any, d: dict[str, Any]) -> Any:
-    """API dict -> message. The constructor is about ten times faster than
-    json_format (it was ~9% of a busy node's time); json_format is the fallback for
-    anything the constructor refuses (unknown keys, strings for numbers)."""
-    try:
-        return cls(**d)
-    except (TypeError, ValueError):
-        return json_format.ParseDict(d, cls(), ignore_unknown_fields=True)
+    from taskandgo.node.client import _to_msg
+
+    return _to_msg(cls, d)
 
 
 def to_dict(msg: Any) -> dict[str, Any]:

@@ -50,6 +50,30 @@ def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, every_s: floa
                          + (f" (last error: {last_exc})" if last_exc else ""))
 
 
+def stop_processes(procs: list, on_kill: Callable[[int], None] | None = None) -> None:
+    """SIGCONT + SIGTERM every live process, wait up to 8 s in all, SIGKILL the rest
+    (then on_kill(pid)); the list's entries become None."""
+    for p in procs:
+        if p is not None and p.poll() is None:
+            try:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + 8
+    for i, p in enumerate(procs):
+        if p is None:
+            continue
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+            if on_kill is not None:
+                on_kill(p.pid)
+        procs[i] = None
+
+
 class Cluster:
     def __init__(self, root: Path, n: int = 3, voters: int | None = None, slots: int = 4,
                  extra: list[str] | None = None, env: dict[str, str] | None = None,
@@ -118,21 +142,7 @@ class Cluster:
                 pass
 
     def stop(self) -> None:
-        for p in self.procs:
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGCONT)
-                p.terminate()
-        deadline = time.monotonic() + 8
-        for i, p in enumerate(self.procs):
-            if p is None:
-                continue
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
-                self._reap_pool(p.pid)
-            self.procs[i] = None
+        stop_processes(self.procs, on_kill=self._reap_pool)
 
     def logs(self) -> str:
         out = []

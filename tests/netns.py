@@ -474,23 +474,9 @@ class NetCluster:
     # -------------------------------------------------------------- teardown
 
     def _stop_nodes(self) -> None:
-        for p in self.procs:
-            if p is not None and p.poll() is None:
-                try:
-                    p.send_signal(signal.SIGCONT)
-                    p.terminate()
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 8
-        for i, p in enumerate(self.procs):
-            if p is None:
-                continue
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
-            self.procs[i] = None
+        from cluster import stop_processes
+
+        stop_processes(self.procs)
 
     def _kill_namespace_pids(self, ns: str) -> list[int]:
         """SIGKILL every process left in ``ns`` (warm-pool workers and task
