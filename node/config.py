@@ -70,6 +70,8 @@ class NodeConfig:
     election_max_s: float = 0.6
     append_entries_s: float = 0.005
     snapshot_interval_s: float = 600.0
+    #: "always": acknowledge only what is fsync'd; "never": PySyncObj's page cache only.
+    fsync: str = "always"
     kube_api: bool = False
     namespace: str = "default"
     pod_selector: str = ""
@@ -229,6 +231,10 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between Raft snapshots, which also compact the journal; "
                    "one is written sooner after 100,000 log entries "
                    "(TASKANDGO_SNAPSHOT_INTERVAL_S; 600)")
+    p.add_argument("--fsync", choices=("always", "never"),
+                   help="always: a task is acknowledged only once its Raft entry is on stable "
+                   "storage of a majority (survives power loss); never: faster, and a power cut "
+                   "on a majority may lose acknowledged tasks (TASKANDGO_FSYNC; always)")
 
 
 def _pick(flag: object, env: dict[str, str], name: str, default: object, cast: type) -> object:
@@ -323,6 +329,10 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
                              "TASKANDGO_SNAPSHOT_INTERVAL_S", 600.0, float))
     if not snapshot_s >= 1.0:
         raise ConfigError("--snapshot-interval: need at least 1 second")
+    fsync = str(_pick(getattr(args, "fsync", None), env, "TASKANDGO_FSYNC", "always",
+                      str)).strip().lower()
+    if fsync not in ("always", "never"):
+        raise ConfigError(f"--fsync / TASKANDGO_FSYNC={fsync!r}: expected always or never")
     kube_api = _truthy(env.get("TASKANDGO_KUBERNETES_API"))
     tokens = "\n".join(filter(None, [env.get("TASKANDGO_API_TOKEN"),
                                      _read_secret(env, "TASKANDGO_API_TOKENS")]))
@@ -351,7 +361,7 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         raise ConfigError("--tls-client-auth needs --tls-cert, --tls-key and --tls-ca")
     cfg = dataclasses.replace(
         cfg, election_min_s=lo, election_max_s=hi, append_entries_s=append_s,
-        snapshot_interval_s=snapshot_s, kube_api=kube_api, namespace=namespace, pod_selector=env.get("TASKANDGO_POD_SELECTOR", ""),
+        snapshot_interval_s=snapshot_s, fsync=fsync, kube_api=kube_api, namespace=namespace, pod_selector=env.get("TASKANDGO_POD_SELECTOR", ""),
         auth=auth, policy=policy,
         rate_limit=float(_pick(getattr(args, "rate_limit", None), env, "TASKANDGO_RATE_LIMIT",
                                0.0, float)),
