@@ -344,8 +344,16 @@ def print_status(nodes: list[dict[str, Any]], as_json: bool, many: bool) -> int:
         print(f"  cpu {st.get('cpu_percent', 0):.0f}%  mem {st.get('memory_percent', 0):.0f}%  "
               f"rss {st.get('memory_rss', 0) / 1e6:.0f} MB")
         print(f"  grpc {st.get('grpc_address')}  http {st.get('http_address')}  "
-              f"raft {st.get('raft_address') or '-'}\n")
-    return 0
+              f"raft {st.get('raft_address') or '-'}")
+        if st.get("cluster_id") or st.get("fsync"):
+            print(f"  cluster {st.get('cluster_id') or '(not yet agreed)'}  "
+                  f"fsync {st.get('fsync') or '-'}")
+        for peer in st.get("foreign_peers", []):
+            print(f"  REFUSED peer of another cluster: {peer}")
+        if st.get("fatal"):
+            print(f"  STOPPED, replica diverged: {st['fatal']}")
+        print()
+    return 0 if not any(st.get("fatal") for st in nodes) else 1
 
 
 def cmd_top(c: Any, args: argparse.Namespace) -> int:

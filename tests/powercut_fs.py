@@ -57,6 +57,7 @@ PAGE = 4096
 _MOUNT_TIMEOUT_S = 15.0
 _REPLY_TIMEOUT_S = 10.0
 _IOV_MAX = 1024
+_UTIME_NOW, _UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2  # from <sys/stat.h>
 
 
 # ----------------------------------------------------------------------------- the filesystem
@@ -220,7 +221,15 @@ class OverlayOps:
         return 0
 
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-        os.utime(self._path(path), ns=times, follow_symlinks=False)
+        full = self._path(path)
+        st, now = os.lstat(full), time.time_ns()
+        old = (st.st_atime_ns, st.st_mtime_ns)
+        # mfusepy folds a timespec into sec * 1e9 + nsec, so UTIME_NOW/UTIME_OMIT (nsec values
+        # past 1e9) show up as these remainders.
+        ns = tuple(now if t is None or t % 10**9 == _UTIME_NOW % 10**9
+                   else o if t % 10**9 == _UTIME_OMIT % 10**9 else t
+                   for t, o in zip(times or (None, None), old, strict=True))
+        os.utime(full, ns=(ns[0], ns[1]), follow_symlinks=False)
         return 0
 
     def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
