@@ -209,11 +209,20 @@ def _payload(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_submit(c: Any, args: argparse.Namespace) -> int:
     from taskandgo.node.client import task_spec
+    from taskandgo.node.tasks import InvalidTask, normalize
 
     spec = task_spec(
         **_payload(args), id=args.id, priority=args.priority, strategy=args.strategy,
         shards=args.shards, items=args.items, timeout_s=args.task_timeout,
         retries=args.retries, labels=dict(args.label))
+    try:
+        # The node's own validator, before anything is sent: the same limits and
+        # messages, and a spec too large for a gRPC message still gets its field named.
+        # (The node checks again, with its own default strategy and policy.)
+        normalize(spec, args.strategy or "split")
+    except InvalidTask as exc:
+        print(f"error: INVALID_ARGUMENT: {exc}", file=sys.stderr)
+        return 2
     res = c.submit_many([spec])[0]
     if not args.wait:
         if args.json:

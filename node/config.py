@@ -84,6 +84,9 @@ class NodeConfig:
     tls_key: str | None = None
     tls_ca: str | None = None
     tls_client_auth: bool = False
+    #: Extra names the HTTP server answers to besides its own (see
+    #: :func:`parse_allowed_hosts`); ``("*",)`` answers any Host.
+    http_allowed_hosts: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -156,6 +159,35 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+_HOSTNAME_RE = re.compile(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?")
+
+
+def parse_allowed_hosts(text: str) -> tuple[str, ...]:
+    """``--http-allowed-hosts``: comma-separated entries, each ``*`` (any Host), a
+    name (``tasks.example.com``), ``.example.com`` (that name and every name under
+    it), an IP address or an IP network (``10.96.0.0/12``). Returned normalised:
+    lower case, no trailing dot, no IPv6 brackets. Ports are not part of an entry:
+    the Host check is about names (DNS rebinding), whatever port a proxy uses."""
+    out = []
+    for item in (x.strip().lower() for x in text.split(",")):
+        if not item:
+            continue
+        entry = item[1:-1] if item.startswith("[") and item.endswith("]") else item
+        if entry != "*":
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                entry = entry.rstrip(".")
+                name = entry.removeprefix(".")
+                if not _HOSTNAME_RE.fullmatch(name) or ".." in name:
+                    raise ConfigError(
+                        f"--http-allowed-hosts / TASKANDGO_HTTP_ALLOWED_HOSTS: bad entry "
+                        f"{item!r}; expected *, a host name, .domain, an IP address or "
+                        "network (no port)") from None
+        out.append(entry)
+    return tuple(out)
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -215,6 +247,10 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    "public API; 0 = off (TASKANDGO_RATE_LIMIT; 0)")
     p.add_argument("--max-queued", type=int, help="queued tasks at most; submits beyond get "
                    "RESOURCE_EXHAUSTED (TASKANDGO_MAX_QUEUED; 1000000)")
+    p.add_argument("--http-allowed-hosts", help="names (Host headers) the HTTP server answers "
+                   "to besides its own addresses: comma separated host names, .domain "
+                   "suffixes, IP addresses or networks; * for any "
+                   "(TASKANDGO_HTTP_ALLOWED_HOSTS; default: none)")
     p.add_argument("--tls-cert", help="PEM certificate for gRPC and HTTP (TASKANDGO_TLS_CERT)")
     p.add_argument("--tls-key", help="PEM private key (TASKANDGO_TLS_KEY)")
     p.add_argument("--tls-ca", help="PEM CA bundle that signs peers' and clients' certificates "
@@ -370,7 +406,10 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         prefetch=max(0, int(_pick(getattr(args, "prefetch", None), env, "TASKANDGO_PREFETCH",
                                   128, int))),
         tls_cert=tls["cert"], tls_key=tls["key"], tls_ca=tls["ca"],
-        tls_client_auth=bool(client_auth))
+        tls_client_auth=bool(client_auth),
+        http_allowed_hosts=parse_allowed_hosts(str(_pick(
+            getattr(args, "http_allowed_hosts", None), env, "TASKANDGO_HTTP_ALLOWED_HOSTS",
+            "", str))))
     if cfg.lease_s <= 3 * cfg.heartbeat_s:
         raise ConfigError("--lease / TASKANDGO_LEASE_S must exceed 3 heartbeats (0.9 s)")
     return cfg

@@ -15,6 +15,13 @@ connection). Contract, which ``static/openapi.json`` documents route by route:
   event stream also takes ``?access_token=`` because browsers' EventSource cannot
   set headers. The per-client rate limit applies to the API routes. TLS (and mTLS)
   come from the same files as gRPC's;
+* a request whose ``Host`` is not one of this node's names is refused (421) before
+  anything else, so a page whose name an attacker re-points at this node (DNS
+  rebinding) reaches nothing; a state-changing request from another origin is
+  refused (403), and a browser's JSON write must say ``application/json`` (415):
+  see :class:`HostPolicy` and :meth:`Handler._check_write`;
+* every response carries :data:`SECURITY_HEADERS` (a Content-Security-Policy that
+  admits only this node's own script and style, no framing, no sniffing, no referrer);
 * a request body is always consumed (or the connection closed) before the next
   request is read, so a keep-alive connection never misparses a leftover body;
 * no request can take the node down; anything unexpected is logged and answered 500.
@@ -22,20 +29,24 @@ connection). Contract, which ``static/openapi.json`` documents route by route:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import signal
+import socket
 import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import grpc
+import psutil
 
 from taskandgo.node.app import NodeApp, NotFound, Unavailable
 from taskandgo.node.client import TaskAndGoError, _to_dict
@@ -73,6 +84,26 @@ CLUSTER_NODE_DEFAULTS: dict[str, Any] = {
     "raft_address": "", "slots": 0, "free_slots": 0, "running": [], "cpu_percent": 0.0,
     "memory_percent": 0.0, "memory_rss": 0, "ready": False, "last_seen_s": 0.0,
 }
+#: On every response. The dashboard loads its script and style from this node
+#: (``/dashboard.js``, ``/dashboard.css``: no inline code runs), its icon is a data:
+#: URL, and it talks only to this node (fetch and EventSource: ``connect-src`` from
+#: ``default-src``). No page of this node may be framed (clickjacking).
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+#: Methods that change state: refused when a browser sends them from another origin.
+WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+#: Body types taken as JSON from a client that is not a browser (no ``Origin``, no
+#: ``Sec-Fetch-*``): plain ``curl -d`` sends form encoding, as the seed's example does.
+NON_BROWSER_BODY_TYPES = frozenset({"", "application/x-www-form-urlencoded", "text/plain"})
+#: How often (at most) a Host that is an unknown IP literal makes a wildcard-bound
+#: node list its interface addresses again (an address added after the start).
+ADDRESS_REFRESH_S = 10.0
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 GRPC_TO_HTTP = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503,
                 "DEADLINE_EXCEEDED": 503, "INTERNAL": 502, "UNKNOWN": 502}
 
@@ -132,6 +163,156 @@ def _depth_ok(value: Any, limit: int) -> bool:
     return True
 
 
+def _host_name(netloc: str) -> str | None:
+    """The host name of a ``Host`` header or an origin's ``host[:port]``: lower case,
+    no IPv6 brackets, no trailing dot, IP addresses in canonical form; None when
+    it does not parse."""
+    try:
+        parts = urlsplit("//" + netloc)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return None
+    if parts.netloc != netloc or parts.username is not None or parts.path or parts.query:
+        return None  # "a/b", "user@host", "a b?c": not a host
+    host = _canonical(parts.hostname or "")
+    return host or None
+
+
+def _canonical(name: str) -> str:
+    """A host name or IP address as compared here: lower case, no brackets, no
+    trailing dot, IP addresses in canonical form (``::0001`` is ``::1``)."""
+    name = name.strip().strip("[]").rstrip(".").lower()
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def _local_addresses() -> frozenset[str]:
+    """Every IP address of this machine's (or pod's) interfaces, canonical form."""
+    out = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                try:
+                    out.add(str(ipaddress.ip_address(a.address.split("%", 1)[0])))
+                except ValueError:
+                    pass
+    return frozenset(out)
+
+
+@dataclass
+class HostPolicy:
+    """Which ``Host`` headers and which ``Origin`` headers this node's HTTP server
+    accepts. Thread-safe: handler threads share one.
+
+    A Host is accepted when its name (the port is not compared: a Service or proxy
+    may map ports) is one of the node's own: its bind and advertised addresses, its
+    host name; ``localhost``, ``127.0.0.1`` and ``::1`` when it is bound to loopback
+    or to every address; when bound to every address (``0.0.0.0``, ``::``), every
+    address of its interfaces (so the kubelet's probes, which send the pod IP,
+    pass). Or when it matches a configured entry (``--http-allowed-hosts``: names,
+    ``.domain`` suffixes, IP addresses or networks; ``*`` accepts any Host).
+
+    An Origin is accepted when its ``host[:port]`` is the request's Host (the same
+    origin, whatever the scheme: a TLS-terminating proxy in front of plain HTTP), or
+    when its name matches a configured entry other than ``*``: ``*`` opens the Host
+    check, never cross-origin writes."""
+
+    own: frozenset[str]
+    configured: tuple[str, ...] = ()
+    wildcard_bind: bool = False
+    _interfaces: frozenset[str] = field(default_factory=frozenset)
+    _interfaces_at: float = float("-inf")
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def for_node(cls, cfg: Any) -> HostPolicy:
+        own = {cfg.advertise, socket.gethostname()}
+        bind = cfg.bind.strip("[]")
+        wildcard = bind in ("", "0.0.0.0", "::")
+        if wildcard or _is_loopback(bind):
+            own |= LOOPBACK_NAMES
+        if not wildcard:
+            own.add(bind)
+        names = frozenset(n for n in map(_canonical, own) if n)
+        return cls(own=names, configured=tuple(getattr(cfg, "http_allowed_hosts", ())),
+                   wildcard_bind=wildcard)
+
+    def host_ok(self, host_header: str) -> bool:
+        """True when this node answers to ``host_header`` (a ``Host`` value)."""
+        if "*" in self.configured:
+            return True
+        name = _host_name(host_header.strip())
+        if name is None:
+            return False
+        if name in self.own or self._configured_match(name):
+            return True
+        return self.wildcard_bind and self._is_interface_address(name)
+
+    def origin_ok(self, origin: str, host_header: str) -> bool:
+        """True when a write may come from a page of ``origin`` (an ``Origin`` value)."""
+        parts = urlsplit(origin.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return False  # "null" (a sandboxed frame, a file:// page) or garbage
+        if parts.netloc.lower() == host_header.strip().lower():
+            return True
+        name = _host_name(parts.netloc)
+        return name is not None and self._configured_match(name)
+
+    def _configured_match(self, name: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(name)
+        except ValueError:
+            ip = None
+        for entry in self.configured:
+            if entry == "*":
+                continue
+            if ip is not None:
+                try:
+                    if ip in ipaddress.ip_network(entry, strict=False):
+                        return True
+                except ValueError:
+                    pass  # a name entry: an IP literal never matches it
+            elif entry.startswith("."):
+                if name == entry[1:] or name.endswith(entry):
+                    return True
+            elif name == entry:
+                return True
+        return False
+
+    def _is_interface_address(self, name: str) -> bool:
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        with self._lock:
+            if name in self._interfaces:
+                return True
+            now = time.monotonic()
+            if now - self._interfaces_at < ADDRESS_REFRESH_S:
+                return False
+            self._interfaces, self._interfaces_at = _local_addresses(), now
+            return name in self._interfaces
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _Refused(Exception):
+    """A request refused before its route runs: (status, message, header named)."""
+
+    def __init__(self, code: int, message: str, field: str) -> None:
+        super().__init__(message)
+        self.code, self.message, self.field = code, message, field
+
+
 class _TooLarge(Exception):
     pass
 
@@ -158,6 +339,8 @@ ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
     (("metrics",), {"GET": "metrics"}),
     ((), {"GET": "dashboard"}),
     (("index.html",), {"GET": "dashboard"}),
+    (("dashboard.js",), {"GET": "dashboard_js"}),
+    (("dashboard.css",), {"GET": "dashboard_css"}),
     (("openapi.json",), {"GET": "openapi"}),
     (("api", "v1", "tasks"), {"GET": "list_tasks", "POST": "create_tasks"}),
     (("api", "v1", "tasks", "{id}"), {"GET": "get_task", "DELETE": "cancel_task"}),
@@ -170,7 +353,7 @@ ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
 
 
 #: Routes that hold no data: served without a token.
-PAGES = frozenset({"dashboard", "openapi"})
+PAGES = frozenset({"dashboard", "dashboard_js", "dashboard_css", "openapi"})
 #: Routes for probes and scrapers: without a token while read-only endpoints are open.
 READ_ONLY = frozenset({"healthz", "readyz", "metrics"})
 
@@ -206,6 +389,7 @@ class Handler(BaseHTTPRequestHandler):
     # Set on the subclass made by create_http_server:
     app: NodeApp
     limiter: RateLimiter
+    hosts: HostPolicy
 
     def setup(self) -> None:
         super().setup()
@@ -218,6 +402,12 @@ class Handler(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), fmt % args)
 
     # -------------------------------------------------------------- plumbing
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        """Every final response (not a ``100 Continue``) carries SECURITY_HEADERS."""
+        super().send_response(code, message)
+        for k, v in SECURITY_HEADERS.items():
+            self.send_header(k, v)
 
     def _send(self, code: int, body: Any, ctype: str = "application/json",
               headers: dict[str, str] | None = None) -> None:
@@ -264,9 +454,44 @@ class Handler(BaseHTTPRequestHandler):
             raise InvalidTask("Content-Length", "negative")
         return length
 
+    def _from_browser(self) -> bool:
+        """True when a browser sent this request: browsers add ``Origin`` to every
+        POST (fetch, forms) and ``Sec-Fetch-*`` wherever they support it; curl,
+        scripts and the Python client send neither."""
+        return any(h in self.headers for h in ("Origin", "Sec-Fetch-Site", "Sec-Fetch-Mode"))
+
+    def _check_write(self, method: str) -> None:
+        """403 for a state-changing request a browser made from another origin (a
+        page elsewhere posting to this node: CSRF). Without ``Origin`` a browser's
+        ``Sec-Fetch-Site: cross-site`` says the same."""
+        origin = self.headers.get("Origin")
+        host = self.headers.get("Host", "")
+        if origin is not None:
+            if not self.hosts.origin_ok(origin, host):
+                raise _Refused(403, f"cross-origin {method} refused: Origin {origin!r} is not "
+                               f"this node's origin ({host}); add its name to "
+                               "--http-allowed-hosts to allow it", "Origin")
+        elif (self.headers.get("Sec-Fetch-Site") or "").strip().lower() == "cross-site":
+            raise _Refused(403, f"cross-site {method} refused (Sec-Fetch-Site: cross-site)",
+                           "Sec-Fetch-Site")
+
+    def _check_body_type(self) -> None:
+        """415 unless a JSON body says ``application/json``. A client that is not a
+        browser may also send form encoding, ``text/plain`` or nothing (plain
+        ``curl -d``, the seed's example); from a browser those are what a page on
+        another site can send without asking (a "simple" request), so never."""
+        ctype = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if ctype == "application/json":
+            return
+        if self._from_browser() or ctype not in NON_BROWSER_BODY_TYPES:
+            raise _Refused(415, f"Content-Type {ctype or '(none)'} refused: send the body "
+                           "as Content-Type: application/json", "Content-Type")
+
     def _body(self) -> Any:
-        """The request body as JSON (whatever its Content-Type: the seed's curl sends
-        form encoding); 400 naming ``body`` when empty, not JSON or nested too deep."""
+        """The request body as JSON; 415 when its Content-Type is wrong (see
+        :meth:`_check_body_type`); 400 naming ``body`` when empty, not JSON or
+        nested too deep."""
+        self._check_body_type()
         length = self._content_length()
         self._body_read = True
         if length > MAX_BODY:
@@ -315,8 +540,21 @@ class Handler(BaseHTTPRequestHandler):
         # Split before unquoting, so an id may contain an encoded "/" (%2F).
         parts = [] if segments == [""] else [unquote(p) for p in segments]
         try:
+            host = self.headers.get("Host")
+            if host is None:
+                raise _Refused(400, "a Host header is required", "Host")
+            if not self.hosts.host_ok(host):
+                # Before routing: a name re-pointed at this node (DNS rebinding)
+                # learns nothing, not even which paths exist.
+                raise _Refused(421, f"this node does not answer to Host {host!r}: use one of "
+                               "its addresses, or add the name to --http-allowed-hosts "
+                               "(TASKANDGO_HTTP_ALLOWED_HOSTS)", "Host")
+            if method in WRITE_METHODS:
+                self._check_write(method)
             query = parse_qs(url.query, keep_blank_values=True)
             self._route(method, parts, query)
+        except _Refused as exc:
+            self._error(exc.code, exc.message, exc.field)
         except _TooLarge:
             self.close_connection = True
             self._error(413, f"request body larger than {MAX_BODY} bytes", "body")
@@ -501,6 +739,14 @@ class Handler(BaseHTTPRequestHandler):
                     query: dict[str, list[str]]) -> None:
         self._static("dashboard.html", "text/html; charset=utf-8")
 
+    def h_dashboard_js(self, params: dict[str, str], q: dict[str, str],
+                       query: dict[str, list[str]]) -> None:
+        self._static("dashboard.js", "text/javascript; charset=utf-8")
+
+    def h_dashboard_css(self, params: dict[str, str], q: dict[str, str],
+                        query: dict[str, list[str]]) -> None:
+        self._static("dashboard.css", "text/css; charset=utf-8")
+
     def h_openapi(self, params: dict[str, str], q: dict[str, str],
                   query: dict[str, list[str]]) -> None:
         self._static("openapi.json", "application/json")
@@ -669,7 +915,8 @@ def create_http_server(app: NodeApp, host: str, port: int) -> tuple[ThreadingHTT
     if hasattr(signal, "SIGPIPE") and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     handler = type("BoundHandler", (Handler,), {
-        "app": app, "limiter": RateLimiter(getattr(app.cfg, "rate_limit", 0.0))})
+        "app": app, "limiter": RateLimiter(getattr(app.cfg, "rate_limit", 0.0)),
+        "hosts": HostPolicy.for_node(app.cfg)})
     server = Server((host, port), handler)
     ctx = tls_context(app.cfg)
     if ctx is not None:

@@ -14,6 +14,7 @@ import uuid
 from typing import Any
 
 from taskandgo.consensus.state import PRIORITY_LEVELS, STATUSES
+from taskandgo.node.callworker import CALL_RE, CALL_SHAPE
 from taskandgo.strategies import STRATEGIES
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
@@ -27,6 +28,10 @@ PRIORITY_RANGE = (-1000, 1000)
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_RETRIES = 100
 MAX_JSON_DEPTH = 64
+MAX_CALL = 1024
+#: JSON text longer than this many times its field's limit is refused unparsed: no
+#: spelling of a value under the limit is that long (``\uXXXX`` for one byte is 6).
+TEXT_SLACK = 8
 
 
 class InvalidTask(ValueError):
@@ -61,18 +66,49 @@ def parse_priority(value: Any) -> int:
     return n
 
 
+def json_size(value: Any) -> int:
+    """Bytes of ``value`` as compact UTF-8 JSON: what it costs in the replicated state
+    (the journal, snapshots and every replica's memory) whatever JSON type it came as.
+    A string counts as its UTF-8 bytes. ``value`` must be nested at most
+    :data:`MAX_JSON_DEPTH` deep (check :func:`_depth` first: serialising recurses)."""
+    text = value if isinstance(value, str) else json.dumps(
+        value, ensure_ascii=False, separators=(",", ":"))
+    # surrogatepass: a lone surrogate ("\ud800" in JSON) is counted, not a crash.
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def check_size(name: str, value: Any, limit: int) -> None:
+    """The one size check of every sized field (data, argv, call, args, items), for
+    gRPC, HTTP and the CLI alike: raise :class:`InvalidTask` naming ``name`` when
+    ``value`` is over ``limit`` bytes by :func:`json_size`, so a list or an object
+    is held to the same limit as a string."""
+    size = json_size(value)
+    if size > limit:
+        what = "UTF-8" if isinstance(value, str) else "compact JSON"
+        raise InvalidTask(name, f"{size} bytes as {what}; the limit is {limit} bytes")
+
+
 def _json_field(name: str, value: Any, limit: int) -> Any:
+    """A JSON-valued field, given as a JSON value or as JSON text (``*_json``): the
+    parsed value, or None when absent. The limit applies to the parsed value's
+    compact size, so the same arguments pass or fail whichever way they are sent
+    (pretty-printed or ``\\u``-escaped text is not held against them)."""
     if isinstance(value, str):
         if value == "":
             return None
-        if len(value) > limit:
-            raise InvalidTask(name, f"longer than {limit} bytes")
+        if len(value) > TEXT_SLACK * limit:
+            # Too long to be under the limit in any spelling: do not parse it.
+            raise InvalidTask(name, f"JSON text of {len(value)} characters; the limit is "
+                              f"{limit} bytes")
         try:
             value = json.loads(value)
         except (ValueError, RecursionError) as exc:
             raise InvalidTask(name, f"not valid JSON: {exc}") from None
+    if value is None:
+        return None
     if _depth(value) > MAX_JSON_DEPTH:
         raise InvalidTask(name, f"nested deeper than {MAX_JSON_DEPTH} levels")
+    check_size(name, value, limit)
     return value
 
 
@@ -115,27 +151,28 @@ def normalize(raw: dict[str, Any], default_strategy: str) -> dict[str, Any]:
     if data:
         if not isinstance(data, str):
             raise InvalidTask("data", "expected a string")
-        if len(data.encode()) > MAX_PAYLOAD:
-            raise InvalidTask("data", f"larger than {MAX_PAYLOAD} bytes")
+        check_size("data", data, MAX_PAYLOAD)
         spec["data"] = data
     if argv:
         if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
             raise InvalidTask("argv", "expected a list of strings")
-        if sum(len(a.encode()) for a in argv) > MAX_PAYLOAD:
-            raise InvalidTask("argv", f"larger than {MAX_PAYLOAD} bytes")
+        check_size("argv", argv, MAX_PAYLOAD)
         spec["argv"] = list(argv)
+    # Errors name the field as the caller spelled it: ``args`` (a JSON value, HTTP)
+    # or ``args_json`` (JSON text, gRPC and the CLI); the same for items.
+    args_field = "args" if raw.get("args") is not None else "args_json"
     if call:
-        if not isinstance(call, str) or not re.fullmatch(
-                r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", call):
-            raise InvalidTask("call", "expected module:function")
+        if not isinstance(call, str) or not CALL_RE.fullmatch(call):
+            raise InvalidTask("call", CALL_SHAPE)  # the allow-list's rules: node/callworker.py
+        check_size("call", call, MAX_CALL)
         spec["call"] = call
-        args = _json_field("args_json", raw.get("args", raw.get("args_json")), MAX_PAYLOAD)
+        args = _json_field(args_field, raw.get("args", raw.get("args_json")), MAX_PAYLOAD)
         if args is not None and not isinstance(args, (list, dict)):
-            raise InvalidTask("args_json", "expected a JSON list or object")
+            raise InvalidTask(args_field, "expected a JSON list or object")
         if args is not None:
             spec["args"] = args
     elif raw.get("args") or raw.get("args_json"):
-        raise InvalidTask("args_json", "arguments are only for call tasks")
+        raise InvalidTask(args_field, "arguments are only for call tasks")
 
     strategy = raw.get("strategy") or default_strategy
     if strategy not in STRATEGIES:
@@ -145,14 +182,13 @@ def normalize(raw: dict[str, Any], default_strategy: str) -> dict[str, Any]:
     shards = raw.get("shards") or 0
     if isinstance(shards, bool) or not isinstance(shards, int) or not 0 <= shards <= MAX_SHARDS:
         raise InvalidTask("shards", f"expected an integer 0..{MAX_SHARDS}")
-    items = _json_field("items_json", raw.get("items", raw.get("items_json")), MAX_ITEMS_BYTES)
+    items_field = "items" if raw.get("items") is not None else "items_json"
+    items = _json_field(items_field, raw.get("items", raw.get("items_json")), MAX_ITEMS_BYTES)
     if items is not None:
         if not isinstance(items, list):
-            raise InvalidTask("items_json", "expected a JSON list")
+            raise InvalidTask(items_field, "expected a JSON list")
         if len(items) > MAX_ITEMS:
-            raise InvalidTask("items_json", f"more than {MAX_ITEMS} items")
-        if len(json.dumps(items)) > MAX_ITEMS_BYTES:
-            raise InvalidTask("items_json", f"larger than {MAX_ITEMS_BYTES} bytes")
+            raise InvalidTask(items_field, f"more than {MAX_ITEMS} items")
         if items:
             spec["items"] = items
     if shards and items and shards > len(items):
