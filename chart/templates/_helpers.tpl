@@ -135,18 +135,3 @@ periodSeconds: {{ $p.periodSeconds }}
 timeoutSeconds: {{ $p.timeoutSeconds }}
 failureThreshold: {{ $p.failureThreshold }}
 {{- end }}
-
-{{/*
-TASKANDGO_HTTP_ALLOWED_HOSTS: every name a client inside the cluster may use for
-a pod (the client Service, the headless Service, the pod's own record; each as
-<name>, <name>.<ns>, <name>.<ns>.svc and <name>.<ns>.svc.<domain>), then
-httpAllowedHosts. $(POD_NAME) is expanded by Kubernetes from the env above it.
-*/}}
-{{- define "taskandgo.httpAllowedHosts" -}}
-{{- $headless := include "taskandgo.headlessName" . }}
-{{- $names := list }}
-{{- range $base := list (include "taskandgo.fullname" .) $headless (printf "$(POD_NAME).%s" $headless) }}
-{{- $names = concat $names (list $base (printf "%s.%s" $base $.Release.Namespace) (printf "%s.%s.svc" $base $.Release.Namespace) (printf "%s.%s.svc.%s" $base $.Release.Namespace $.Values.clusterDomain)) }}
-{{- end }}
-{{- join "," (concat $names .Values.httpAllowedHosts) }}
-{{- end }}
