@@ -11,15 +11,18 @@ same lock the apply path holds, so they never see a half-applied command.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.pipe_notifier import PipeNotifier
-
+from taskandgo.consensus.durability import DurableJournal, install_durable_replace
 from taskandgo.consensus.state import SchedulerState
 
 log = logging.getLogger("taskandgo.raft")
@@ -28,6 +31,40 @@ Listener = Callable[[list], None]
 
 #: Fail reasons after which the command may still commit: retry with the same ids.
 MAYBE_COMMITTED = {FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME}
+
+#: The snapshot format (docs/architecture.md, "Snapshot format"): a snapshot holds
+#: {"format": SNAPSHOT_FORMAT, "version": N, ...} of plain data, never pickled classes.
+SNAPSHOT_FORMAT = "taskandgo.snapshot"
+SNAPSHOT_VERSION = 1
+
+#: Replicated methods in the order PySyncObj numbers them (sorted by name within a
+#: code version). Journals store these numbers, so a new command must sort after the
+#: last one here or every journal on disk would replay the wrong methods;
+#: tests/test_upgrade.py pins this list.
+COMMAND_IDS = ("assign", "cancel", "compact", "complete", "requeue", "submit", "verify")
+
+Fatal = Callable[[str], None]
+
+
+class _SnapshotData:
+    """What :meth:`ReplicatedState._serialize` hands PySyncObj: pickled (in its forked
+    snapshot writer) as a plain dict built at that moment, so the snapshot file holds
+    only builtins, and the tick thread never walks the whole state."""
+
+    __slots__ = ("_rs",)
+
+    def __init__(self, rs: ReplicatedState) -> None:
+        self._rs = rs
+
+    def __reduce__(self) -> tuple:
+        return (dict, (self._rs.snapshot(),))
+
+
+def _summary(s: SchedulerState, cluster_id: str) -> list:
+    """A cheap digest of a state: equal on replicas that applied the same log."""
+    return [cluster_id, len(s.tasks), s.seq, s.next_token, s.committed_results,
+            s.dropped_results, s.rejected_commands, len(s.running), len(s.finished),
+            sum(s.queued_by_priority.values()), s.now]
 
 
 class ReplicatedState(SyncObjConsumer):
@@ -41,8 +78,20 @@ class ReplicatedState(SyncObjConsumer):
         # Attributes set before SyncObjConsumer.__init__ are not replicated.
         self._lock = threading.RLock()
         self._listener = listener
+        #: Called (on the tick thread) when this replica finds it diverged.
+        self.on_fatal: Fatal | None = None
+        #: Called (on the tick thread) when the cluster id is first applied here.
+        self.on_cluster_id: Callable[[str], None] | None = None
+        # Divergence audit (see verify): hash of the entries applied since the last
+        # audit, and this replica's records of recent audits.
+        self._window = hashlib.blake2b(digest_size=16)
+        self._window_whole = False  # False until an audit boundary after a restore
+        self._audits: dict[int, tuple[str, list]] = {}
+        self._last_audit: tuple[int, str, list] = (0, "", [])
+        self.diverged = ""
         super().__init__()
         self.state = SchedulerState()
+        self.cluster_id = ""
 
     def set_listener(self, listener: Listener | None) -> None:
         self._listener = listener
@@ -52,22 +101,68 @@ class ReplicatedState(SyncObjConsumer):
         with self._lock:
             return fn(self.state)
 
-    def _deserialize(self, data: dict) -> None:
+    # ---- snapshots (versioned plain data; see SNAPSHOT_FORMAT)
+
+    def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            super()._deserialize(data)
+            return {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION,
+                    "cluster_id": self.cluster_id, "state": self.state.to_snapshot()}
+
+    def _serialize(self) -> Any:
+        return _SnapshotData(self)
+
+    def _deserialize(self, data: Any) -> None:
+        with self._lock:
+            if isinstance(data, dict) and data.get("format") == SNAPSHOT_FORMAT:
+                version = data.get("version")
+                if not isinstance(version, int) or version > SNAPSHOT_VERSION:
+                    self._fatal(f"snapshot format version {version!r} is newer than this "
+                                f"release reads ({SNAPSHOT_VERSION}): run the newer release")
+                    return
+                self.state = SchedulerState.from_snapshot(data["state"])
+                self.cluster_id = str(data.get("cluster_id") or "")
+            elif isinstance(data, dict) and isinstance(data.get("state"), SchedulerState):
+                # Release 0.1.0 pickled the SchedulerState object itself.
+                self.state = data["state"]
+                self.cluster_id = str(data.get("cluster_id") or "")
+            else:
+                self._fatal(f"unrecognised snapshot contents ({type(data).__name__})")
+                return
+            self._window = hashlib.blake2b(digest_size=16)
+            self._window_whole = False
+        if self.cluster_id and self.on_cluster_id is not None:
+            self.on_cluster_id(self.cluster_id)
+
+    def _fatal(self, reason: str) -> None:
+        if not self.diverged:
+            self.diverged = reason
+            if self.on_fatal is not None:
+                self.on_fatal(reason)
+
+    # ---- divergence audit
+
+    def note_entry(self, command: bytes) -> None:
+        """Every applied log entry, in order (called by SafeSyncObj before applying)."""
+        self._window.update(command)
+
+    def last_audit(self) -> tuple[int, str, list]:
+        """(log index, entry hash, state summary) of the last audit applied here: what
+        the leader's next verify command carries for every replica to compare."""
+        with self._lock:
+            return self._last_audit
 
     def _run(self, name: str, *args: Any) -> Any:
         with self._lock:
             try:
                 result, events = getattr(self.state, name)(*args)
-            except Exception:  # noqa: BLE001 - see class docstring
+            except Exception:
                 log.exception("replicated %s raised; recorded as rejected", name)
                 self.state.rejected_commands += 1
                 return None
         if events and self._listener is not None:
             try:
                 self._listener(events)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("event listener failed")
         return result
 
@@ -95,6 +190,51 @@ class ReplicatedState(SyncObjConsumer):
     def compact(self, now: float, retention_s: float, max_finished: int) -> Any:
         return self._run("apply_compact", now, retention_s, max_finished)
 
+    @replicated
+    def verify(self, cluster_id: str, prev_index: int, prev_window: str,
+               prev_summary: list) -> Any:
+        """Audit point, proposed by the leader every few seconds. Applying it, every
+        replica (1) adopts ``cluster_id`` if the cluster has none yet (the first one
+        applied wins); (2) compares the leader's record of the previous audit (hash of
+        the entries between the two audits before it, and a state summary) with its
+        own record at the same log index: a difference means the replicas diverged,
+        and this replica stops (fail-stop, never serve diverged); (3) records its own
+        hash and summary at this index and starts a new window. Total: never raises."""
+        try:
+            return self._verify(cluster_id, prev_index, prev_window, prev_summary)
+        except Exception:
+            log.exception("verify raised; ignored")
+            return None
+
+    def _verify(self, cluster_id: str, prev_index: int, prev_window: str,
+                prev_summary: list) -> Any:
+        so = self._syncObj
+        index = so.raftLastApplied + 1 if so is not None else 0
+        learned = ""
+        with self._lock:
+            if not self.cluster_id and cluster_id:
+                self.cluster_id = learned = str(cluster_id)
+            mine = self._audits.get(prev_index)
+            if mine is not None and prev_summary:
+                window, summary = mine
+                if list(prev_summary) != summary:
+                    self._fatal(f"state summary at log index {prev_index} differs from the "
+                                f"leader's: ours {summary}, leader's {list(prev_summary)}")
+                elif window and prev_window and window != prev_window:
+                    self._fatal(f"log entries before index {prev_index} differ from the "
+                                "leader's (entry hash mismatch)")
+            window = self._window.hexdigest() if self._window_whole else ""
+            summary = _summary(self.state, self.cluster_id)
+            self._audits[index] = (window, summary)
+            while len(self._audits) > 64:
+                del self._audits[min(self._audits)]
+            self._last_audit = (index, window, summary)
+            self._window = hashlib.blake2b(digest_size=16)
+            self._window_whole = True
+        if learned and self.on_cluster_id is not None:
+            self.on_cluster_id(learned)
+        return index
+
 
 class SafeSyncObj(SyncObj):
     """SyncObj whose followers truncate their log only on a real conflict.
@@ -116,10 +256,60 @@ class SafeSyncObj(SyncObj):
       term); only entries beyond that, never acknowledged in this term, may go.
     """
 
-    _tg_confirmed_term = -1
-    _tg_confirmed = 0
+    def __init__(self, *args: Any, journal_mode: str = "always", dump_path: str = "",
+                 journal_path: str = "", replicated_state: ReplicatedState | None = None,
+                 cluster_id: str = "", **kwargs: Any) -> None:
+        # Set before SyncObj.__init__ so PySyncObj does not put them in snapshots (it
+        # pickles every attribute added after its constructor), and because its tick
+        # thread starts inside that constructor.
+        self._tg_confirmed_term = -1
+        self._tg_confirmed = 0
+        self._tg_journal: DurableJournal | None = None
+        self._tg_fatal: str | None = None
+        self._tg_on_fatal: Fatal | None = None
+        self._tg_state = replicated_state
+        self._tg_cluster_id = cluster_id
+        self._tg_foreign: dict[str, tuple[str, float]] = {}  # peer -> (its cluster id, when)
+        self._tg_foreign_logged: dict[str, float] = {}
+        super().__init__(*args, **kwargs)
+        if journal_path:
+            journal = DurableJournal(self._SyncObj__raftLog, journal_path, dump_path,
+                                     journal_mode)
+            self._SyncObj__raftLog = journal
+            self._tg_journal = journal
+        transport = self._SyncObj__transport
+        send = transport.send
+
+        def tagged_send(node: Any, message: Any) -> Any:
+            # Every Raft message names the sender's cluster: a node of another
+            # cluster (a copied data dir, a reused address) is refused, not merged.
+            if self._tg_cluster_id and isinstance(message, dict):
+                message["cid"] = self._tg_cluster_id
+            return send(node, message)
+
+        transport.send = tagged_send
+        self.addOnTickCallback(self._tg_sync)
+
+    # ---- durability
+
+    def _tg_sync(self) -> None:
+        # End of every tick, after append-entries went out: the leader's own fsync
+        # overlaps the followers' (they sync before acknowledging). Also at the start
+        # of a tick, for entries appended while polling (a new leader's no-op).
+        j = self._tg_journal
+        if j is not None:
+            j.sync()
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:
+        if self._tg_fatal is not None:
+            time.sleep(min(timeToWait, 0.1) if timeToWait else 0.05)
+            return  # stopped: apply, acknowledge and vote no more
+        self._tg_sync()  # before the leader counts its own log towards a commit
+        SyncObj._onTick(self, timeToWait)
 
     def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+        if success:
+            self._tg_sync()  # acknowledge only what is on stable storage
         if success and nextNodeIdx is not None:
             term = self._SyncObj__raftCurrentTerm
             if term != self._tg_confirmed_term:
@@ -127,22 +317,95 @@ class SafeSyncObj(SyncObj):
             self._tg_confirmed = max(self._tg_confirmed, nextNodeIdx - 1)
         return SyncObj._SyncObj__sendNextNodeIdx(self, node, reset, nextNodeIdx, success)
 
+    # ---- fail-stop
+
+    def tg_fail_stop(self, reason: str) -> None:
+        """Stop this replica at once: no more applying, acknowledging or voting. Safe
+        from the tick thread (the only caller besides tests)."""
+        if self._tg_fatal is not None:
+            return
+        self._tg_fatal = reason
+        log.critical("REPLICA DIVERGED, stopping: %s", reason)
+        if self._tg_on_fatal is not None:
+            try:
+                self._tg_on_fatal(reason)
+            except Exception:
+                log.exception("fail-stop handler failed")
+
+    def _SyncObj__doApplyCommand(self, command):
+        if self._tg_fatal is not None:
+            raise RuntimeError("replica stopped: " + self._tg_fatal)
+        if self._tg_state is not None:
+            self._tg_state.note_entry(command)
+        return SyncObj._SyncObj__doApplyCommand(self, command)
+
+    def _SyncObj__loadDumpFile(self, clearJournal):
+        try:
+            self._SyncObj__serializer.deserialize()
+        except Exception as exc:  # noqa: BLE001
+            # PySyncObj would log and carry on with an empty state and a cut journal.
+            self.tg_fail_stop(f"snapshot {self._tg_dump_name()} is unreadable ({exc!r})")
+            return
+        return SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+
+    def _tg_dump_name(self) -> str:
+        return str(getattr(self._SyncObj__conf, "fullDumpFile", "") or "")
+
+    # ---- messages
+
     def _SyncObj__onMessageReceived(self, node, message):
-        if isinstance(message, dict) and message.get("type") == "append_entries" \
-                and "prevLogIdx" in message and message.get("transmission") is None:
-            message = self._tg_trim_append(message)
+        if self._tg_fatal is not None:
+            return None
+        if isinstance(message, dict):
+            cid = message.get("cid")
+            if cid and self._tg_cluster_id and cid != self._tg_cluster_id:
+                self._tg_refuse(node, str(cid))
+                return None
+            if message.get("type") == "append_entries" and "prevLogIdx" in message \
+                    and message.get("transmission") is None:
+                message = self._tg_trim_append(message)
+                if message is None:
+                    return None
         return SyncObj._SyncObj__onMessageReceived(self, node, message)
 
-    def _tg_trim_append(self, message: dict) -> dict:
+    def _tg_refuse(self, node: Any, cid: str) -> None:
+        peer = str(getattr(node, "address", node))
+        now = time.monotonic()
+        self._tg_foreign[peer] = (cid, now)
+        if now - self._tg_foreign_logged.get(peer, -1e9) > 10.0:
+            self._tg_foreign_logged[peer] = now
+            log.error("refusing Raft messages from %s: it belongs to cluster %s, this node to "
+                      "cluster %s (a data dir from another cluster, or a reused address)",
+                      peer, cid, self._tg_cluster_id)
+
+    def tg_foreign_peers(self) -> dict[str, str]:
+        """Peers whose messages were refused in the last 30 s, with their cluster ids."""
+        now = time.monotonic()
+        return {p: c for p, (c, t) in list(self._tg_foreign.items()) if now - t < 30.0}
+
+    def _tg_trim_append(self, message: dict) -> dict | None:
+        """The append-entries message PySyncObj should see: trimmed so it truncates
+        only on a real conflict, its commit index capped to what the message proves
+        matches the leader's log (Raft: min(leaderCommit, index of last new entry);
+        PySyncObj would commit entries it never checked), or None after a fail-stop:
+        the leader's log disagrees with entries this replica has already applied."""
         term = message["term"]
         if term < self._SyncObj__raftCurrentTerm:
             return message  # PySyncObj ignores it
         prev = message["prevLogIdx"]
         last = self._SyncObj__getCurrentLogIndex()
         if prev >= last:
-            return message  # nothing of ours after prev: no truncation anyway
+            return self._tg_cap_commit(message)  # nothing of ours after prev
+        applied = self._SyncObj__raftLastApplied
         ours = self._SyncObj__getEntries(prev)  # ours[i] holds index prev + i
-        if not ours or ours[0][2] != message["prevLogTerm"]:
+        if not ours:
+            return message  # before our snapshot: PySyncObj asks for a reset
+        if ours[0][2] != message["prevLogTerm"]:
+            if prev <= applied:
+                self.tg_fail_stop(
+                    f"the leader's entry {prev} has term {message['prevLogTerm']}, the one "
+                    f"this replica applied has term {ours[0][2]}")
+                return None
             return message  # PySyncObj answers the mismatch itself
         entries = message.get("entries") or []
         k = 0
@@ -150,10 +413,16 @@ class SafeSyncObj(SyncObj):
             k += 1
         if k < len(entries):
             # entries[k] conflicts (PySyncObj truncates from it) or lies past our end.
+            if k + 1 < len(ours) and prev + k + 1 <= applied:
+                self.tg_fail_stop(
+                    f"the leader would replace entry {prev + k + 1} (term {entries[k][2]}), "
+                    f"which this replica has applied (term {ours[k + 1][2]}; applied up to "
+                    f"{applied})")
+                return None
             if k == 0:
-                return message
-            return dict(message, prevLogIdx=prev + k, prevLogTerm=entries[k - 1][2],
-                        entries=entries[k:])
+                return self._tg_cap_commit(message)
+            return self._tg_cap_commit(dict(message, prevLogIdx=prev + k,
+                                            prevLogTerm=entries[k - 1][2], entries=entries[k:]))
         # Everything sent is already here and our log goes further.
         if ours[-1][2] == term:
             safe = last  # an entry of the leader's term: our whole log is the leader's
@@ -161,8 +430,17 @@ class SafeSyncObj(SyncObj):
             safe = self._tg_confirmed
         else:
             safe = 0
-        safe = min(last, max(prev + len(entries), safe))
-        return dict(message, prevLogIdx=safe, prevLogTerm=ours[safe - prev][2], entries=[])
+        # Applied entries were committed: every later leader holds them.
+        safe = min(last, max(prev + len(entries), safe, applied))
+        return self._tg_cap_commit(dict(message, prevLogIdx=safe,
+                                        prevLogTerm=ours[safe - prev][2], entries=[]))
+
+    @staticmethod
+    def _tg_cap_commit(message: dict) -> dict:
+        proven = message["prevLogIdx"] + len(message.get("entries") or [])
+        if message.get("commit_index", 0) > proven:
+            return dict(message, commit_index=proven)
+        return message
 
 
 @dataclass(frozen=True)
@@ -220,15 +498,65 @@ class Raft:
         state: SyncObjConsumer,
         timers: RaftTimers = RaftTimers(),
         on_state_changed: Callable[[int, int], None] | None = None,
+        fsync: str = "always",
+        cluster_id: str = "",
+        on_fatal: Fatal | None = None,
+        on_cluster_id: Callable[[str], None] | None = None,
     ) -> None:
+        """``fsync``: "always" (acknowledge only what is on stable storage) or "never"
+        (PySyncObj's own behaviour; see consensus/durability.py). ``cluster_id``: this
+        data dir's cluster (empty until agreed). ``on_fatal(reason)`` runs once, on the
+        tick thread, when this replica stops because it diverged (must not block)."""
         conf = make_conf(f"{bind_host}:{self_addr.rsplit(':', 1)[1]}", data_dir, password,
                          timers, on_state_changed)
+        install_durable_replace(fsync == "always")
         self.state = state
         self._transfer = threading.Event()
         self._notifier: PipeNotifier | None = None
         self._seen = (0, 0)
-        self.syncobj = SafeSyncObj(self_addr, partners, conf=conf, consumers=[state])
+        replicated_state = state if isinstance(state, ReplicatedState) else None
+        self.on_fatal = on_fatal
+        self._on_cluster_id = on_cluster_id
+        if replicated_state is not None:
+            replicated_state.on_fatal = self._fail_stop
+            replicated_state.on_cluster_id = self._learned_cluster_id
+        self.syncobj = SafeSyncObj(self_addr, partners, conf=conf, consumers=[state],
+                                   journal_mode=fsync, journal_path=conf.journalFile,
+                                   dump_path=conf.fullDumpFile,
+                                   replicated_state=replicated_state, cluster_id=cluster_id)
+        self.syncobj._tg_on_fatal = on_fatal
         self.syncobj.addOnTickCallback(self._on_tick)
+
+    def _fail_stop(self, reason: str) -> None:
+        self.syncobj.tg_fail_stop(reason)
+
+    def _learned_cluster_id(self, cluster_id: str) -> None:
+        so = getattr(self, "syncobj", None)
+        if so is not None and not so._tg_cluster_id:
+            so._tg_cluster_id = cluster_id
+        elif so is not None and so._tg_cluster_id != cluster_id:
+            so.tg_fail_stop(f"this data dir belongs to cluster {so._tg_cluster_id}, but the "
+                            f"log it replicated names cluster {cluster_id}")
+            return
+        if self._on_cluster_id is not None:
+            self._on_cluster_id(cluster_id)
+
+    @property
+    def fatal(self) -> str | None:
+        return self.syncobj._tg_fatal
+
+    @property
+    def cluster_id(self) -> str:
+        return self.syncobj._tg_cluster_id
+
+    def durability(self) -> dict[str, Any]:
+        j = self.syncobj._tg_journal
+        if j is None:
+            return {"fsync": "never", "syncs": 0, "sync_seconds": 0.0}
+        return {"fsync": j.mode, "syncs": j.syncs, "sync_seconds": j.sync_seconds}
+
+    def foreign_peers(self) -> dict[str, str]:
+        return self.syncobj.tg_foreign_peers()
 
     def status(self) -> dict[str, Any]:
         return self.syncobj.getStatus()

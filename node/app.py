@@ -27,6 +27,7 @@ import queue
 import random
 import threading
 import time
+import uuid
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -35,8 +36,10 @@ from typing import Any, Callable
 import grpc
 import psutil
 
-from taskandgo.consensus.raft import FAIL_REASON, MAYBE_COMMITTED, Raft, RaftTimers, \
-    ReplicatedState, fail_reason_name
+from taskandgo.consensus.identity import ClusterIdentity, check_data_dir, record_cluster_id, \
+    record_divergence
+from taskandgo.consensus.raft import COMMAND_IDS, FAIL_REASON, MAYBE_COMMITTED, Raft, \
+    RaftTimers, ReplicatedState, fail_reason_name
 from taskandgo.consensus.state import FAILED, FINAL, PRIORITY_LEVELS, SUCCEEDED, SchedulerState, \
     priority_name
 from taskandgo.node.config import NodeConfig, Voter
@@ -63,6 +66,8 @@ GC_FREEZE_S = 10.0
 #: run time), up to the worker's --prefetch.
 PREFETCH_WORK_S = 0.2
 DISPATCH_TIMEOUT_S = 2.0
+#: How often the leader proposes an audit point (ReplicatedState.verify).
+VERIFY_EVERY_S = 2.0
 
 
 class Unavailable(Exception):
@@ -91,6 +96,7 @@ class WorkerInfo:
     last_seen: float = 0.0  # monotonic, on the leader
     last_seen_wall: float = 0.0
     down: bool = False
+    raft_commands: int = 0  # replicated commands its release knows (0: before 0.2)
 
 
 class EventBus:
@@ -200,16 +206,31 @@ class NodeApp:
         self._proc.cpu_percent(None)
         psutil.cpu_percent(None)
         self.metrics_hook: Callable[[str, float], None] | None = None
+        #: Why this replica stopped itself (it diverged from the cluster), or None.
+        self.fatal: str | None = None
+        self.fatal_event = threading.Event()
+        self.identity: ClusterIdentity | None = None
+        self._last_verify = 0.0
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
+        """Start Raft (voters) and the node's threads. Raises IdentityError, before
+        anything starts, when the data dir belongs to another cluster or voter set."""
         if self.voter is not None:
+            self.identity = check_data_dir(self.cfg.data_dir,
+                                           [v.raft for v in self.cfg.voters], self.voter.raft)
+            if self.identity.adopted:
+                log.warning("node %s: data dir %s has a journal but no cluster identity "
+                            "(written by an earlier release): recorded voters %s for it",
+                            self.node_id, self.cfg.data_dir, ",".join(self.identity.voters))
             self.replicated = ReplicatedState(listener=self._on_state_events)
             partners = [v.raft for v in self.cfg.voters if v.raft != self.voter.raft]
             self.raft = Raft(self.voter.raft, partners, self.cfg.data_dir, self.cfg.bind,
                              self.cfg.raft_password, self.replicated, self.timers,
-                             on_state_changed=self._on_raft_state)
+                             on_state_changed=self._on_raft_state, fsync=self.cfg.fsync,
+                             cluster_id=self.identity.cluster_id, on_fatal=self._on_fatal,
+                             on_cluster_id=self._on_cluster_id)
         for name, target in (
             ("submit-flusher", self._submit_loop), ("leader", self._leader_loop),
             ("dispatch", self._dispatch_loop), ("heartbeat", self._heartbeat_loop),
@@ -312,7 +333,46 @@ class NodeApp:
     # ------------------------------------------------------------------ raft info
 
     def is_leader(self) -> bool:
-        return self.raft is not None and self.raft.is_leader()
+        return self.raft is not None and self.fatal is None and self.raft.is_leader()
+
+    def _on_fatal(self, reason: str) -> None:
+        """This replica diverged (on the Raft tick thread, which has already stopped
+        applying and acknowledging): stop serving at once, record why in the data dir
+        so a restart refuses to rejoin, and let the main loop exit non-zero."""
+        self.fatal = reason
+        self.accepting = False
+        log.critical("node %s: replica diverged from the cluster, stopping: %s",
+                     self.node_id, reason)
+        record_divergence(self.cfg.data_dir, reason)
+        self.fatal_event.set()
+
+    def _on_cluster_id(self, cluster_id: str) -> None:
+        # Tick thread, once per data dir: remember the agreed id beside the journal.
+        ident = self.identity
+        if ident is not None and ident.cluster_id != cluster_id:
+            self.identity = record_cluster_id(self.cfg.data_dir, ident, cluster_id)
+            log.info("node %s: cluster id %s recorded in %s", self.node_id, cluster_id,
+                     self.cfg.data_dir)
+
+    def _maybe_verify(self, now: float) -> None:
+        """Leader: propose an audit point every few seconds (ReplicatedState.verify),
+        once every voter heard from runs a release that knows the command."""
+        if now - self._last_verify < VERIFY_EVERY_S or self.replicated is None:
+            return
+        self._last_verify = now
+        peers = [v for v in self.cfg.voters if self.voter is None or v.raft != self.voter.raft]
+        with self._lock:
+            known = {w.raft_address: w.raft_commands for w in self.workers.values()
+                     if w.voter and not w.down}
+        heard = [v for v in peers if v.raft in known]
+        if any(known[v.raft] < len(COMMAND_IDS) for v in heard) \
+                or 2 * (len(heard) + 1) <= len(self.cfg.voters):
+            return  # a voter runs an older release (or too few heard from yet)
+        index, window, summary = self.replicated.last_audit()
+        proposal = self.replicated.cluster_id or uuid.uuid4().hex
+        self.replicated.verify(proposal, index, window, summary)
+        if self.raft is not None:
+            self.raft.wake()
 
     def leader_voter(self) -> Voter | None:
         if self.raft is None:
@@ -405,6 +465,8 @@ class NodeApp:
         return self.client(targets, timeout_s=10.0)
 
     def submit(self, raw_specs: list[dict[str, Any]], timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        if self.fatal is not None:
+            raise Unavailable(f"node stopped: its replica diverged ({self.fatal})")
         if not self.accepting:
             raise Unavailable("node is shutting down")
         specs = []
@@ -560,9 +622,13 @@ class NodeApp:
             "memory_percent": psutil.virtual_memory().percent,
             "memory_rss": self._proc.memory_info().rss,
             "strategy": self.cfg.strategy, "ready": False, "leader_id": "",
-            "queue_by_priority": {}, "queued": 0,
+            "queue_by_priority": {}, "queued": 0, "fatal": self.fatal or "",
         }
         if self.raft is not None:
+            st["cluster_id"] = self.raft.cluster_id
+            st["fsync"] = self.cfg.fsync
+            st["foreign_peers"] = [f"{p} (cluster {c})"
+                                   for p, c in sorted(self.raft.foreign_peers().items())]
             rs = self.raft.status()
             st["role"] = {0: "follower", 1: "candidate", 2: "leader"}.get(rs.get("state"), "follower")
             st["raft_term"] = rs.get("raft_term", 0)
@@ -570,7 +636,8 @@ class NodeApp:
             st["applied_index"] = rs.get("last_applied", 0)
             lv = self.leader_voter()
             st["leader_id"] = self._voter_node_id(lv) if lv else ""
-            st["ready"] = lv is not None and bool(rs.get("has_quorum", True))
+            st["ready"] = lv is not None and bool(rs.get("has_quorum", True)) \
+                and self.fatal is None
             byp = self.read(lambda s: dict(s.queued_by_priority))
             st["queue_by_priority"] = {priority_name(p): n for p, n in sorted(byp.items())}
             st["queued"] = sum(byp.values())
@@ -735,6 +802,7 @@ class NodeApp:
             if now - last_lease_check > 0.2:
                 last_lease_check = now
                 self._check_leases(now)
+            self._maybe_verify(now)
             if now - self._last_compact > 10.0:
                 self._last_compact = now
                 self.replicated.compact(time.time(), self.cfg.retention_s, self.cfg.max_finished)
@@ -1145,6 +1213,7 @@ class NodeApp:
             w.capacity = req.capacity or req.slots
             w.cpu_percent, w.memory_percent = req.cpu_percent, req.memory_percent
             w.memory_rss, w.accepting = req.memory_rss, req.accepting
+            w.raft_commands = req.raft_commands
             w.last_seen, w.last_seen_wall = time.monotonic(), time.time()
             if w.down:
                 w.down = False
@@ -1184,7 +1253,8 @@ class NodeApp:
             running=[peer_pb2.RunningUnit(task_id=k[0], chunk=k[1], attempt=k[2], token=k[3])
                      for k in running],
             cpu_percent=psutil.cpu_percent(None), memory_percent=psutil.virtual_memory().percent,
-            memory_rss=self._proc.memory_info().rss, accepting=self.accepting)
+            memory_rss=self._proc.memory_info().rss, accepting=self.accepting,
+            raft_commands=len(COMMAND_IDS))
 
     def handle_heartbeat(self, req: peer_pb2.HeartbeatRequest) -> peer_pb2.HeartbeatResponse:
         if not self.is_leader():

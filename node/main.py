@@ -42,7 +42,15 @@ def run_node(cfg: NodeConfig, grace_s: float = 20.0) -> int:
     except OSError as exc:
         log.error("cannot bind: %s", exc)
         return 2
-    app.start()
+    from taskandgo.consensus.identity import IdentityError
+
+    try:
+        app.start()
+    except IdentityError as exc:
+        log.error("refusing to start: %s", exc)
+        http_server.server_close()
+        grpc_server.stop(None)
+        return 2
     grpc_server.start()
     serve_in_thread(http_server)
     log.info("serving gRPC on %s, HTTP on %s, Raft on %s (%s)", cfg.grpc_address,
@@ -59,7 +67,17 @@ def run_node(cfg: NodeConfig, grace_s: float = 20.0) -> int:
     # Wait with a timeout: a signal delivered to another thread only runs its
     # Python handler once the main thread wakes up, and an untimed wait never does.
     while not stop.wait(0.2):
-        pass
+        if app.fatal_event.is_set():
+            break
+    if app.fatal is not None:
+        # Fail-stop: never serve diverged. Exit non-zero at once (no drain: nothing
+        # this replica would report can be trusted) so Kubernetes restarts the pod and
+        # an operator sees why; the data dir refuses a restart until dealt with.
+        log.critical("stopped: replica diverged: %s", app.fatal)
+        http_server.shutdown()
+        grpc_server.stop(None)
+        app.stop()
+        return 3
     app.drain(grace_s)
     http_server.shutdown()
     grpc_server.stop(grace=1.0).wait(2.0)

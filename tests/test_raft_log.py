@@ -111,3 +111,25 @@ def test_mismatched_previous_entry_is_refused(new_follower) -> None:
     f.append(2, 2, [(3, 2)])  # our entry 2 has term 1
     assert f.replies[-1][1] is False
     assert f.log() == [(1, 0), (2, 1), (3, 1)]
+
+
+def test_conflict_with_an_applied_entry_stops_the_replica(new_follower) -> None:
+    """A leader whose log disagrees with entries this replica has applied means the
+    replicas diverged: the follower stops (fail-stop) instead of truncating them."""
+    f = new_follower()
+    f.seed([1, 1, 1])
+    f._SyncObj__raftLastApplied = 4  # entries 2..4 were committed and applied here
+    f.append(2, 1, [(3, 2), (4, 2)])
+    assert f._tg_fatal is not None and "applied" in f._tg_fatal
+    assert f.log() == [(1, 0), (2, 1), (3, 1), (4, 1)]  # nothing dropped
+    f.append(4, 1, [(5, 2)])  # a stopped replica accepts nothing more
+    assert f.log()[-1] == (4, 1) and f.replies == []
+
+
+def test_conflict_beyond_the_applied_entries_still_truncates(new_follower) -> None:
+    f = new_follower()
+    f.seed([1, 1, 1])
+    f._SyncObj__raftLastApplied = 2
+    f.append(2, 1, [(3, 2), (4, 2)])
+    assert f._tg_fatal is None
+    assert f.log() == [(1, 0), (2, 1), (3, 2), (4, 2)]
