@@ -28,6 +28,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from taskandgo.node.callworker import format_allow
+
 log = logging.getLogger("taskandgo.executor")
 
 UnitKey = tuple  # (task_id, chunk, attempt, token)
@@ -72,9 +74,15 @@ def default_interpreters() -> dict[str, list[str]]:
 
 
 class CallPool:
-    """Warm Python processes that run callables by import path, one call each."""
+    """Warm Python processes that run callables by import path, one call each.
 
-    def __init__(self, size: int) -> None:
+    ``allowed`` is the node's call allow-list (None: any module, (): none); each
+    worker is started with it and enforces it on every call itself, whatever the
+    node checked before. A worker whose call changed a module it had pinned says
+    so (``retire``) and is replaced before it runs anything else."""
+
+    def __init__(self, size: int, allowed: tuple[str, ...] | None = None) -> None:
+        self._allowed = allowed
         self._idle: queue.LifoQueue[subprocess.Popen] = queue.LifoQueue()
         self._all: list[subprocess.Popen] = []
         self._lock = threading.Lock()
@@ -87,7 +95,8 @@ class CallPool:
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "taskandgo.node.callworker"],
+            [sys.executable, "-m", "taskandgo.node.callworker",
+             "--allow-calls", format_allow(self._allowed)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             start_new_session=True, env=env,
         )
@@ -118,8 +127,19 @@ class CallPool:
         return line
 
     def call(self, request: dict[str, Any], timeout_s: float, cancel: threading.Event) -> dict[str, Any]:
-        proc = self._idle.get()
         deadline = time.monotonic() + timeout_s
+        reply = self._call_once(request, timeout_s, deadline, cancel)
+        if reply.pop("fresh", False):
+            # The worker had run other calls before this module was first asked for,
+            # so it could not pin it as imported; its replacement (next out of the
+            # LIFO idle queue) has run nothing and can.
+            reply = self._call_once(request, timeout_s, deadline, cancel)
+            reply.pop("fresh", None)
+        return reply
+
+    def _call_once(self, request: dict[str, Any], timeout_s: float, deadline: float,
+                   cancel: threading.Event) -> dict[str, Any]:
+        proc = self._idle.get()
         healthy = False
         try:
             if not getattr(proc, "_ready", False):
@@ -129,7 +149,10 @@ class CallPool:
             proc.stdin.write(json.dumps(request).encode() + b"\n")
             proc.stdin.flush()
             reply = json.loads(self._readline(proc, deadline, cancel))
-            healthy = True
+            healthy = not reply.pop("retire", False)
+            if not healthy and not reply.get("fresh"):
+                log.warning("call %s changed a module its worker had pinned; worker %d "
+                            "replaced", request.get("call"), proc.pid)
             return reply
         except TimeoutError:
             return {"ok": False, "result": "", "error": f"timed out after {timeout_s:g} s",
@@ -190,7 +213,7 @@ class Executor:
         self.default_runner = default_runner
         self.output_limit = output_limit
         self.default_timeout_s = default_timeout_s
-        self._calls = CallPool(slots)
+        self._calls = CallPool(slots, policy.call_modules if policy is not None else None)
         self._lock = threading.Lock()
         self._ready_cv = threading.Condition(self._lock)
         # Units dispatched but not started (a leader may send more than `slots`):

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from taskandgo.node.callworker import CallRefused, check_shape, resolve_fresh
 from taskandgo.node.tasks import InvalidTask
 
 
@@ -112,8 +113,16 @@ def client_ip(peer: str) -> str:
 
 @dataclass(frozen=True)
 class ExecPolicy:
-    """Which payload kinds a node runs: language prefixes, argv, and callables by
-    module prefix. ``None`` for a set means "any"."""
+    """Which payload kinds a node runs: language prefixes, argv, and callables from
+    allowed modules. ``None`` for a set means "any".
+
+    A callable must be a plain public function defined in an allowed module or in a
+    submodule of an allowed package (the rules are in
+    :mod:`taskandgo.node.callworker`, which the warm workers apply again on every
+    call). With an explicit module list, :meth:`check` imports the named module (it is
+    allowed by then) and checks the function itself; with "any" it checks the shape
+    only and imports nothing, so a submit never runs the import-time code of a module
+    the operator did not name; the worker then refuses what is not a plain function."""
 
     prefixes: frozenset[str] | None = None
     argv: bool = True
@@ -122,7 +131,8 @@ class ExecPolicy:
     @classmethod
     def parse(cls, kinds: str | None, call_modules: str | None) -> ExecPolicy:
         """kinds: comma list of prefixes plus ``argv`` and ``call`` ("" or "*": all).
-        call_modules: comma list of module prefixes callables may come from ("*": any)."""
+        call_modules: comma list of modules (or packages, with their submodules)
+        callables may come from ("" or "*": any)."""
         prefixes: frozenset[str] | None = None
         argv = True
         calls_allowed = True
@@ -146,11 +156,13 @@ class ExecPolicy:
             if not self.argv:
                 raise InvalidTask("argv", "argv payloads are not allowed on this cluster")
         elif "call" in spec:
-            module = spec["call"].partition(":")[0]
-            if self.call_modules is not None and not any(
-                    module == m or module.startswith(m + ".") for m in self.call_modules):
-                raise InvalidTask("call", f"callables from {module!r} are not allowed on this "
-                                  "cluster")
+            try:
+                if self.call_modules is None:
+                    check_shape(spec["call"], None)
+                else:
+                    resolve_fresh(spec["call"], self.call_modules)
+            except CallRefused as exc:
+                raise InvalidTask("call", str(exc)) from None
         elif "data" in spec:
             prefix, _ = split_prefix(spec["data"])
             prefix = prefix or (default_runner if default_runner != "echo" else "")
