@@ -47,8 +47,10 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Self
@@ -89,8 +91,11 @@ class OverlayOps:
 
     use_ns = True  # mfusepy: times in integer nanoseconds
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str,
+                 caller: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0)) -> None:
+        """``caller`` returns the (uid, gid, pid) of the request being served."""
         self.root = os.path.realpath(root)
+        self._caller = caller
         self._lock = threading.Lock()
         self._overlays: dict[tuple[int, int], _Overlay] = {}
         self._keys: dict[int, tuple[int, int]] = {}  # open fd -> backing (dev, ino)
@@ -101,6 +106,12 @@ class OverlayOps:
 
     def _path(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
+
+    def _own(self, full: str) -> None:
+        """Give a new node to the caller, as a kernel filesystem would (we serve as root)."""
+        uid, gid, _ = self._caller()
+        if (uid, gid) != (0, 0):
+            os.lchown(full, uid, gid)
 
     def _base_page(self, fd: int, ov: _Overlay, index: int) -> bytearray:
         """Page ``index`` as the backing file shows it under ``ov`` (zeros past a cut/EOF)."""
@@ -172,6 +183,7 @@ class OverlayOps:
 
     def mkdir(self, path: str, mode: int) -> int:
         os.mkdir(self._path(path), mode)
+        self._own(self._path(path))
         return 0
 
     def rmdir(self, path: str) -> int:
@@ -180,10 +192,12 @@ class OverlayOps:
 
     def mknod(self, path: str, mode: int, dev: int) -> int:
         os.mknod(self._path(path), mode, dev)
+        self._own(self._path(path))
         return 0
 
     def symlink(self, target: str, source: str) -> int:
         os.symlink(source, self._path(target))
+        self._own(self._path(target))
         return 0
 
     def link(self, target: str, source: str) -> int:
@@ -261,7 +275,9 @@ class OverlayOps:
         return self._open(self._path(path), flags, None)
 
     def create(self, path: str, mode: int, flags: int) -> int:
-        return self._open(self._path(path), flags, mode)
+        fd = self._open(self._path(path), flags, mode)
+        self._own(self._path(path))
+        return fd
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
         with self._lock:
@@ -365,7 +381,7 @@ def _serve(backing: str, mountpoint: str) -> int:
     """
     import mfusepy  # only the serving process needs it
 
-    ops = OverlayOps(backing)
+    ops = OverlayOps(backing, mfusepy.fuse_get_context)
     out_lock = threading.Lock()
 
     def reply(obj: dict[str, Any]) -> None:
@@ -425,7 +441,9 @@ class PowerCutFS:
     def __init__(self, backing: Path | str, mountpoint: Path | str) -> None:
         self.backing = Path(backing)
         self.mountpoint = Path(mountpoint)
-        self._proc: subprocess.Popen[str] | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._out = b""  # bytes read from the serving process, not yet a whole line
+        self._log: IO[bytes] | None = None  # its stderr (a pipe nobody drains could block it)
         self.cuts = 0
         self.dropped_bytes = 0
         self.dropped_files = 0
@@ -444,11 +462,13 @@ class PowerCutFS:
         if _mounted(self.mountpoint):
             raise RuntimeError(f"{self.mountpoint} is already a mount point")
         env = {**os.environ, "FUSE_LIBRARY_NAME": "fuse3", "PYTHONUNBUFFERED": "1"}
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the mount
+        self._out = b""
         self._proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "serve", str(self.backing),
              str(self.mountpoint)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, bufsize=0,
+            env=env)
         deadline = time.monotonic() + _MOUNT_TIMEOUT_S
         while not _mounted(self.mountpoint):
             if self._proc.poll() is not None or time.monotonic() > deadline:
@@ -457,19 +477,27 @@ class PowerCutFS:
             time.sleep(0.01)
 
     def _line(self, timeout_s: float) -> dict[str, Any]:
+        """The serving process's next JSON line, within ``timeout_s``."""
         assert self._proc is not None and self._proc.stdout is not None
-        stdout: IO[str] = self._proc.stdout
-        ready, _, _ = select.select([stdout], [], [], timeout_s)
-        line = stdout.readline() if ready else ""
-        if not line:
-            raise RuntimeError("powercutfs serving process did not answer")
+        fd = self._proc.stdout.fileno()
+        deadline = time.monotonic() + timeout_s
+        while b"\n" not in self._out:
+            left = deadline - time.monotonic()
+            chunk = os.read(fd, 65536) if left > 0 and select.select([fd], [], [], left)[0] \
+                else b""
+            if not chunk:
+                raise RuntimeError("powercutfs serving process did not answer")
+            self._out += chunk
+        line, self._out = self._out.split(b"\n", 1)
         return json.loads(line)
+
+    def _send(self, command: str) -> None:
+        assert self._proc is not None and self._proc.stdin is not None, "not mounted"
+        self._proc.stdin.write(command.encode() + b"\n")
 
     def stats(self) -> dict[str, int]:
         """fsyncs and synced bytes of the current mount, what is pending, and totals of cuts."""
-        assert self._proc is not None and self._proc.stdin is not None, "not mounted"
-        self._proc.stdin.write("stats\n")
-        self._proc.stdin.flush()
+        self._send("stats")
         return {**self._line(_REPLY_TIMEOUT_S)["stats"], "cuts": self.cuts,
                 "dropped_bytes": self.dropped_bytes, "dropped_files": self.dropped_files}
 
@@ -514,10 +542,14 @@ class PowerCutFS:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-        err = proc.stderr.read() if proc.stderr is not None else ""
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        log, self._log = self._log, None
+        if log is None:
+            return ""
+        log.seek(0)
+        err = log.read().decode(errors="replace")
+        log.close()
         return err
 
     def close(self) -> None:

@@ -11,15 +11,14 @@ import select
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from powercut_fs import PowerCutFS, unavailable_reason
-
-_REASON = unavailable_reason()
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 # Each writer script gets these helpers; ``ready()`` reports and then blocks, so the process
 # is killed with its files and maps still open, as at a real crash.
@@ -38,8 +37,16 @@ def _mounted(path: Path) -> bool:
         return any(line.split()[1] == target for line in f)
 
 
+@pytest.fixture(scope="module")
+def fuse_ready() -> None:
+    """Skip, saying why, where FUSE cannot run (installs Debian's fuse3 where it can)."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+
+
 @pytest.fixture
-def fs(tmp_path: Path) -> Iterator[PowerCutFS]:
+def fs(fuse_ready: None, tmp_path: Path) -> Iterator[PowerCutFS]:
     """A fresh power-cut mount; afterwards no mount is left behind."""
     handle = PowerCutFS(tmp_path / "disk", tmp_path / "mnt")
     try:
@@ -322,3 +329,68 @@ def test_pysyncobj_journal_unflushed_loses_entries(fs: PowerCutFS) -> None:
     assert fs.stats()["pending_bytes"] > 200 * 100
     fs.power_cut()
     assert _journal_entries(path) == [1]
+
+
+def test_non_root_process_writes_as_itself(fuse_ready: None) -> None:
+    if not Path("/usr/bin/setpriv").exists():
+        pytest.skip("setpriv (util-linux) is missing")
+    # Given a mount that nobody can reach (pytest's tmp_path is root-only) and a world-writable
+    # directory on it, written by a process running as nobody
+    with tempfile.TemporaryDirectory() as tmp:
+        os.chmod(tmp, 0o755)
+        with PowerCutFS(Path(tmp) / "disk", Path(tmp) / "mnt") as fs:
+            os.chmod(fs.mountpoint, 0o777)
+            script = ("import os, sys\n"
+                      "fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o600)\n"
+                      "os.write(fd, b'mine'); os.fsync(fd)\n")
+            res = subprocess.run(
+                ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                 "-c", script, str(fs.mountpoint / "n")],
+                capture_output=True, text=True, timeout=30, check=False)
+            assert res.returncode == 0, res.stderr
+            fs.power_cut()
+            # Then the file is the writer's, on the disk too, and its synced data survived
+            st = (fs.backing / "n").stat()
+            assert (st.st_uid, st.st_gid) == (65534, 65534)
+            assert (fs.mountpoint / "n").read_bytes() == b"mine"
+
+
+# ----------------------------------------------------------------------------- no mount left
+
+
+def test_close_unmounts_after_the_serving_process_died(tmp_path: Path, fuse_ready: None) -> None:
+    handle = PowerCutFS(tmp_path / "disk", tmp_path / "mnt")
+    handle.mount()
+    try:
+        assert handle._proc is not None
+        os.kill(handle._proc.pid, signal.SIGKILL)
+        handle._proc.wait(timeout=10)
+    finally:
+        handle.close()
+    assert not _mounted(tmp_path / "mnt")
+
+
+def test_mount_goes_away_when_the_test_process_dies(tmp_path: Path, fuse_ready: None) -> None:
+    # Given a test process that mounts and is then killed with SIGKILL (no teardown runs)
+    mnt = tmp_path / "mnt"
+    w = Writer("""
+        sys.path.insert(0, sys.argv[1])
+        from powercut_fs import PowerCutFS
+        fs = PowerCutFS(sys.argv[2], sys.argv[3])
+        fs.mount()
+        ready(str(fs._proc.pid))
+    """, str(Path(__file__).parent), str(tmp_path / "disk"), str(mnt))
+    try:
+        server = int(w.line())
+    finally:
+        w.kill()
+    # Then its serving process sees its control pipe close, unmounts and exits
+    deadline = time.monotonic() + 20
+    while (_mounted(mnt) or Path(f"/proc/{server}").exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    mounted, alive = _mounted(mnt), Path(f"/proc/{server}").exists()
+    if alive:
+        os.kill(server, signal.SIGKILL)
+    if mounted:
+        subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=60)
+    assert not mounted and not alive
