@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
+from pysyncobj.journal import FIRST_RECORD_OFFSET
 from pysyncobj.pipe_notifier import PipeNotifier
 from taskandgo.consensus.durability import DurableJournal, install_durable_replace
 from taskandgo.consensus.state import SchedulerState
@@ -509,6 +510,7 @@ class Raft:
         tick thread, when this replica stops because it diverged (must not block)."""
         conf = make_conf(f"{bind_host}:{self_addr.rsplit(':', 1)[1]}", data_dir, password,
                          timers, on_state_changed)
+        _drop_empty_journal(conf.journalFile)
         install_durable_replace(fsync == "always")
         self.state = state
         self._transfer = threading.Event()
@@ -614,6 +616,19 @@ class Raft:
 
     def destroy(self) -> None:
         self.syncobj.destroy()
+
+
+def _drop_empty_journal(path: str) -> None:
+    """A journal file shorter than its header was created and never synced (a power
+    cut right after a node's first start, or any cut with --fsync never): it holds no
+    entry, and PySyncObj cannot open it (an empty file cannot be mapped)."""
+    try:
+        if os.path.getsize(path) < FIRST_RECORD_OFFSET:
+            log.warning("journal %s is shorter than its header (never synced): starting "
+                        "it afresh", path)
+            os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def fail_reason_name(code: int) -> str:

@@ -627,6 +627,7 @@ class NodeApp:
         if self.raft is not None:
             st["cluster_id"] = self.raft.cluster_id
             st["fsync"] = self.cfg.fsync
+            st["raft_syncs"] = self.raft.durability()["syncs"]
             st["foreign_peers"] = [f"{p} (cluster {c})"
                                    for p, c in sorted(self.raft.foreign_peers().items())]
             rs = self.raft.status()
