@@ -256,6 +256,23 @@ def test_forked_child_killed_after_fsync_keeps_synced_data(fs: PowerCutFS) -> No
     assert pending.read_bytes() == b""
 
 
+def test_repeated_cuts_keep_exactly_the_synced_rounds(fs: PowerCutFS) -> None:
+    path = fs.mountpoint / "log"
+    for round_no in range(5):
+        run_and_kill("""
+            with open(sys.argv[1], "ab") as f:
+                f.write(sys.argv[2].encode())
+                f.flush()
+                os.fsync(f.fileno())
+                f.write(b"unsynced tail")
+            ready()
+        """, str(path), f"r{round_no};")
+        assert fs.power_cut() == {"dropped_bytes": len(b"unsynced tail"), "dropped_files": 1}
+        assert path.read_bytes() == b"".join(b"r%d;" % i for i in range(round_no + 1))
+    assert fs.stats()["cuts"] == 5
+    assert _mounted(fs.mountpoint)
+
+
 def test_power_cut_refuses_while_a_process_uses_the_mount(fs: PowerCutFS) -> None:
     path = fs.mountpoint / "busy"
     w = Writer("""
