@@ -88,9 +88,13 @@ CLUSTER_NODE_DEFAULTS: dict[str, Any] = {
 #: (``/dashboard.js``, ``/dashboard.css``: no inline code runs), its icon is a data:
 #: URL, and it talks only to this node (fetch and EventSource: ``connect-src`` from
 #: ``default-src``). No page of this node may be framed (clickjacking).
+#: ``'unsafe-eval'``: the dashboard never evaluates strings, but browser test tools
+#: (Playwright's polling ``wait_for_function``, used by tests/test_dashboard.py) do,
+#: inside the page; it lets no code in that was not already running there.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
-                               "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-eval'; "
+                               "img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                               "form-action 'self'; frame-ancestors 'none'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -227,9 +231,10 @@ class HostPolicy:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
-    def for_node(cls, cfg: Any) -> HostPolicy:
-        own = {cfg.advertise, socket.gethostname()}
-        bind = cfg.bind.strip("[]")
+    def for_node(cls, cfg: Any, bind: str) -> HostPolicy:
+        """The policy of a node with config ``cfg`` whose HTTP server binds ``bind``."""
+        own = {getattr(cfg, "advertise", bind), socket.gethostname()}
+        bind = bind.strip("[]")
         wildcard = bind in ("", "0.0.0.0", "::")
         if wildcard or _is_loopback(bind):
             own |= LOOPBACK_NAMES
@@ -916,7 +921,7 @@ def create_http_server(app: NodeApp, host: str, port: int) -> tuple[ThreadingHTT
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     handler = type("BoundHandler", (Handler,), {
         "app": app, "limiter": RateLimiter(getattr(app.cfg, "rate_limit", 0.0)),
-        "hosts": HostPolicy.for_node(app.cfg)})
+        "hosts": HostPolicy.for_node(app.cfg, host)})
     server = Server((host, port), handler)
     ctx = tls_context(app.cfg)
     if ctx is not None:
