@@ -58,7 +58,10 @@ class _SnapshotData:
         self._rs = rs
 
     def __reduce__(self) -> tuple:
-        return (dict, (self._rs.snapshot(),))
+        # In the forked writer: one thread, a frozen copy of memory. Taking the state
+        # lock here could wait forever for a thread that does not exist in the child
+        # (a reader holding it at fork time); nothing applies in the child anyway.
+        return (dict, (self._rs.snapshot(locked=False),))
 
 
 def _summary(s: SchedulerState, cluster_id: str) -> list:
@@ -104,10 +107,13 @@ class ReplicatedState(SyncObjConsumer):
 
     # ---- snapshots (versioned plain data; see SNAPSHOT_FORMAT)
 
-    def snapshot(self) -> dict[str, Any]:
-        with self._lock:
-            return {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION,
-                    "cluster_id": self.cluster_id, "state": self.state.to_snapshot()}
+    def snapshot(self, locked: bool = True) -> dict[str, Any]:
+        """The versioned snapshot of this replica (see SNAPSHOT_FORMAT)."""
+        if locked:
+            with self._lock:
+                return self.snapshot(locked=False)
+        return {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION,
+                "cluster_id": self.cluster_id, "state": self.state.to_snapshot()}
 
     def _serialize(self) -> Any:
         return _SnapshotData(self)

@@ -62,7 +62,8 @@ def _cut_loop(tmp_path: Path, mode: str, cuts: int, seed: int) -> tuple[list[str
     acked: list[str] = []
     lost_per_cut: list[int] = []
     with PowerCutFS(tmp_path / "disk", mnt) as fs:
-        c = Cluster(tmp_path / "run", n=3, extra=["--fsync", mode])
+        # Snapshots every second: cuts also land while the journal is being compacted.
+        c = Cluster(tmp_path / "run", n=3, extra=["--fsync", mode, "--snapshot-interval", "1"])
         for i, argv in enumerate(c.argvs):
             argv[argv.index("--data-dir") + 1] = str(mnt / f"node-{i}")
         try:
