@@ -25,6 +25,7 @@ from pysyncobj.journal import FIRST_RECORD_OFFSET
 from pysyncobj.pipe_notifier import PipeNotifier
 from taskandgo.consensus.durability import DurableJournal, install_durable_replace
 from taskandgo.consensus.state import SchedulerState
+from taskandgo.consensus.transport import BoundedTCPTransport
 
 log = logging.getLogger("taskandgo.raft")
 T = TypeVar("T")
@@ -529,6 +530,7 @@ class Raft:
             replicated_state.on_fatal = self._fail_stop
             replicated_state.on_cluster_id = self._learned_cluster_id
         self.syncobj = SafeSyncObj(self_addr, partners, conf=conf, consumers=[state],
+                                   transportClass=BoundedTCPTransport,
                                    journal_mode=fsync, journal_path=conf.journalFile,
                                    dump_path=conf.fullDumpFile,
                                    replicated_state=replicated_state, cluster_id=cluster_id)
