@@ -88,11 +88,8 @@ CLUSTER_NODE_DEFAULTS: dict[str, Any] = {
 #: (``/dashboard.js``, ``/dashboard.css``: no inline code runs), its icon is a data:
 #: URL, and it talks only to this node (fetch and EventSource: ``connect-src`` from
 #: ``default-src``). No page of this node may be framed (clickjacking).
-#: ``'unsafe-eval'``: the dashboard never evaluates strings, but browser test tools
-#: (Playwright's polling ``wait_for_function``, used by tests/test_dashboard.py) do,
-#: inside the page; it lets no code in that was not already running there.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-eval'; "
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; "
                                "img-src 'self' data:; object-src 'none'; base-uri 'none'; "
                                "form-action 'self'; frame-ancestors 'none'",
     "X-Frame-Options": "DENY",

@@ -68,7 +68,10 @@ def page(cluster3: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     with sync_api.sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             str(tmp_path_factory.mktemp("chromium-profile")), executable_path=executable,
-            headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
+            headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000},
+            # Playwright's polling wait_for_function evaluates strings in the page; the
+            # node's CSP rightly forbids eval (tests/test_http_hardening.py checks the CSP).
+            bypass_csp=True)
         try:
             pg = context.new_page()
             errors: list[str] = []
