@@ -77,6 +77,10 @@ def run_local(nodes: int, base_port: int, voters: int, data_dir: str, fresh: boo
                 reported.add(n.index)
                 print(f"{n.node_id} exited with code {p.returncode}; see "
                       f"{n.data_dir}/node.log", flush=True)
+                why = _refusal(os.path.join(n.data_dir, "node.log"))
+                if why:
+                    print(f"  {why}\n  (--fresh starts this local cluster from empty data "
+                          "dirs, dropping its tasks)", flush=True)
         if len(reported) == len(procs):
             return 1
     print("stopping...", flush=True)
@@ -92,3 +96,17 @@ def run_local(nodes: int, base_port: int, voters: int, data_dir: str, fresh: boo
             p.wait()
     print("stopped.")
     return 0
+
+
+def _refusal(log_path: str) -> str:
+    """The reason a node gave for refusing to start (its data dir belongs to another
+    cluster layout: other ports, another voter count), if it gave one."""
+    try:
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()[-200:]
+    except OSError:
+        return ""
+    for line in reversed(lines):
+        if "refusing to start:" in line:
+            return line.split("refusing to start:", 1)[1].strip()
+    return ""
