@@ -14,6 +14,7 @@ import ipaddress
 import os
 import re
 import socket
+from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
 from taskandgo.node.security import ExecPolicy, TokenAuth
@@ -87,6 +88,15 @@ class NodeConfig:
     #: Extra names the HTTP server answers to besides its own (see
     #: :func:`parse_allowed_hosts`); ``("*",)`` answers any Host.
     http_allowed_hosts: tuple[str, ...] = ()
+    #: Subprocess task sandbox: "auto" (bubblewrap when it works, else run as today
+    #: and say so), "require" (refuse to start without it) or "off".
+    sandbox: str = "auto"
+    #: Whether sandboxed tasks keep the network (False: a private, empty one).
+    sandbox_network: bool = True
+    #: The bubblewrap program (a name looked up on PATH, or a path).
+    bwrap: str = "bwrap"
+    #: Files this node read secrets from (hidden from sandboxed tasks).
+    secret_files: tuple[str, ...] = ()
 
     @property
     def tls(self) -> bool:
@@ -188,6 +198,30 @@ def parse_allowed_hosts(text: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+#: Environment variables that hold secret values the node reads (or that a client
+#: would use). :func:`scrub_secret_env` drops them once the configuration is built,
+#: so nothing the node starts later inherits them. It cannot wipe them from
+#: ``/proc/<pid>/environ`` (the kernel shows the environment the process was
+#: started with): that is why the node also makes itself undumpable, and why
+#: secrets belong in files (``*_FILE``), as the Helm chart passes them.
+SECRET_ENV = ("TASKANDGO_RAFT_PASSWORD", "TASKANDGO_API_TOKEN", "TASKANDGO_API_TOKENS",
+              "TASKANDGO_TOKEN")
+
+
+def scrub_secret_env(environ: MutableMapping[str, str]) -> list[str]:
+    """Remove the secret variables (:data:`SECRET_ENV`, and any other
+    ``TASKANDGO_*_TOKEN``/``_TOKENS``/``_PASSWORD``) from ``environ``; returns the
+    names removed. ``*_FILE`` variables (paths, not secrets) stay."""
+    names = [k for k in list(environ) if k in SECRET_ENV or (
+        k.startswith("TASKANDGO_") and k.endswith(("_TOKEN", "_TOKENS", "_PASSWORD")))]
+    for k in names:
+        del environ[k]
+    return sorted(names)
+
+
+SANDBOX_MODES = ("auto", "require", "off")
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -271,6 +305,16 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    help="always: a task is acknowledged only once its Raft entry is on stable "
                    "storage of a majority (survives power loss); never: faster, and a power cut "
                    "on a majority may lose acknowledged tasks (TASKANDGO_FSYNC; always)")
+    p.add_argument("--sandbox", choices=SANDBOX_MODES,
+                   help="run subprocess tasks (language prefixes, argv) in a bubblewrap "
+                   "sandbox: own PID/IPC/mount namespaces, private /tmp and working dir, "
+                   "read-only system dirs, no view of this node's data dir, secrets or "
+                   "processes. auto: when bubblewrap works here, else run them as this "
+                   "node's user and say so; require: refuse to start without it; off "
+                   "(TASKANDGO_SANDBOX; auto)")
+    p.add_argument("--sandbox-network", choices=("on", "off"),
+                   help="off: sandboxed tasks get a private network namespace with no "
+                   "interfaces but loopback (TASKANDGO_SANDBOX_NETWORK; on)")
 
 
 def _pick(flag: object, env: dict[str, str], name: str, default: object, cast: type) -> object:
@@ -322,6 +366,9 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
             raise ConfigError(f"--interpreter {item!r}: expected PREFIX=COMMAND")
         interpreters[prefix.strip()] = cmd.split()
 
+    secret_files = tuple(str(env[k]) for k in (
+        "TASKANDGO_RAFT_PASSWORD_FILE", "TASKANDGO_API_TOKENS_FILE", "TASKANDGO_API_TOKEN_FILE",
+        "TASKANDGO_TLS_KEY") if env.get(k))
     password = _read_secret(env, "TASKANDGO_RAFT_PASSWORD")
     if not is_loopback(bind) and not password:
         raise ConfigError(
@@ -410,6 +457,21 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         http_allowed_hosts=parse_allowed_hosts(str(_pick(
             getattr(args, "http_allowed_hosts", None), env, "TASKANDGO_HTTP_ALLOWED_HOSTS",
             "", str))))
+    sandbox = str(_pick(getattr(args, "sandbox", None), env, "TASKANDGO_SANDBOX", "auto",
+                        str)).strip().lower()
+    if sandbox not in SANDBOX_MODES:
+        raise ConfigError(f"--sandbox / TASKANDGO_SANDBOX={sandbox!r}: expected auto, require "
+                          "or off")
+    net = str(_pick(getattr(args, "sandbox_network", None), env, "TASKANDGO_SANDBOX_NETWORK",
+                    "on", str)).strip().lower()
+    if net not in ("on", "off"):
+        raise ConfigError(f"--sandbox-network / TASKANDGO_SANDBOX_NETWORK={net!r}: expected "
+                          "on or off")
+    tls_key = (str(cfg.tls_key),) if cfg.tls_key else ()
+    cfg = dataclasses.replace(
+        cfg, sandbox=sandbox, sandbox_network=net == "on",
+        bwrap=str(_pick(None, env, "TASKANDGO_BWRAP", "bwrap", str)),
+        secret_files=tuple(dict.fromkeys(secret_files + tls_key)))
     if cfg.lease_s <= 3 * cfg.heartbeat_s:
         raise ConfigError("--lease / TASKANDGO_LEASE_S must exceed 3 heartbeats (0.9 s)")
     return cfg
