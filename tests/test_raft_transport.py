@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import pickle
+import select
 import signal
 import socket
 import struct
@@ -53,8 +54,9 @@ if os.environ.get("TASKANDGO_RAFT_BASELINE") == "1":
     TRANSPORTS.append(pytest.param("plain", id="plain", marks=pytest.mark.xfail(
         strict=True, reason="plain PySyncObj TCPTransport has no bounds")))
 
+#: consensus.raft wires the class in (imports it, or names it in its source).
 RAFT_USES_BOUNDED = any(v is BoundedTCPTransport for v in vars(raft_module).values()) \
-    and "BoundedTCPTransport" in inspect.getsource(raft_module)
+    or "BoundedTCPTransport" in inspect.getsource(raft_module)
 
 pytestmark = pytest.mark.cluster
 
@@ -210,11 +212,13 @@ class SlowGiantFrame(threading.Thread):
 
 def closed_by_peer(sock: socket.socket) -> bool:
     """True once the peer has closed (EOF or reset); never blocks."""
-    try:
-        return sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK) == b""
-    except BlockingIOError:
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    if not poller.poll(0):
         return False
-    except OSError:
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""  # readable: does not block
+    except (ConnectionResetError, BrokenPipeError):
         return True
 
 
@@ -321,15 +325,31 @@ def test_idle_connections_are_closed_and_fds_return(nodes: RaftNodes) -> None:
     assert leader is not None
     baseline = nodes.fds(leader)
     socks: list[socket.socket] = []
+
+    def connect(src_ip: str) -> None:
+        socks.append(socket.create_connection(("127.0.0.1", nodes.raft[leader]), timeout=5,
+                                              source_address=(src_ip, 0)))
+
+    def closed() -> int:
+        return sum(closed_by_peer(s) for s in socks)
+
     try:
+        # One address: beyond max_unauthenticated_per_ip, refused at accept.
+        for _ in range(20):
+            connect(ATTACKER_IPS[0])
+        wait_for(lambda: closed() >= 20 - LIMITS.max_unauthenticated_per_ip, 1.0,
+                 "the node to refuse connections beyond the per-IP bound")
+        # 200 more from 19 addresses: beyond max_unauthenticated in all, refused at once.
         for k in range(200):
-            socks.append(socket.create_connection(
-                ("127.0.0.1", nodes.raft[leader]), timeout=5,
-                source_address=(ATTACKER_IPS[k % len(ATTACKER_IPS)], 0)))
+            connect(ATTACKER_IPS[1 + k % (len(ATTACKER_IPS) - 1)])
         opened = time.monotonic()
+        wait_for(lambda: closed() >= len(socks) - LIMITS.max_unauthenticated, 1.5,
+                 "the node to refuse connections beyond the total bound")
+        assert nodes.fds(leader) <= baseline + LIMITS.max_unauthenticated + 3
+        # The rest: closed at the handshake deadline.
         deadline_s = LIMITS.handshake_timeout_s + 2.5
-        wait_for(lambda: all(closed_by_peer(s) for s in socks), deadline_s,
-                 "the node to close 200 idle connections", every_s=0.1)
+        wait_for(lambda: closed() == len(socks), deadline_s,
+                 f"the node to close all {len(socks)} idle connections", every_s=0.1)
         assert time.monotonic() - opened < deadline_s
         wait_for(lambda: nodes.fds(leader) <= baseline + 3, 2.0,
                  f"open files of the leader back near {baseline}")
