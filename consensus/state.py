@@ -36,6 +36,18 @@ WHOLE = -1  # chunk index of a unit that is a whole task
 #: Stop requeueing a unit whose worker keeps vanishing after this many attempts.
 MAX_LOST_ATTEMPTS = 10
 
+#: A unit whose worker was lost (apply_requeue: lease missed, worker unknown to a new
+#: leader, pod gone, or back up without it) this many times ends failed instead of
+#: being run again: a task that kills, hangs or exhausts the node running it would
+#: otherwise walk through the cluster taking down one node after another, until
+#: Raft loses its majority. Two, not one: a single unrelated node loss (an OOM
+#: kill caused by another task, a node drain past its grace, a crash) must not fail
+#: a task; two in a row on different attempts is the pattern worth stopping on.
+#: The cost: a task that was unlucky twice (say, two node upgrades that killed it
+#: without a hand-back) fails too, with the reason, and may be resubmitted.
+#: Units handed back by a node shutting down cleanly do not count.
+POISON_AFTER_NODE_LOSSES = 2
+
 Event = tuple  # (kind, task_id, status, chunk, node, at)
 
 
@@ -51,7 +63,7 @@ class Unit:
 
     __slots__ = (
         "status", "attempt", "token", "node", "exit_code", "result", "error",
-        "started_at", "finished_at", "qseq", "deadline", "lost",
+        "started_at", "finished_at", "qseq", "deadline", "lost", "deaths",
     )
 
     def __init__(self) -> None:
@@ -67,11 +79,13 @@ class Unit:
         self.qseq = 0  # sequence number of this unit's live queue entry (0: none)
         self.deadline = 0.0  # lease deadline of the current assignment
         self.lost = 0  # attempts lost with their worker (not the task's fault)
+        self.deaths = 0  # of those, lost with a worker presumed dead (apply_requeue)
 
     def __getstate__(self) -> tuple:
         return tuple(getattr(self, s) for s in self.__slots__)
 
     def __setstate__(self, st: tuple) -> None:
+        self.deaths = 0  # absent from states pickled before it existed
         for s, v in zip(self.__slots__, st):
             setattr(self, s, v)
 
@@ -84,7 +98,7 @@ class Unit:
         if self.status == QUEUED and self.attempt == 0 and self.token == 0 \
                 and self.node == "" and self.exit_code == 0 and self.result == "" \
                 and self.error == "" and self.started_at == 0.0 and self.finished_at == 0.0 \
-                and self.deadline == 0.0 and self.lost == 0:
+                and self.deadline == 0.0 and self.lost == 0 and self.deaths == 0:
             return self.qseq
         return None
 
@@ -523,7 +537,9 @@ class SchedulerState:
     def apply_requeue(self, units: list, now: float, reason: str) -> tuple[int, list[Event]]:
         """Take units back from a worker presumed gone. Each unit is
         ``(task_id, chunk, attempt, token)``; only the current assignment is requeued
-        (attempt + 1 at its next assignment). A unit lost too often ends failed."""
+        (attempt + 1 at its next assignment). A unit lost too often ends failed:
+        after :data:`POISON_AFTER_NODE_LOSSES` requeues here (its node presumed dead
+        each time), or :data:`MAX_LOST_ATTEMPTS` losses of any kind."""
         events = self._advance(now)
         n = 0
         for u in units if isinstance(units, list) else []:
@@ -539,8 +555,17 @@ class SchedulerState:
                 continue
             self.running.pop((tid, chunk), None)
             unit.lost += 1
+            unit.deaths += 1
             unit.error = str(reason)[:500]
             n += 1
+            if unit.deaths >= POISON_AFTER_NODE_LOSSES:
+                unit.status = FAILED
+                unit.error = (f"not run again: the node running it was lost {unit.deaths} "
+                              f"times (a task that kills or exhausts its node would take "
+                              f"down one node after another); last: {reason}")[:500]
+                unit.finished_at = now
+                events.extend(self._settle(task, chunk, unit, now))
+                continue
             if unit.lost >= MAX_LOST_ATTEMPTS:
                 unit.status = FAILED
                 unit.error = f"lost {unit.lost} times: {reason}"[:500]

@@ -3,9 +3,11 @@
 Every unit runs on its own thread from a pool sized to the node's slots. A
 subprocess gets its own process group (killed whole on cancel or timeout), its
 own temporary working directory (removed afterwards), a sanitised environment
-plus the chunk variables, and a cap on the output kept. A callable runs in a warm
-:class:`CallPool` process, which is killed and replaced if the call is cancelled
-or times out.
+plus the chunk variables, and a cap on the output kept. Where bubblewrap works, it
+also runs inside a :class:`Sandbox` (its own PID, IPC, mount and UTS namespaces;
+see docs/security.md, "Task sandbox"). A callable runs in a warm :class:`CallPool`
+process, which is killed and replaced if the call is cancelled or times out; the
+pool is not sandboxed (the call allow-list is what bounds it).
 
 Results go to ``on_result`` (the node's reporter) exactly once per dispatched unit.
 """
@@ -25,8 +27,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from taskandgo.node.callworker import format_allow
 
@@ -71,6 +74,169 @@ def default_interpreters() -> dict[str, list[str]]:
         "sh": ["/bin/sh", "-c"],
         "bash": ["bash", "-c"],
     }
+
+
+#: Host directories every sandbox sees read-only (when they exist here). /bin,
+#: /sbin and /lib* are recreated as symlinks where the host has them as symlinks
+#: (merged /usr), else bound too.
+SYSTEM_DIRS = ("/usr", "/etc", "/opt")
+SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+#: Where the task's private directories are inside the sandbox.
+SANDBOX_TMP = "/tmp"
+SANDBOX_WORKDIR = "/work"
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """How subprocess tasks are isolated from the node and from each other.
+
+    ``kind`` is ``"bwrap"`` (tasks run under bubblewrap) or ``"none"`` (they run
+    as the node's user, as before; ``reason`` says why). Build one with
+    :meth:`probe`, which starts bubblewrap once with the real settings and falls
+    back to ``none`` if it cannot start (missing, or user namespaces refused).
+    Immutable, so every runner thread may use it."""
+
+    kind: str = "none"
+    reason: str = "not configured"
+    bwrap: str = ""
+    network: bool = True
+    #: Read-only binds beyond the system dirs (the Python installation, PATH and
+    #: PYTHONPATH directories, interpreters): (host path, sandbox path).
+    binds: tuple[str, ...] = ()
+    #: Paths the sandbox must not show: the node's data dir, its secret files.
+    hide: tuple[str, ...] = ()
+    _static: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self.kind == "bwrap"
+
+    def describe(self) -> str:
+        """For node status and logs: ``bwrap``, ``bwrap (no network)`` or
+        ``none: <reason>``."""
+        if not self.enabled:
+            return f"none: {self.reason}"
+        return "bwrap" if self.network else "bwrap (no network)"
+
+    @classmethod
+    def off(cls, reason: str) -> Sandbox:
+        return cls(kind="none", reason=reason)
+
+    @classmethod
+    def build(cls, bwrap: str, network: bool = True, hide: Iterable[str] = (),
+              extra_binds: Iterable[str] = ()) -> Sandbox:
+        """A bwrap sandbox (not yet probed). ``hide``: paths tasks must not see
+        even where they lie under a bound directory; ``extra_binds``: more
+        directories to show read-only (e.g. interpreters outside /usr)."""
+        hidden = tuple(dict.fromkeys(os.path.abspath(h) for h in hide if h))
+        binds: list[str] = []
+        roots = [d for d in SYSTEM_DIRS if os.path.isdir(d)]
+        candidates = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+        for var in ("PATH", "PYTHONPATH", "VIRTUAL_ENV"):
+            candidates += os.environ.get(var, "").split(os.pathsep)
+        candidates += list(extra_binds)
+        for c in candidates:
+            # Only absolute, existing directories; never one that holds (or is
+            # inside) a hidden path's directory tree such as the data dir, the
+            # node's working directory or /tmp (tasks get their own).
+            if not c or not os.path.isabs(c) or not os.path.isdir(c):
+                continue
+            c = os.path.realpath(c)
+            if c == "/" or _under(c, "/tmp") or _under(c, "/proc") or _under(c, "/dev") \
+                    or any(_under(h, c) or _under(c, h) for h in hidden) \
+                    or any(_under(c, r) for r in roots + binds):
+                continue
+            binds = [b for b in binds if not _under(b, c)] + [c]
+        static: list[str] = []
+        for d in roots + binds:
+            static += ["--ro-bind", d, d]
+        for link in SYSTEM_LINKS:
+            if os.path.islink(link):
+                static += ["--symlink", os.readlink(link), link]
+            elif os.path.isdir(link):
+                static += ["--ro-bind", link, link]
+        for h in hidden:
+            static += cls._hide(h, roots + binds)
+        return cls(kind="bwrap", reason="", bwrap=bwrap, network=network,
+                   binds=tuple(binds), hide=hidden, _static=tuple(static))
+
+    @staticmethod
+    def _hide(path: str, bound: list[str]) -> list[str]:
+        """bwrap arguments that cover ``path`` (and what it points to) where it lies
+        under a bound directory: its own directory gets an empty tmpfs when that is
+        not a bound root itself (a secrets volume, the data dir), else the file
+        alone is covered with /dev/null."""
+        out: list[str] = []
+        for p in dict.fromkeys([path, os.path.realpath(path)]):
+            # What does not exist cannot be shown (and a read-only bind cannot
+            # hold a new mount point).
+            if not os.path.lexists(p) or not any(_under(p, b) for b in bound):
+                continue
+            if os.path.isdir(p):
+                out += ["--tmpfs", p]
+                continue
+            parent = os.path.dirname(p)
+            if parent not in bound and any(_under(parent, b) for b in bound):
+                out += ["--tmpfs", parent]
+            else:
+                out += ["--ro-bind", "/dev/null", p]
+        return out
+
+    def wrap(self, argv: list[str], rundir: str) -> list[str]:
+        """``argv`` to run inside the sandbox; ``rundir`` is a fresh host directory
+        holding ``tmp`` and ``work``, shown to the task as /tmp and /work (its
+        working directory)."""
+        if not self.enabled:
+            return argv
+        out = [self.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+               "--unshare-cgroup-try", "--hostname", "taskandgo-task",
+               "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+        if not self.network:
+            out.append("--unshare-net")
+        out += list(self._static)
+        out += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/dev/shm",
+                "--bind", os.path.join(rundir, "tmp"), SANDBOX_TMP,
+                "--bind", os.path.join(rundir, "work"), SANDBOX_WORKDIR,
+                "--chdir", SANDBOX_WORKDIR, "--"]
+        return out + argv
+
+    @classmethod
+    def probe(cls, mode: str, bwrap: str = "bwrap", network: bool = True,
+              hide: Iterable[str] = (), extra_binds: Iterable[str] = (),
+              timeout_s: float = 20.0) -> Sandbox:
+        """The sandbox this node can give its tasks, found by starting bubblewrap
+        once with the real settings (``mode``: auto, require or off). Never raises:
+        whatever fails comes back as ``none: <reason>``; the caller decides what
+        ``require`` does with that."""
+        if mode == "off":
+            return cls.off("turned off (--sandbox off)")
+        path = shutil.which(bwrap)
+        if path is None:
+            return cls.off(f"bubblewrap not found ({bwrap!r}; apt-get install bubblewrap)")
+        sb = cls.build(path, network, hide, extra_binds)
+        rundir = tempfile.mkdtemp(prefix="taskandgo-probe-")
+        try:
+            os.mkdir(os.path.join(rundir, "tmp"))
+            os.mkdir(os.path.join(rundir, "work"))
+            # The real interpreter, so a missing bind shows here, not in a task.
+            argv = sb.wrap([sys.executable, "-c", "import os; print(os.getpid())"], rundir)
+            try:
+                proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                      check=False, timeout=timeout_s, start_new_session=True,
+                                      env={k: v for k, v in os.environ.items() if k in SAFE_ENV})
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                return cls.off(f"bubblewrap could not start: {exc}")
+            if proc.returncode != 0 or proc.stdout.strip() != b"2":
+                err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+                why = err[-1] if err else f"exit code {proc.returncode}"
+                return cls.off(f"bubblewrap could not start: {why}"[:300])
+            return sb
+        finally:
+            shutil.rmtree(rundir, ignore_errors=True)
 
 
 class CallPool:
@@ -203,9 +369,14 @@ class Executor:
         output_limit: int = 64 * 1024,
         default_timeout_s: float = 3600.0,
         policy: Any = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.node_id = node_id
         self.policy = policy
+        #: Where subprocess tasks run; the node sets the probed one before it
+        #: takes work (see node/main.py). Read once per task, never changed while
+        #: tasks run.
+        self.sandbox = sandbox or Sandbox.off("not configured")
         self.slots = slots
         self.on_result = on_result
         self.interpreters = default_interpreters()
@@ -315,7 +486,7 @@ class Executor:
                 out = {"ok": False, "result": "", "error": "cancelled", "exit_code": -9}
             else:
                 out = self._execute(w, cancel)
-        except Exception as exc:  # noqa: BLE001 - a task must never take the node down
+        except Exception as exc:  # a task must never take the node down
             log.exception("node %s: unit %s failed to run", self.node_id, w.key)
             out = {"ok": False, "result": "", "error": f"could not run: {exc}", "exit_code": -1}
         finished = time.time()
@@ -379,11 +550,21 @@ class Executor:
                 "TASKANDGO_CHUNK_COUNT": str(w.chunk_count),
                 "TASKANDGO_CHUNK_ITEMS": json.dumps(w.payload.get("items")),
             })
-        workdir = tempfile.mkdtemp(prefix="taskandgo-run-")
+        sandbox = self.sandbox
+        rundir = tempfile.mkdtemp(prefix="taskandgo-run-")
         try:
+            if sandbox.enabled:
+                # Its own /tmp and working dir, on the node's disk (not the
+                # sandbox's memory), removed with rundir.
+                os.mkdir(os.path.join(rundir, "tmp"))
+                os.mkdir(os.path.join(rundir, "work"))
+                env["HOME"] = SANDBOX_WORKDIR
+                argv, cwd = sandbox.wrap(argv, rundir), rundir
+            else:
+                cwd = rundir
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, cwd=workdir, env=env,
+                                        stderr=subprocess.PIPE, cwd=cwd, env=env,
                                         start_new_session=True)
             except OSError as exc:
                 return {"ok": False, "result": "", "error": f"cannot start {argv[0]}: {exc}",
@@ -392,6 +573,8 @@ class Executor:
                 self._procs[w.key] = proc
                 if cancel.is_set():
                     _killpg(proc)
+            # Killing the group kills bwrap; --die-with-parent takes down the
+            # sandbox's PID 1 with it, and with that every process in its namespace.
             out, err, timed_out = self._collect(proc, timeout_s, cancel)
             code = proc.returncode
             text = out.decode("utf-8", "replace").rstrip("\n")
@@ -406,7 +589,7 @@ class Executor:
                         "error": f"exit code {code}: {tail}".strip()}
             return {"ok": True, "result": text, "exit_code": 0}
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            shutil.rmtree(rundir, ignore_errors=True)
 
     def _collect(self, proc: subprocess.Popen, timeout_s: float,
                  cancel: threading.Event) -> tuple[bytes, bytes, bool]:

@@ -9,7 +9,7 @@ import pickle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taskandgo.consensus.state import SchedulerState
+from taskandgo.consensus.state import SchedulerState, Unit
 
 ids = st.sampled_from([f"t{i}" for i in range(8)])
 workers = st.sampled_from(["a", "b", "c"])
@@ -165,3 +165,46 @@ def test_compaction_forgets_old_finished_tasks_only() -> None:
     assert set(s.tasks) == {"t1", "t2"}
     assert s.apply_compact(10_000.0, 3600.0, 100)[0] == 1
     assert set(s.tasks) == {"t2"}
+
+
+def _run_on(s: SchedulerState, tid: str, worker: str, now: float) -> tuple[int, int]:
+    (assigned,) = s.apply_assign([(tid, -1, 0, worker)], now, 3.0)[0]
+    return assigned[3], assigned[4]
+
+
+def test_a_unit_whose_node_is_lost_twice_ends_failed_with_the_reason() -> None:
+    """Poison rule: the second requeue of a unit whose worker was presumed dead ends
+    it failed (retries or not), with the reason; a clean hand-back does not count."""
+    s = SchedulerState()
+    s.apply_submit([{"id": "p", "priority": 0, "strategy": "batch", "retries": 5}], 0.0)
+    attempt, token = _run_on(s, "p", "a", 1.0)
+    # A node shutting down hands it back: not a node loss.
+    s.apply_complete([{"task_id": "p", "chunk": -1, "attempt": attempt, "token": token,
+                       "ok": False, "requeue": True, "error": "handed back"}], 2.0)
+    attempt, token = _run_on(s, "p", "b", 3.0)
+    assert s.apply_requeue([("p", -1, attempt, token)], 4.0, "worker b missed its lease")[0] == 1
+    assert s.tasks["p"].unit.status == "queued" and s.tasks["p"].unit.deaths == 1
+    # The count survives snapshots (plain data and pickle) on every replica.
+    restored = SchedulerState.from_snapshot(json.loads(json.dumps(s.to_snapshot())))
+    assert restored.fingerprint() == s.fingerprint()
+    assert pickle.loads(pickle.dumps(s)).tasks["p"].unit.deaths == 1
+    attempt, token = _run_on(s, "p", "c", 5.0)
+    _, events = s.apply_requeue([("p", -1, attempt, token)], 6.0, "worker c missed its lease")
+    task = s.tasks["p"]
+    assert task.status == "failed" and ("task", "p", "failed", -1, "c", 6.0) in events
+    assert "lost 2 times" in task.error and "worker c missed its lease" in task.error
+    assert not s.running and s.queued_count() == 0
+
+
+def test_a_snapshot_from_before_the_poison_rule_loads_with_no_losses_counted() -> None:
+    s = SchedulerState()
+    s.apply_submit([{"id": "p", "priority": 0, "strategy": "batch"}], 0.0)
+    _run_on(s, "p", "a", 1.0)
+    snap = json.loads(json.dumps(s.to_snapshot()))
+    for t in snap["tasks"]:
+        t["unit"].pop("deaths")
+    old = SchedulerState.from_snapshot(snap)
+    assert old.tasks["p"].unit.deaths == 0 and old.fingerprint() == s.fingerprint()
+    unit = Unit()
+    unit.__setstate__(unit.__getstate__()[:-1])  # a unit pickled before it existed
+    assert unit.deaths == 0
