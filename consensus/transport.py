@@ -81,9 +81,11 @@ class TransportLimits:
 
     Each is pickled, zlib'd and, with a password, Fernet-encrypted (base64: 4/3 of
     the size plus ~100 bytes). The largest frame is therefore about
-    4/3 x (64 KiB + the largest command). A command is one batch of submits (or
-    assignments, results): a gRPC call carries at most 16 MiB, so 256 MiB leaves
-    room for commands of ~190 MiB after compression; keep commands far below that.
+    4/3 x (64 KiB + the largest command after zlib). A command is one batch of
+    submits (or assignments, results); one client call makes at most ~28 MB of frame
+    (a minimal task is ~28 bytes, the queue holds 1,000,000) or ~22 MiB (16 MiB of
+    large payloads), so 256 MiB is about ten times the largest single call. Commands
+    must stay below the limit: a frame over it can never be delivered.
 
     ``max_handshake_frame_bytes`` bounds frames before the handshake completes; the
     handshake's own frames (a 32-byte key, a node address) are under 1 KiB, and
