@@ -24,6 +24,9 @@ never closed, and the listen backlog was 5.
   connections per poll event, and keeps listening when ``accept`` fails for lack of
   file descriptors (PySyncObj stopped listening for good on any accept error).
 
+PySyncObj's admin connections (``syncobj_admin``) never complete the handshake: they
+must finish their command within the deadline, as its one-shot commands do.
+
 Threading: everything here runs on PySyncObj's tick thread, like the code it wraps.
 Cost: one extra header unpack per ``recv`` and one emptiness test per tick; messages
 of authenticated peers are parsed by PySyncObj's own code, unchanged.
