@@ -97,6 +97,13 @@ class NodeConfig:
     bwrap: str = "bwrap"
     #: Files this node read secrets from (hidden from sandboxed tasks).
     secret_files: tuple[str, ...] = ()
+    #: Long-lived streams (gRPC WatchTasks, the HTTP event stream) one client address
+    #: may hold open, and all clients together, per protocol (see node/streams.py).
+    max_streams_per_client: int = 8
+    max_streams: int = 32
+    #: gRPC server threads for unary and peer calls; the pool has max_streams more,
+    #: so open streams can never take these.
+    grpc_threads: int = 32
 
     @property
     def tls(self) -> bool:
@@ -285,6 +292,14 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    "to besides its own addresses: comma separated host names, .domain "
                    "suffixes, IP addresses or networks; * for any "
                    "(TASKANDGO_HTTP_ALLOWED_HOSTS; default: none)")
+    p.add_argument("--max-streams", type=int, help="open event streams (gRPC WatchTasks, "
+                   "HTTP /api/v1/events) this node serves at once, per protocol; more are "
+                   "refused with RESOURCE_EXHAUSTED / 429 (TASKANDGO_MAX_STREAMS; 32)")
+    p.add_argument("--max-streams-per-client", type=int, help="open event streams one client "
+                   "address may hold, per protocol (TASKANDGO_MAX_STREAMS_PER_CLIENT; 8)")
+    p.add_argument("--grpc-threads", type=int, help="gRPC server threads kept for unary and "
+                   "peer calls; the server runs this many plus --max-streams "
+                   "(TASKANDGO_GRPC_THREADS; 32)")
     p.add_argument("--tls-cert", help="PEM certificate for gRPC and HTTP (TASKANDGO_TLS_CERT)")
     p.add_argument("--tls-key", help="PEM private key (TASKANDGO_TLS_KEY)")
     p.add_argument("--tls-ca", help="PEM CA bundle that signs peers' and clients' certificates "
@@ -457,6 +472,15 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         http_allowed_hosts=parse_allowed_hosts(str(_pick(
             getattr(args, "http_allowed_hosts", None), env, "TASKANDGO_HTTP_ALLOWED_HOSTS",
             "", str))))
+    streams = {name: int(_pick(getattr(args, name, None), env, f"TASKANDGO_{name.upper()}",
+                               default, int))
+               for name, default in (("max_streams", 32), ("max_streams_per_client", 8),
+                                     ("grpc_threads", 32))}
+    for name, value in streams.items():
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} / TASKANDGO_{name.upper()}: "
+                              "need at least 1")
+    cfg = dataclasses.replace(cfg, **streams)
     sandbox = str(_pick(getattr(args, "sandbox", None), env, "TASKANDGO_SANDBOX", "auto",
                         str)).strip().lower()
     if sandbox not in SANDBOX_MODES:

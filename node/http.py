@@ -29,9 +29,11 @@ connection). Contract, which ``static/openapi.json`` documents route by route:
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
+import select
 import signal
 import socket
 import ssl
@@ -52,6 +54,8 @@ from taskandgo.node.app import NodeApp, NotFound, Unavailable
 from taskandgo.node.client import TaskAndGoError, _to_dict
 from taskandgo.node.security import Overloaded, RateLimited, RateLimiter, TokenAuth, \
     Unauthenticated, client_ip
+from taskandgo.node.streams import DEFAULT_PER_CLIENT, DEFAULT_TOTAL, StreamLimiter, \
+    TooManyStreams, upstream_refused
 from taskandgo.node.tasks import ID_RE, InvalidTask
 
 log = logging.getLogger("taskandgo.http")
@@ -392,6 +396,8 @@ class Handler(BaseHTTPRequestHandler):
     app: NodeApp
     limiter: RateLimiter
     hosts: HostPolicy
+    #: Open event streams, per client address and in total (429 beyond).
+    streams: StreamLimiter
 
     def setup(self) -> None:
         super().setup()
@@ -778,6 +784,25 @@ class Handler(BaseHTTPRequestHandler):
         max_s = _float(q.get("max_s", "3600"), "max_s")
         if not 0 < max_s <= 86400:
             raise InvalidTask("max_s", "expected 0..86400 seconds")
+        # A stream holds this connection's thread while open: bounded per client
+        # address and in total (--max-streams-per-client, --max-streams), 429 beyond.
+        with contextlib.ExitStack() as slot:
+            try:
+                slot.enter_context(self.streams.hold(client_ip(str(self.client_address[0]))))
+            except TooManyStreams as exc:
+                self._error(429, str(exc),
+                            headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+                return
+            if self.command == "HEAD":
+                self._start_stream()
+            elif self.app.replicated is None:
+                self._relay_events(after, task, max_s)
+            else:
+                self._start_stream()
+                self._stream_events(after, task, max_s)
+
+    def _start_stream(self) -> None:
+        """The event stream's response headers (and, but for HEAD, its retry hint)."""
         self.close_connection = True
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -789,10 +814,6 @@ class Handler(BaseHTTPRequestHandler):
             return
         self.wfile.write(b"retry: 1000\n\n")
         self.wfile.flush()
-        if self.app.replicated is None:
-            self._relay_events(after, task, max_s)
-        else:
-            self._stream_events(after, task, max_s)
 
     def _stream_events(self, after: int | None, task: str, max_s: float) -> None:
         app = self.app
@@ -805,6 +826,8 @@ class Handler(BaseHTTPRequestHandler):
         now = time.monotonic()
         deadline, last_write = now + max_s, 0.0
         while now < deadline and not app._stop.is_set():
+            if self._client_gone():
+                return  # free its place now, not at the next write that fails
             events = app.events(seq, min(1.0, deadline - now))
             if events and events[0]["seq"] > seq + 1:
                 out.append(_sse_advisory("reset", app.node_id))
@@ -823,14 +846,48 @@ class Handler(BaseHTTPRequestHandler):
                 self.wfile.flush()
                 out, last_write = [], now
 
+    def _client_gone(self) -> bool:
+        """True once an event-stream client has closed its end. Such a client sends
+        nothing after its request, so a readable socket is its EOF (or bytes no one
+        will read: a TLS close, a stray write), and the stream ends."""
+        conn = self.connection
+        try:
+            readable, _, _ = select.select([conn], [], [], 0)
+            if not readable:
+                return False
+            if isinstance(conn, ssl.SSLSocket):
+                return True
+            return conn.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def _relay_events(self, after: int | None, task: str, max_s: float) -> None:
-        """A worker holds no replicated state: relay a voter's stream (its ids)."""
+        """A worker holds no replicated state: relay a voter's stream (its ids). The
+        response starts only once the voter accepted the stream: its refusal is this
+        request's answer (429 when the voter holds too many streams, 503 unreachable)."""
         with self.app.forward_client() as c:
             stream = c.watch_raw([task] if task else None, after or 0)
-            timer = threading.Timer(max_s, stream.cancel)
-            timer.daemon = True
-            timer.start()
+            finished = threading.Event()
+
+            def watch() -> None:
+                # Ends the voter's stream after max_s, or as soon as this client
+                # goes away (no event may come for long): it holds a place there.
+                end = time.monotonic() + max_s
+                while not finished.wait(0.5):
+                    if time.monotonic() >= end or self._client_gone():
+                        stream.cancel()
+                        return
+
+            threading.Thread(target=watch, name="sse-relay-watch", daemon=True).start()
             try:
+                refused = upstream_refused(stream)
+                if refused is not None:
+                    code = refused[0].name
+                    status = 429 if code == "RESOURCE_EXHAUSTED" else GRPC_TO_HTTP.get(code, 503)
+                    self._error(status, f"the voter refused the event stream: {refused[1]}",
+                                headers={"Retry-After": "1"} if status == 429 else None)
+                    return
+                self._start_stream()
                 for msg in stream:
                     ev = _to_dict(msg)
                     self.wfile.write(_sse(ev, ev["seq"]))
@@ -838,7 +895,7 @@ class Handler(BaseHTTPRequestHandler):
             except grpc.RpcError:
                 pass  # the voter went away or max_s passed: the client reconnects
             finally:
-                timer.cancel()
+                finished.set()
                 stream.cancel()
 
 
@@ -918,6 +975,8 @@ def create_http_server(app: NodeApp, host: str, port: int) -> tuple[ThreadingHTT
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     handler = type("BoundHandler", (Handler,), {
         "app": app, "limiter": RateLimiter(getattr(app.cfg, "rate_limit", 0.0)),
+        "streams": StreamLimiter(getattr(app.cfg, "max_streams_per_client", DEFAULT_PER_CLIENT),
+                                 getattr(app.cfg, "max_streams", DEFAULT_TOTAL), "event streams"),
         "hosts": HostPolicy.for_node(app.cfg, host)})
     server = Server((host, port), handler)
     ctx = tls_context(app.cfg)

@@ -9,6 +9,7 @@ and answered INTERNAL, never allowed to take the node down.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -23,6 +24,8 @@ from taskandgo.node.app import NodeApp, NotFound, Unavailable
 from taskandgo.node.client import TaskAndGoError
 from taskandgo.node.security import Overloaded, RateLimited, RateLimiter, TokenAuth, \
     Unauthenticated, client_ip
+from taskandgo.node.streams import DEFAULT_PER_CLIENT, DEFAULT_TOTAL, STREAM_ACCEPTED, \
+    StreamLimiter, TooManyStreams, upstream_refused
 from taskandgo.node.tasks import InvalidTask
 from taskandgo.protos import peer_pb2, peer_pb2_grpc, taskandgo_pb2, taskandgo_pb2_grpc
 
@@ -132,16 +135,31 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
                       self.app.wait(list(request.task_ids), timeout))
 
     def WatchTasks(self, request: Any, context: Any) -> Iterator[Any]:
+        """Stream task events. Sends :data:`STREAM_ACCEPTED` as initial metadata once
+        open; create_server bounds how many are open (RESOURCE_EXHAUSTED beyond)."""
         if self.app.replicated is None:
             try:
                 with self.app.forward_client() as c:
-                    for ev in c.watch_raw(list(request.task_ids), request.after_seq):
-                        if not context.is_active():
-                            return
-                        yield ev
+                    upstream = c.watch_raw(list(request.task_ids), request.after_seq)
+                    # A client that goes away ends the voter's stream at once, not
+                    # at the next event: it holds a place there.
+                    context.add_callback(upstream.cancel)
+                    try:
+                        refused = upstream_refused(upstream)
+                        if refused is not None:
+                            # The voter's own answer (RESOURCE_EXHAUSTED, UNAUTHENTICATED...).
+                            context.abort(refused[0], refused[1])
+                        context.send_initial_metadata((STREAM_ACCEPTED,))
+                        for ev in upstream:
+                            if not context.is_active():
+                                return
+                            yield ev
+                    finally:
+                        upstream.cancel()
             except grpc.RpcError as exc:
                 context.abort(grpc.StatusCode.UNAVAILABLE, str(exc.details()))
             return
+        context.send_initial_metadata((STREAM_ACCEPTED,))
         ids = set(request.task_ids)
         seq = request.after_seq if request.after_seq > 0 else self.app.bus.seq
         while context.is_active():
@@ -288,15 +306,78 @@ def _left(context: grpc.ServicerContext, default: float = 30.0) -> float:
     return default if left is None else max(0.1, min(left, 600.0))
 
 
-def create_server(app: NodeApp, address: str, max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """Build the node's gRPC server bound to address; returns it and the bound port."""
+class StreamInterceptor(grpc.ServerInterceptor):
+    """Runs every blocking streaming method (WatchTasks, reflection; not the
+    non-blocking health Watch) on its own thread pool, under a per-client and
+    total bound: open streams can never hold the threads unary and peer calls run
+    on, and a stream beyond a bound is refused at once with RESOURCE_EXHAUSTED
+    (trailing ``retry-after-ms``).
+
+    Placed first among the interceptors, so it wraps whatever handler the others
+    return (a token check that denies still answers from the stream pool)."""
+
+    def __init__(self, limiter: StreamLimiter, pool: futures.ThreadPoolExecutor) -> None:
+        self.limiter = limiter
+        self.pool = pool
+
+    def intercept_service(self, continuation: Any, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        if handler.request_streaming:
+            inner, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
+        else:
+            inner, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
+        if getattr(inner, "experimental_non_blocking", False):
+            return handler  # answers through callbacks: holds no thread while open
+        limiter = self.limiter
+
+        def bounded(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            with contextlib.ExitStack() as slot:
+                try:
+                    slot.enter_context(limiter.hold(client_ip(context.peer())))
+                except TooManyStreams as exc:
+                    context.set_trailing_metadata(
+                        (("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                yield from inner(request, context)
+
+        bounded.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
+        return make(bounded, handler.request_deserializer, handler.response_serializer)
+
+
+def create_server(app: NodeApp, address: str, max_workers: int | None = None,
+                  max_streams: int | None = None,
+                  max_streams_per_client: int | None = None) -> tuple[grpc.Server, int]:
+    """Build the node's gRPC server bound to address; returns it and the bound port.
+
+    Two thread pools: ``max_workers`` threads (default ``cfg.grpc_threads``) for
+    unary and peer calls, and one for streams, which serves at most ``max_streams``
+    open streams (``max_streams_per_client`` per client address; defaults from the
+    config) plus a few threads that refuse the ones beyond. Measured with
+    bench/streams.py: with one shared pool, 40 open streams made every unary call
+    time out."""
+    cfg = app.cfg
+    max_workers = max_workers or getattr(cfg, "grpc_threads", 32)
+    total = max_streams or getattr(cfg, "max_streams", DEFAULT_TOTAL)
+    per_client = max_streams_per_client or getattr(cfg, "max_streams_per_client",
+                                                   DEFAULT_PER_CLIENT)
+    # Spare threads beyond the bound answer refusals at once, however many streams
+    # are open; refused attempts hold one only for the refusal.
+    stream_pool = futures.ThreadPoolExecutor(max_workers=total + max(4, total // 4),
+                                             thread_name_prefix="grpc-stream")
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                  ("grpc.max_send_message_length", MAX_MESSAGE),
                  ("grpc.so_reuseport", 0)],
-        maximum_concurrent_rpcs=max_workers * 8,
-        interceptors=[GuardInterceptor(app.cfg.auth, RateLimiter(app.cfg.rate_limit))],
+        # Calls queued or running at once, both pools: beyond it gRPC itself answers
+        # RESOURCE_EXHAUSTED. Room for a burst of refused stream attempts on top of
+        # a full unary queue.
+        maximum_concurrent_rpcs=(max_workers + total) * 8 + 1024,
+        interceptors=[StreamInterceptor(StreamLimiter(per_client, total, "streams"),
+                                        stream_pool),
+                      GuardInterceptor(app.cfg.auth, RateLimiter(app.cfg.rate_limit))],
     )
     taskandgo_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(app), server)
     peer_pb2_grpc.add_PeerServicer_to_server(PeerService(app), server)
