@@ -33,6 +33,9 @@ STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 PRIORITY_LEVELS = {"low": 0, "medium": 10, "high": 20, "critical": 30}
 WHOLE = -1  # chunk index of a unit that is a whole task
 
+#: Fencing tokens are below this (they travel as protobuf int64).
+MAX_TOKEN = 2 ** 63
+
 #: Stop requeueing a unit whose worker keeps vanishing after this many attempts.
 MAX_LOST_ATTEMPTS = 10
 
@@ -334,10 +337,17 @@ class SchedulerState:
     def apply_assign(self, assignments: list, now: float, lease_s: float) -> tuple[list, list[Event]]:
         """Hand queued units to workers.
 
-        Each assignment is ``(task_id, chunk, chunk_count, worker)``. ``chunk`` is -1
-        for a whole task; a split task that has not been cut yet is cut into
-        ``chunk_count`` chunks by its first assignment (the chunks not named stay
-        queued). Stale assignments (unit no longer queued) are skipped. Returns
+        Each assignment is ``(task_id, chunk, chunk_count, worker[, token])``.
+        ``chunk`` is -1 for a whole task; a split task that has not been cut yet is
+        cut into ``chunk_count`` chunks by its first assignment (the chunks not named
+        stay queued). Stale assignments (unit no longer queued) are skipped.
+
+        ``token`` is the unit's new fencing token, chosen by the proposer (the leader
+        draws a random 63-bit value, so a token cannot be guessed from the ones seen
+        before); it travels in the command, so every replica records the same one.
+        Without it (commands of earlier releases, in old journals) the token is the
+        next value of a counter, as before. A token that is not an int in
+        1..2**63-1 rejects that assignment. Returns
         ``(task_id, chunk, chunk_count, attempt, token, worker)`` for each unit that
         was assigned."""
         events = self._advance(now)
@@ -345,7 +355,11 @@ class SchedulerState:
         for a in assignments if isinstance(assignments, list) else []:
             try:
                 tid, chunk, count, worker = str(a[0]), int(a[1]), int(a[2]), str(a[3])
+                given = a[4] if len(a) > 4 else None
             except Exception:  # noqa: BLE001
+                self.rejected_commands += 1
+                continue
+            if given is not None and (type(given) is not int or not 0 < given < MAX_TOKEN):
                 self.rejected_commands += 1
                 continue
             task = self.tasks.get(tid)
@@ -371,7 +385,7 @@ class SchedulerState:
             self.next_token += 1
             unit.status = RUNNING
             unit.attempt += 1
-            unit.token = self.next_token
+            unit.token = self.next_token if given is None else given
             unit.node = worker
             unit.started_at = now
             unit.deadline = now + lease_s

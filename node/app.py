@@ -25,6 +25,7 @@ import itertools
 import logging
 import queue
 import random
+import secrets
 import threading
 import time
 import uuid
@@ -44,7 +45,8 @@ from taskandgo.consensus.state import FAILED, FINAL, PRIORITY_LEVELS, SUCCEEDED,
     priority_name
 from taskandgo.node.config import NodeConfig, Voter
 from taskandgo.node.executor import Executor, Work
-from taskandgo.node.security import Overloaded
+from taskandgo.node.security import PEER_PROTOCOL, Overloaded, PeerAuth, PeerIdentity, \
+    PermissionDenied
 from taskandgo.node.tasks import InvalidTask, check_status, normalize, payload_for
 from taskandgo.protos import peer_pb2, peer_pb2_grpc
 from taskandgo.strategies import QueuedUnit, Worker, plan
@@ -68,6 +70,10 @@ PREFETCH_WORK_S = 0.2
 DISPATCH_TIMEOUT_S = 2.0
 #: How often the leader proposes an audit point (ReplicatedState.verify).
 VERIFY_EVERY_S = 2.0
+#: A worker handed a Dispatch waits up to this long, in all, for its view of the
+#: leader (a fresh heartbeat) and, on a voter, its replica to catch up with the
+#: dispatched units, before it refuses them. Below DISPATCH_TIMEOUT_S.
+DISPATCH_CHECK_S = 1.5
 
 
 class Unavailable(Exception):
@@ -201,6 +207,14 @@ class NodeApp:
         self._proposals: dict[int, tuple[float, Callable[[Any, int], None]]] = {}
         self._proposal_seq = 0
         self._leader_id_hint = ""
+        # Peer identity: the credential this node sends and checks on the peer API;
+        # the Raft addresses of voters heard running a release that knows random
+        # fencing tokens (see _random_tokens); a nudge for the heartbeat loop when a
+        # Dispatch names a leader this node has not heard of yet.
+        self.peer_auth = PeerAuth.from_password(cfg.raft_password, cfg.peer_cert_names)
+        self._voter_protocol_ok: set[str] = set()
+        self._heartbeat_wake = threading.Event()
+        self._voter_grpc = {v.grpc for v in cfg.voters}
         self._channels: dict[str, grpc.Channel] = {}
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
@@ -935,8 +949,21 @@ class NodeApp:
                 self._dispatch_q.put(result)
             self._leader_wake.set()
 
-        self.propose("assign", [(a.task_id, a.chunk, a.chunk_count, a.worker) for a in assignments],
+        # Fencing tokens are drawn here, at random, and carried in the command (so
+        # every replica records the same ones): a peer cannot guess a unit's token
+        # from the ones it has seen.
+        random_tokens = self._random_tokens()
+        self.propose("assign", [(a.task_id, a.chunk, a.chunk_count, a.worker)
+                                + ((secrets.randbits(63) or 1,) if random_tokens else ())
+                                for a in assignments],
                      time.time(), self.cfg.lease_s, callback=done)
+
+    def _random_tokens(self) -> bool:
+        """True once every other voter has reported a release that records the
+        leader's tokens (peer_protocol 2); before, an earlier release's replica would
+        count tokens itself and diverge, so the counter is used."""
+        own = self.voter.raft if self.voter is not None else None
+        return all(v.raft in self._voter_protocol_ok for v in self.cfg.voters if v.raft != own)
 
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
@@ -1162,7 +1189,13 @@ class NodeApp:
                 log.info("node %s: hold at a worker failed: %s", self.node_id, exc.code())
         return n
 
-    def handle_hold(self, req: peer_pb2.HoldRequest) -> peer_pb2.HoldResponse:
+    def handle_hold(self, req: peer_pb2.HoldRequest,
+                    peer: PeerIdentity | None = None) -> peer_pb2.HoldResponse:
+        """Hold from a peer (peer None: this node's own call). fan_out goes to the
+        leader from any admitted peer; a plain hold (hand back this node's waiting
+        units) is honoured only from the leader this node follows."""
+        if peer is not None and not req.fan_out:
+            self._require_leader(peer, "hold", min(0.3, DISPATCH_CHECK_S))
         if req.fan_out:
             if not self.is_leader():
                 return peer_pb2.HoldResponse(accepted=False)
@@ -1177,6 +1210,36 @@ class NodeApp:
                 "started_at": 0.0, "finished_at": now, "requeue": True, "held": True})
         self.held_back += len(works)
         return peer_pb2.HoldResponse(accepted=True, handed_back=len(works))
+
+    def accept_peer_results(self, results: list[dict[str, Any]],
+                            peer: PeerIdentity) -> tuple[bool, int]:
+        """Leader side of ReportResults from a peer: only results for units assigned
+        to that peer are committed (each recorded as run by it); the others are
+        dropped and counted. Returns (committed, how many were refused); not
+        committed (False) when this node does not lead, so the peer retries."""
+        if not self.is_leader() or not self._leader_ready:
+            return False, 0
+
+        def mine(s: SchedulerState) -> list[bool]:
+            out = []
+            for r in results:
+                try:
+                    key = (str(r["task_id"]), int(r["chunk"]))
+                except (KeyError, TypeError, ValueError):
+                    out.append(False)
+                    continue
+                out.append(s.running.get(key) == peer.node_id)
+            return out
+
+        flags = self.read(mine)
+        ok = [dict(r, node=peer.node_id) for r, f in zip(results, flags) if f]
+        refused = len(results) - len(ok)
+        if refused:
+            log.info("node %s: dropped %d result(s) from %s for units not assigned to it",
+                     self.node_id, refused, peer.node_id)
+        if not ok:
+            return True, refused
+        return self.accept_results(ok), refused
 
     def accept_results(self, results: list[dict[str, Any]], timeout_s: float = 3.0) -> bool:
         """Leader side of ReportResults: True once the results are committed."""
@@ -1205,6 +1268,7 @@ class NodeApp:
         with self._lock:
             w = self.workers.get(req.node_id)
             if w is None:
+                self._make_room(req.node_id)
                 w = self.workers[req.node_id] = WorkerInfo(req.node_id)
                 self.bus.publish([{"kind": "node", "task_id": "", "status": "up", "chunk": -1,
                                    "node": req.node_id, "at": time.time()}])
@@ -1215,6 +1279,8 @@ class NodeApp:
             w.cpu_percent, w.memory_percent = req.cpu_percent, req.memory_percent
             w.memory_rss, w.accepting = req.memory_rss, req.accepting
             w.raft_commands = req.raft_commands
+            if req.voter and req.peer_protocol >= PEER_PROTOCOL:
+                self._voter_protocol_ok.add(req.raft_address)
             w.last_seen, w.last_seen_wall = time.monotonic(), time.time()
             if w.down:
                 w.down = False
@@ -1239,6 +1305,76 @@ class NodeApp:
 
         return self.read(stale)
 
+    def _make_room(self, node_id: str) -> None:
+        """Under self._lock, before a new worker entry: keep the table within
+        --max-workers by forgetting nodes that are down (longest silent first); raise
+        Overloaded when every entry is live. This node always has room for itself."""
+        if len(self.workers) < self.cfg.max_workers or node_id == self.node_id:
+            return
+        down = sorted((w for w in self.workers.values() if w.down and w.node_id != self.node_id),
+                      key=lambda w: w.last_seen)
+        for w in down[:len(self.workers) - self.cfg.max_workers + 1]:
+            del self.workers[w.node_id]
+        if len(self.workers) >= self.cfg.max_workers:
+            raise Overloaded(f"the leader tracks {len(self.workers)} workers, the most "
+                             "--max-workers allows; retry later")
+
+    def _admit_heartbeat(self, req: peer_pb2.HeartbeatRequest, peer: PeerIdentity) -> None:
+        """Raise PermissionDenied unless the heartbeat is consistent with who sent it
+        and with the cluster: it names the caller's own node id and gRPC address; a
+        voter's addresses are a configured voter's (and only a voter may claim them);
+        no other live worker holds that address; it is not this node's identity."""
+        if req.node_id != peer.node_id or req.grpc_address != peer.grpc_address:
+            raise PermissionDenied(f"heartbeat for {req.node_id!r} at {req.grpc_address!r} "
+                                   f"sent by {peer.node_id!r} at {peer.grpc_address!r}")
+        if req.node_id == self.node_id or req.grpc_address == self.cfg.grpc_address:
+            raise PermissionDenied(f"heartbeat claims this node's identity ({req.node_id!r})")
+        voter = next((v for v in self.cfg.voters if v.grpc == req.grpc_address), None)
+        if (voter is not None) != bool(req.voter) or (
+                voter is not None and req.raft_address != voter.raft) or (
+                voter is None and req.raft_address):
+            raise PermissionDenied(f"heartbeat from {req.node_id!r}: voter={req.voter} at "
+                                   f"{req.grpc_address!r} / raft {req.raft_address!r} does not "
+                                   "match the configured voters")
+        with self._lock:
+            for w in self.workers.values():
+                if w.node_id != req.node_id and not w.down and (
+                        w.grpc_address == req.grpc_address
+                        or (req.raft_address and w.raft_address == req.raft_address)):
+                    raise PermissionDenied(f"heartbeat from {req.node_id!r}: address "
+                                           f"{req.grpc_address!r} belongs to live node "
+                                           f"{w.node_id!r}")
+
+    def _require_leader(self, peer: PeerIdentity, what: str, wait_s: float) -> None:
+        """Raise PermissionDenied unless peer is the leader this node follows: on a
+        voter, the Raft leader's configured gRPC address; elsewhere, the address (and
+        node id) of the leader that last accepted this node's heartbeat. A leader not
+        known yet gets up to wait_s (a heartbeat round is started at once)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self.raft is not None:
+                lv = self.leader_voter()
+                known = lv.grpc if lv is not None else ""
+                ok = known == peer.grpc_address
+            else:
+                known = self._leader_grpc_hint or ""
+                ok = known == peer.grpc_address and (
+                    not self._leader_id_hint or self._leader_id_hint == peer.node_id)
+            if ok:
+                return
+            if time.monotonic() >= deadline or self._stop.is_set():
+                raise PermissionDenied(f"{what} from {peer.node_id!r} at "
+                                       f"{peer.grpc_address!r}, which is not the leader this "
+                                       f"node follows ({known or 'none known'})")
+            self._heartbeat_wake.set()
+            self._stop.wait(0.02)
+
+    def _set_leader_hint(self, address: str) -> None:
+        """Remember where the leader is: only a configured voter's gRPC address (a
+        reply cannot send this node's results or heartbeats anywhere else)."""
+        if address in self._voter_grpc:
+            self._leader_grpc_hint = address
+
     # ------------------------------------------------------------------ worker side
 
     def _heartbeat_request(self) -> peer_pb2.HeartbeatRequest:
@@ -1255,9 +1391,13 @@ class NodeApp:
                      for k in running],
             cpu_percent=psutil.cpu_percent(None), memory_percent=psutil.virtual_memory().percent,
             memory_rss=self._proc.memory_info().rss, accepting=self.accepting,
-            raft_commands=len(COMMAND_IDS))
+            raft_commands=len(COMMAND_IDS), peer_protocol=PEER_PROTOCOL)
 
-    def handle_heartbeat(self, req: peer_pb2.HeartbeatRequest) -> peer_pb2.HeartbeatResponse:
+    def handle_heartbeat(self, req: peer_pb2.HeartbeatRequest,
+                         peer: PeerIdentity) -> peer_pb2.HeartbeatResponse:
+        """Leader side of a peer's Heartbeat (see _admit_heartbeat for who is
+        admitted); elsewhere, where the leader is."""
+        self._admit_heartbeat(req, peer)
         if not self.is_leader():
             return peer_pb2.HeartbeatResponse(accepted=False, leader_grpc=self.leader_grpc() or "")
         kill = self._record_heartbeat(req)
@@ -1272,7 +1412,13 @@ class NodeApp:
         return targets
 
     def _heartbeat_loop(self) -> None:
-        while not self._stop.wait(self.cfg.heartbeat_s):
+        while not self._stop.is_set():
+            # Every heartbeat period, or at once when a Dispatch came from a leader
+            # this node has not heard of yet.
+            self._heartbeat_wake.wait(self.cfg.heartbeat_s)
+            self._heartbeat_wake.clear()
+            if self._stop.is_set():
+                return
             if self.is_leader():
                 continue  # the leader loop records its own heartbeat
             req = self._heartbeat_request()
@@ -1285,8 +1431,8 @@ class NodeApp:
                 except grpc.RpcError:
                     continue
                 if resp.accepted:
-                    self._leader_grpc_hint = target
                     self._leader_id_hint = resp.leader_id
+                    self._leader_grpc_hint = target
                     if resp.kill:
                         keys = [(u.task_id, u.chunk, u.attempt, u.token) for u in resp.kill]
                         self.executor.kill(keys)
@@ -1295,11 +1441,31 @@ class NodeApp:
                                 self._unreported.pop(k, None)
                     break
                 if resp.leader_grpc:
-                    self._leader_grpc_hint = resp.leader_grpc
+                    self._set_leader_hint(resp.leader_grpc)
 
-    def handle_dispatch(self, req: peer_pb2.DispatchRequest) -> int:
+    def handle_dispatch(self, req: peer_pb2.DispatchRequest,
+                        peer: PeerIdentity) -> tuple[int, int]:
+        """Worker side of Dispatch: run the units if the call comes from the leader
+        this node follows (PermissionDenied otherwise). A voter runs only units its
+        own replica holds as running here with the same attempt and token, with the
+        payload from its replica (it waits briefly for its replica to catch up);
+        a non-voter has no replica and trusts the authenticated leader. Returns
+        (units accepted, units refused)."""
         import json
 
+        deadline = time.monotonic() + DISPATCH_CHECK_S
+        if req.leader_id != peer.node_id:
+            raise PermissionDenied(f"dispatch names leader {req.leader_id!r} but comes from "
+                                   f"{peer.node_id!r}")
+        self._require_leader(peer, "dispatch", DISPATCH_CHECK_S)
+        if self.replicated is not None:
+            works = self._replica_works(req, deadline)
+            refused = len(req.assignments) - len(works)
+            if refused:
+                log.warning("node %s: refused %d dispatched unit(s) from %s that its replica "
+                            "does not hold as assigned here", self.node_id, refused,
+                            peer.node_id)
+            return self.executor.dispatch(works), refused
         works = []
         for a in req.assignments:
             try:
@@ -1308,7 +1474,47 @@ class NodeApp:
                 payload = {"data": ""}
             works.append(Work(a.task_id, a.chunk, a.chunk_count, a.attempt, a.token, payload,
                               a.priority))
-        return self.executor.dispatch(works)
+        return self.executor.dispatch(works), 0
+
+    def _replica_works(self, req: peer_pb2.DispatchRequest, deadline: float) -> list[Work]:
+        """The dispatched units this voter's replica holds as running here with the
+        dispatched attempt and token, as Work built from the replica (waiting until
+        deadline for units it has not applied yet)."""
+        me = self.node_id
+        wanted = {(a.task_id, a.chunk): (a.attempt, a.token) for a in req.assignments}
+        found: dict[tuple[str, int], Work] = {}
+
+        def held(s: SchedulerState) -> dict[tuple[str, int], Work]:
+            out = {}
+            for key, (attempt, token) in wanted.items():
+                if key in found or s.running.get(key) != me:
+                    continue
+                t = s.tasks.get(key[0])
+                unit = t.unit_at(key[1]) if t is not None else None
+                if unit is None or unit.status != "running" or unit.attempt != attempt \
+                        or unit.token != token:
+                    continue
+                out[key] = Work(t.id, key[1], t.chunk_count, attempt, token,
+                                payload_for(t.spec, key[1], t.chunk_count), t.priority)
+            return out
+
+        seq = self.bus.seq
+        while True:
+            found.update(self.read(held))
+            left = deadline - time.monotonic()
+            if len(found) == len(wanted) or left <= 0 or self._stop.is_set():
+                break
+            # Wait for the next applied command (its events), not a fixed time.
+            events = self.bus.since(seq, min(left, 0.05))
+            if events:
+                seq = events[-1]["seq"]
+        return [found[(a.task_id, a.chunk)] for a in req.assignments
+                if (a.task_id, a.chunk) in found]
+
+    def handle_kill(self, keys: list[tuple], peer: PeerIdentity) -> int:
+        """Kill units, if asked by the leader this node follows."""
+        self._require_leader(peer, "kill", min(0.3, DISPATCH_CHECK_S))
+        return self.executor.kill(keys)
 
     def _on_unit_result(self, result: dict[str, Any]) -> None:
         key = (result["task_id"], result["chunk"], result["attempt"], result["token"])
@@ -1345,7 +1551,7 @@ class NodeApp:
                         ok = True
                         break
                     if resp.leader_grpc:
-                        self._leader_grpc_hint = resp.leader_grpc
+                        self._set_leader_hint(resp.leader_grpc)
             if ok:
                 backoff = 0.0
                 with self._unreported_cond:
@@ -1368,9 +1574,13 @@ class NodeApp:
 
     @property
     def _peer_md(self) -> tuple:
-        """Metadata peers send: the cluster's first API token, if any."""
+        """Metadata of this node's peer calls: the peer credential and who is calling
+        (see PeerAuth). The first API token goes along only so that nodes of an
+        earlier release, which took it on the peer API, still admit this one during
+        a rolling upgrade; nodes of this release ignore it there."""
+        md = self.peer_auth.metadata(self.node_id, self.cfg.grpc_address)
         tokens = self.cfg.auth.tokens
-        return (("authorization", "Bearer " + tokens[0].decode()),) if tokens else ()
+        return md + ((("authorization", "Bearer " + tokens[0].decode()),) if tokens else ())
 
     def client(self, targets: list[str], timeout_s: float) -> Any:
         """A Client that talks to other nodes with this node's credentials."""

@@ -17,7 +17,7 @@ import socket
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 
-from taskandgo.node.security import ExecPolicy, TokenAuth
+from taskandgo.node.security import ExecPolicy, TokenAuth, parse_cert_names
 from taskandgo.strategies import STRATEGIES
 
 DEFAULT_GRPC_PORT = 7000
@@ -97,6 +97,14 @@ class NodeConfig:
     bwrap: str = "bwrap"
     #: Files this node read secrets from (hidden from sandboxed tasks).
     secret_files: tuple[str, ...] = ()
+    #: Peer calls per second each peer may make (token bucket, bursts of twice that;
+    #: 0 = off) and the most worker entries the leader keeps (see docs/security.md,
+    #: "Peer identity").
+    peer_rate_limit: float = 1000.0
+    max_workers: int = 1000
+    #: With mTLS: names a peer's client certificate must carry (empty: any
+    #: certificate the CA signed, plus the peer credential).
+    peer_cert_names: tuple[str, ...] = ()
     #: Long-lived streams (gRPC WatchTasks, the HTTP event stream) one client address
     #: may hold open, and all clients together, per protocol (see node/streams.py).
     max_streams_per_client: int = 8
@@ -292,6 +300,16 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    "to besides its own addresses: comma separated host names, .domain "
                    "suffixes, IP addresses or networks; * for any "
                    "(TASKANDGO_HTTP_ALLOWED_HOSTS; default: none)")
+    p.add_argument("--peer-rate-limit", type=float, help="peer API calls per second each "
+                   "peer may make, bursts of twice that; 0 = off (TASKANDGO_PEER_RATE_LIMIT; "
+                   "1000)")
+    p.add_argument("--max-workers", type=int, help="worker nodes the leader keeps track of "
+                   "at most; heartbeats of further nodes are refused with RESOURCE_EXHAUSTED "
+                   "(TASKANDGO_MAX_WORKERS; 1000)")
+    p.add_argument("--peer-cert-names", help="with --tls-client-auth: DNS names (or *.domain) "
+                   "one of which a peer's client certificate must carry to use the peer API, "
+                   "comma separated (TASKANDGO_PEER_CERT_NAMES; default: any certificate the "
+                   "CA signed)")
     p.add_argument("--max-streams", type=int, help="open event streams (gRPC WatchTasks, "
                    "HTTP /api/v1/events) this node serves at once, per protocol; more are "
                    "refused with RESOURCE_EXHAUSTED / 429 (TASKANDGO_MAX_STREAMS; 32)")
@@ -481,6 +499,22 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
             raise ConfigError(f"--{name.replace('_', '-')} / TASKANDGO_{name.upper()}: "
                               "need at least 1")
     cfg = dataclasses.replace(cfg, **streams)
+    try:
+        peer_cert_names = parse_cert_names(str(_pick(
+            getattr(args, "peer_cert_names", None), env, "TASKANDGO_PEER_CERT_NAMES", "", str)))
+    except ValueError as exc:
+        raise ConfigError(f"--peer-cert-names / TASKANDGO_PEER_CERT_NAMES: {exc}") from None
+    if peer_cert_names and not cfg.tls_client_auth:
+        raise ConfigError("--peer-cert-names needs --tls-client-auth (peers' certificates are "
+                          "verified only under mTLS)")
+    cfg = dataclasses.replace(
+        cfg, peer_cert_names=peer_cert_names,
+        peer_rate_limit=max(0.0, float(_pick(getattr(args, "peer_rate_limit", None), env,
+                                              "TASKANDGO_PEER_RATE_LIMIT", 1000.0, float))),
+        max_workers=int(_pick(getattr(args, "max_workers", None), env, "TASKANDGO_MAX_WORKERS",
+                              1000, int)))
+    if cfg.max_workers < 1:
+        raise ConfigError("--max-workers / TASKANDGO_MAX_WORKERS: need at least 1")
     sandbox = str(_pick(getattr(args, "sandbox", None), env, "TASKANDGO_SANDBOX", "auto",
                         str)).strip().lower()
     if sandbox not in SANDBOX_MODES:

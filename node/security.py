@@ -5,7 +5,9 @@ same rules the same way.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +19,10 @@ from taskandgo.node.tasks import InvalidTask
 
 class Unauthenticated(Exception):
     """No or a wrong token (gRPC UNAUTHENTICATED / HTTP 401)."""
+
+
+class PermissionDenied(Exception):
+    """Authenticated, but not allowed to do this (gRPC PERMISSION_DENIED / HTTP 403)."""
 
 
 class RateLimited(Exception):
@@ -74,6 +80,109 @@ class TokenAuth:
             if line and not line.startswith("#"):
                 out.append(line.encode())
         return cls(tuple(out), open_read_only)
+
+
+#: Metadata keys of the peer API (see :class:`PeerAuth`).
+PEER_AUTH_KEY = "x-taskandgo-peer-auth"
+PEER_ID_KEY = "x-taskandgo-peer-id"
+PEER_GRPC_KEY = "x-taskandgo-peer-grpc"
+#: Peer protocol of this release (HeartbeatRequest.peer_protocol).
+PEER_PROTOCOL = 2
+_PEER_LABEL = b"taskandgo peer credential v1"
+_PEER_FIELD_RE = re.compile(r"[A-Za-z0-9_.:\[\]@-]{1,255}")
+
+
+@dataclass(frozen=True)
+class PeerIdentity:
+    """Who a peer call says it comes from: a node id and its advertised gRPC address.
+    Both are the caller's claim, vouched for by the peer credential (every holder of
+    the cluster secret can claim any identity) and, under mTLS with peer names, by a
+    certificate the operator issued to nodes."""
+
+    node_id: str
+    grpc_address: str
+
+
+@dataclass(frozen=True)
+class PeerAuth:
+    """The peer credential: HMAC-SHA256 of the cluster's Raft password under a fixed
+    label, so it is as secret as the password but never is the password, and no API
+    token can stand in for it. Sent by every node on every peer call (metadata
+    ``x-taskandgo-peer-auth``), compared in constant time.
+
+    ``credential`` is None when the cluster has no Raft password (loopback
+    development): the peer API is then open, as the Raft port is. ``cert_names``,
+    when set (mTLS only), are the certificate names (exact, or ``*.domain`` for one
+    label under domain) a peer's verified client certificate must carry, in its
+    subject alternative names or common name, besides the credential."""
+
+    credential: bytes | None = None
+    cert_names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_password(cls, password: str | None, cert_names: tuple[str, ...] = ()) -> PeerAuth:
+        if not password:
+            return cls(None, cert_names)
+        digest = hmac.new(password.encode(), _PEER_LABEL, hashlib.sha256).hexdigest()
+        return cls(digest.encode(), cert_names)
+
+    @property
+    def enabled(self) -> bool:
+        return self.credential is not None
+
+    def metadata(self, node_id: str, grpc_address: str) -> tuple[tuple[str, str], ...]:
+        """What this node sends on its peer calls."""
+        md = ((PEER_ID_KEY, node_id), (PEER_GRPC_KEY, grpc_address))
+        if self.credential is not None:
+            md += ((PEER_AUTH_KEY, self.credential.decode()),)
+        return md
+
+    def check(self, metadata: dict[str, str], has_api_token: bool = False) -> PeerIdentity:
+        """The caller's identity if metadata carries the peer credential (or the peer
+        API is open). Raises Unauthenticated (no or a wrong credential, no identity)
+        or PermissionDenied (a valid API token but no peer credential: clients may
+        not act as peers)."""
+        if self.credential is not None:
+            presented = (metadata.get(PEER_AUTH_KEY) or "").encode()
+            if not hmac.compare_digest(presented, self.credential):
+                if has_api_token and not presented:
+                    raise PermissionDenied("the peer API takes the peer credential; "
+                                           "API tokens do not authorise it")
+                raise Unauthenticated("missing or invalid peer credential")
+        node_id = metadata.get(PEER_ID_KEY) or ""
+        grpc_address = metadata.get(PEER_GRPC_KEY) or ""
+        if not _PEER_FIELD_RE.fullmatch(node_id) or not _PEER_FIELD_RE.fullmatch(grpc_address):
+            raise Unauthenticated(f"peer calls must name the caller ({PEER_ID_KEY}, "
+                                  f"{PEER_GRPC_KEY}: 1-255 of A-Za-z0-9_.:[]@-)")
+        return PeerIdentity(node_id, grpc_address)
+
+    def check_certificate(self, names: list[str]) -> None:
+        """Raise PermissionDenied unless one of the verified certificate's names is a
+        configured peer name (no-op without configured names)."""
+        if not self.cert_names:
+            return
+        for name in names:
+            name = name.lower().rstrip(".")
+            for want in self.cert_names:
+                if name == want or (want.startswith("*.") and "." in name
+                                    and name.split(".", 1)[1] == want[2:]
+                                    and not name.startswith("*")):
+                    return
+        raise PermissionDenied("the peer API needs a client certificate issued to a node "
+                               "(--peer-cert-names)")
+
+
+def parse_cert_names(text: str) -> tuple[str, ...]:
+    """``--peer-cert-names``: comma separated DNS names or ``*.domain`` patterns."""
+    out = []
+    for item in (x.strip().lower().rstrip(".") for x in text.split(",")):
+        if not item:
+            continue
+        name = item.removeprefix("*.")
+        if not re.fullmatch(r"[a-z0-9_]([a-z0-9_.-]{0,251}[a-z0-9_])?", name) or ".." in name:
+            raise ValueError(f"bad certificate name {item!r}: expected a DNS name or *.domain")
+        out.append(item)
+    return tuple(out)
 
 
 @dataclass

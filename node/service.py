@@ -22,8 +22,8 @@ from grpc_reflection.v1alpha import reflection
 
 from taskandgo.node.app import NodeApp, NotFound, Unavailable
 from taskandgo.node.client import TaskAndGoError
-from taskandgo.node.security import Overloaded, RateLimited, RateLimiter, TokenAuth, \
-    Unauthenticated, client_ip
+from taskandgo.node.security import Overloaded, PeerIdentity, PermissionDenied, RateLimited, \
+    RateLimiter, TokenAuth, Unauthenticated, client_ip
 from taskandgo.node.streams import DEFAULT_PER_CLIENT, DEFAULT_TOTAL, STREAM_ACCEPTED, \
     StreamLimiter, TooManyStreams, upstream_refused
 from taskandgo.node.tasks import InvalidTask
@@ -70,6 +70,10 @@ def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
         except Unavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Unauthenticated as exc:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        except PermissionDenied as exc:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
         except (Overloaded, RateLimited) as exc:
             context.set_trailing_metadata(
                 (("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
@@ -181,47 +185,99 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
         return to_msg(taskandgo_pb2.ClusterStatusResponse, self.app.cluster_status())
 
 
+#: Rate-limit cost of a peer call: a Hold makes the leader wait for dispatches and
+#: call every worker, so it costs as much as many ordinary calls.
+PEER_CALL_COST = {"Hold": 20.0}
+
+
+def _peer_call(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A Peer method: admitted only with the peer credential (see PeerService.admit);
+    the method gets the caller's identity as a third argument."""
+    cost = PEER_CALL_COST.get(fn.__name__, 1.0)
+
+    @functools.wraps(fn)
+    def wrapper(self: PeerService, request: Any, context: grpc.ServicerContext) -> Any:
+        return fn(self, request, context, self.admit(context, cost))
+    return _errors(wrapper)
+
+
 class PeerService(peer_pb2_grpc.PeerServicer):
+    """The peer API. Every method is a :func:`_peer_call`: API tokens do not
+    authorise it (the GuardInterceptor lets peer calls through to this check)."""
+
     def __init__(self, app: NodeApp) -> None:
         self.app = app
+        rate = app.cfg.peer_rate_limit
+        self.limiter = RateLimiter(rate, 2 * rate)
 
-    @_errors
-    def Dispatch(self, request: Any, context: Any) -> Any:
-        return peer_pb2.DispatchResponse(accepted=self.app.handle_dispatch(request))
+    def admit(self, context: grpc.ServicerContext, cost: float = 1.0) -> PeerIdentity:
+        """The caller's identity if it may use the peer API: the peer credential
+        (and, with --peer-cert-names, a node's client certificate), within its rate.
+        Raises Unauthenticated, PermissionDenied (a client's API token or
+        certificate) or RateLimited."""
+        md = dict(context.invocation_metadata() or ())
+        auth = self.app.peer_auth
+        token = TokenAuth.parse_header(md.get("authorization"))
+        api_token = False
+        if token and self.app.cfg.auth.enabled:
+            try:
+                self.app.cfg.auth.check(token)
+                api_token = True
+            except Unauthenticated:
+                pass
+        peer = auth.check(md, has_api_token=api_token)
+        if auth.cert_names:
+            ac = context.auth_context() or {}
+            names = [v.decode(errors="replace") for k in ("x509_subject_alternative_name",
+                                                          "x509_common_name")
+                     for v in ac.get(k, [])]
+            auth.check_certificate(names)
+        # Per peer once the credential vouches for the name; per address in open mode.
+        self.limiter.take(peer.node_id if auth.enabled else client_ip(context.peer()), cost)
+        return peer
 
-    @_errors
-    def ReportResults(self, request: Any, context: Any) -> Any:
+    @_peer_call
+    def Dispatch(self, request: Any, context: Any, peer: PeerIdentity) -> Any:
+        accepted, refused = self.app.handle_dispatch(request, peer)
+        return peer_pb2.DispatchResponse(accepted=accepted, refused=refused)
+
+    @_peer_call
+    def ReportResults(self, request: Any, context: Any, peer: PeerIdentity) -> Any:
         # Field by field: json_format per message costs more than the rest of the call.
         results = [{"task_id": r.task_id, "chunk": r.chunk, "attempt": r.attempt,
                     "token": r.token, "ok": r.ok, "exit_code": r.exit_code, "result": r.result,
                     "error": r.error, "node": r.node, "started_at": r.started_at,
                     "finished_at": r.finished_at, "requeue": r.requeue, "held": r.held}
                    for r in request.results]
-        ok = self.app.accept_results(results)
-        return peer_pb2.ReportResultsResponse(accepted=ok, leader_grpc=self.app.leader_grpc() or "")
+        ok, refused = self.app.accept_peer_results(results, peer)
+        return peer_pb2.ReportResultsResponse(accepted=ok, refused=refused,
+                                              leader_grpc=self.app.leader_grpc() or "")
 
-    @_errors
-    def Heartbeat(self, request: Any, context: Any) -> Any:
-        return self.app.handle_heartbeat(request)
+    @_peer_call
+    def Heartbeat(self, request: Any, context: Any, peer: PeerIdentity) -> Any:
+        return self.app.handle_heartbeat(request, peer)
 
-    @_errors
-    def Hold(self, request: Any, context: Any) -> Any:
-        return self.app.handle_hold(request)
+    @_peer_call
+    def Hold(self, request: Any, context: Any, peer: PeerIdentity) -> Any:
+        return self.app.handle_hold(request, peer)
 
-    @_errors
-    def Kill(self, request: Any, context: Any) -> Any:
+    @_peer_call
+    def Kill(self, request: Any, context: Any, peer: PeerIdentity) -> Any:
         keys = [(u.task_id, u.chunk, u.attempt, u.token) for u in request.units]
-        return peer_pb2.KillResponse(killed=self.app.executor.kill(keys))
+        return peer_pb2.KillResponse(killed=self.app.handle_kill(keys, peer))
 
 
 READ_ONLY_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
                       "/grpc.reflection.v1.ServerReflection/")
 PUBLIC_PREFIX = "/taskandgo.v1.Scheduler/"
+PEER_PREFIX = "/taskandgo.peer.v1.Peer/"
 
 
 class GuardInterceptor(grpc.ServerInterceptor):
     """Bearer-token check on every method (health and reflection exempt while
-    read-only endpoints are open) and a per-client rate limit on the public API."""
+    read-only endpoints are open) and a per-client rate limit on the public API.
+    Peer methods are not checked here: API tokens do not authorise them; each
+    checks the peer credential itself (PeerService.admit)."""
 
     def __init__(self, auth: TokenAuth, limiter: RateLimiter) -> None:
         self.auth = auth
@@ -229,6 +285,8 @@ class GuardInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         method = details.method or ""
+        if method.startswith(PEER_PREFIX):
+            return continuation(details)
         if self.auth.enabled and not (self.auth.open_read_only
                                       and method.startswith(READ_ONLY_PREFIXES)):
             md = dict(details.invocation_metadata or ())

@@ -33,10 +33,12 @@ class DispatchRequest(_message.Message):
     def __init__(self, leader_id: _Optional[str] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
 
 class DispatchResponse(_message.Message):
-    __slots__ = ("accepted",)
+    __slots__ = ("accepted", "refused")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     accepted: int
-    def __init__(self, accepted: _Optional[int] = ...) -> None: ...
+    refused: int
+    def __init__(self, accepted: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
     __slots__ = ("task_id", "chunk", "attempt", "token", "ok", "exit_code", "result", "error", "node", "started_at", "finished_at", "requeue", "held")
@@ -75,12 +77,14 @@ class ReportResultsRequest(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ...) -> None: ...
 
 class ReportResultsResponse(_message.Message):
-    __slots__ = ("accepted", "leader_grpc")
+    __slots__ = ("accepted", "leader_grpc", "refused")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     LEADER_GRPC_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     leader_grpc: str
-    def __init__(self, accepted: _Optional[bool] = ..., leader_grpc: _Optional[str] = ...) -> None: ...
+    refused: int
+    def __init__(self, accepted: _Optional[bool] = ..., leader_grpc: _Optional[str] = ..., refused: _Optional[int] = ...) -> None: ...
 
 class RunningUnit(_message.Message):
     __slots__ = ("task_id", "chunk", "attempt", "token")
@@ -95,7 +99,7 @@ class RunningUnit(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "grpc_address", "http_address", "raft_address", "voter", "slots", "free_slots", "running", "cpu_percent", "memory_percent", "memory_rss", "accepting", "capacity", "raft_commands")
+    __slots__ = ("node_id", "grpc_address", "http_address", "raft_address", "voter", "slots", "free_slots", "running", "cpu_percent", "memory_percent", "memory_rss", "accepting", "capacity", "raft_commands", "peer_protocol")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +114,7 @@ class HeartbeatRequest(_message.Message):
     ACCEPTING_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     RAFT_COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    PEER_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     grpc_address: str
     http_address: str
@@ -124,7 +129,8 @@ class HeartbeatRequest(_message.Message):
     accepting: bool
     capacity: int
     raft_commands: int
-    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., accepting: _Optional[bool] = ..., capacity: _Optional[int] = ..., raft_commands: _Optional[int] = ...) -> None: ...
+    peer_protocol: int
+    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., accepting: _Optional[bool] = ..., capacity: _Optional[int] = ..., raft_commands: _Optional[int] = ..., peer_protocol: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("accepted", "leader_grpc", "kill", "leader_id")

@@ -19,8 +19,14 @@ command = st.one_of(
         "id": ids, "priority": st.integers(-3, 30),
         "strategy": st.sampled_from(["split", "batch"]), "data": st.just("sh: true")}),
         max_size=4)),
-    st.tuples(st.just("assign"), st.lists(st.tuples(ids, st.integers(-1, 3), st.integers(1, 4),
-                                                    workers), max_size=4)),
+    # Assignments with and without a proposer-chosen fencing token (a few valid
+    # values that complete/requeue below also carry, a large one, and invalid ones).
+    st.tuples(st.just("assign"), st.lists(st.one_of(
+        st.tuples(ids, st.integers(-1, 3), st.integers(1, 4), workers),
+        st.tuples(ids, st.integers(-1, 3), st.integers(1, 4), workers,
+                  st.one_of(st.integers(1, 12), st.just(2 ** 63 - 1), st.just(0),
+                            st.just(-5), st.just(2 ** 63), st.just(True), st.just("7")))),
+        max_size=4)),
     st.tuples(st.just("complete"), st.lists(st.fixed_dictionaries({
         "task_id": ids, "chunk": st.integers(-1, 3), "attempt": st.integers(0, 3),
         "token": st.integers(0, 12), "ok": st.booleans(), "backoff_s": st.sampled_from([0, 1.0]),
@@ -139,6 +145,28 @@ def test_late_result_from_an_old_attempt_is_dropped() -> None:
     assert s.apply_complete([good, good], 8.0)[0] == {"committed": 1, "dropped": 1}
     assert s.tasks["t"].status == "succeeded" and s.tasks["t"].result == "fresh"
     assert s.dropped_results == 2
+
+
+def test_assign_records_the_proposers_token_on_every_replica() -> None:
+    """The leader's random token is the unit's token on every replica; a result must
+    carry it (a guess from the old counter is fenced off); a bad token rejects only
+    its own assignment; an assignment without one (an earlier release's command)
+    still gets the counter's next value."""
+    token = 6_917_529_027_641_081_857  # a 63-bit value, as the leader draws them
+    replicas = [SchedulerState(), SchedulerState()]
+    outs = []
+    for s in replicas:
+        s.apply_submit([{"id": t, "priority": 0, "strategy": "batch"} for t in "abcd"], 0.0)
+        outs.append(s.apply_assign([("a", -1, 0, "w1", token), ("b", -1, 0, "w1", 0),
+                                    ("c", -1, 0, "w1", "12"), ("d", -1, 0, "w2")], 1.0, 3.0)[0])
+    assert outs[0] == outs[1] == [("a", -1, 0, 1, token, "w1"), ("d", -1, 0, 1, 2, "w2")]
+    assert replicas[0].fingerprint() == replicas[1].fingerprint()
+    s = replicas[0]
+    assert s.rejected_commands == 2 and s.tasks["b"].status == "queued"
+    guess = {"task_id": "a", "chunk": -1, "attempt": 1, "token": 1, "ok": True, "result": "x"}
+    assert s.apply_complete([guess], 2.0)[0] == {"committed": 0, "dropped": 1}
+    assert s.apply_complete([dict(guess, token=token)], 3.0)[0] == {"committed": 1,
+                                                                    "dropped": 0}
 
 
 def test_priority_then_fifo_order() -> None:
