@@ -14,6 +14,11 @@
 #
 # If ./wheelhouse holds a taskandgo wheel, the build installs from it alone
 # (--no-index); otherwise it builds every wheel from source and PyPI.
+#
+# bubblewrap (bwrap) sandboxes the tasks (docs/security.md, "Task sandbox"). The
+# build installs it with apt-get when the base image lacks it, so an offline base
+# must already hold it (apt-get install bubblewrap). --build-arg BWRAP=optional
+# builds without it; nodes then run tasks unsandboxed and say so at start.
 # The image only writes to /data (the Raft journal; mount a volume) and /tmp,
 # so it runs with a read-only root filesystem.
 
@@ -39,6 +44,20 @@ RUN mkdir -p /wheels; \
     /opt/taskandgo/bin/taskandgo --help >/dev/null
 
 FROM ${BASE}
+ARG BWRAP=required
+SHELL ["/bin/sh", "-eu", "-c"]
+# Unpinned: the base image decides the Debian release, and so the version.
+# hadolint ignore=DL3008
+RUN if ! command -v bwrap >/dev/null; then \
+        if apt-get update && apt-get install -y --no-install-recommends bubblewrap; then \
+            rm -rf /var/lib/apt/lists/*; \
+        elif [ "$BWRAP" = optional ]; then \
+            echo "bubblewrap not installed: tasks will run unsandboxed"; \
+        else \
+            echo "cannot install bubblewrap (offline? use a base that has it, or" \
+                 "--build-arg BWRAP=optional)" >&2; exit 1; \
+        fi; \
+    fi
 LABEL org.opencontainers.image.title="taskandgo" \
       org.opencontainers.image.description="Raft-replicated peer-to-peer task scheduler" \
       org.opencontainers.image.licenses="Apache-2.0"
