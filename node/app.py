@@ -1396,10 +1396,14 @@ class NodeApp:
     def handle_heartbeat(self, req: peer_pb2.HeartbeatRequest,
                          peer: PeerIdentity) -> peer_pb2.HeartbeatResponse:
         """Leader side of a peer's Heartbeat (see _admit_heartbeat for who is
-        admitted); elsewhere, where the leader is."""
-        self._admit_heartbeat(req, peer)
+        admitted); elsewhere, where the leader is (only the leader's worker table is
+        current, so only the leader judges the rest)."""
+        if req.node_id != peer.node_id or req.grpc_address != peer.grpc_address:
+            raise PermissionDenied(f"heartbeat for {req.node_id!r} at {req.grpc_address!r} "
+                                   f"sent by {peer.node_id!r} at {peer.grpc_address!r}")
         if not self.is_leader():
             return peer_pb2.HeartbeatResponse(accepted=False, leader_grpc=self.leader_grpc() or "")
+        self._admit_heartbeat(req, peer)
         kill = self._record_heartbeat(req)
         return peer_pb2.HeartbeatResponse(accepted=True, leader_grpc=self.cfg.grpc_address,
                                           leader_id=self.node_id, kill=[
