@@ -132,7 +132,8 @@ class PeerAuth:
 
     def metadata(self, node_id: str, grpc_address: str) -> tuple[tuple[str, str], ...]:
         """What this node sends on its peer calls."""
-        md = ((PEER_ID_KEY, node_id), (PEER_GRPC_KEY, grpc_address))
+        md: tuple[tuple[str, str], ...] = ((PEER_ID_KEY, node_id),
+                                           (PEER_GRPC_KEY, grpc_address))
         if self.credential is not None:
             md += ((PEER_AUTH_KEY, self.credential.decode()),)
         return md
