@@ -45,6 +45,15 @@ SNAPSHOT_VERSION = 1
 #: tests/test_upgrade.py pins this list.
 COMMAND_IDS = ("assign", "cancel", "compact", "complete", "requeue", "submit", "verify")
 
+#: What this release's state machine understands, reported in heartbeats. The leader
+#: uses a feature only once every voter has reported at least its level, so during a
+#: rolling upgrade a replica of the earlier release never applies a command it would
+#: read differently (diverging) or not at all (wedging). 1: the verify command;
+#: 2: fencing tokens chosen by the leader in assign; 3: requeue carries the requeuing
+#: node's start time (a loss counts towards the poison rule only if that node
+#: outlived it).
+RAFT_PROTOCOL = 3
+
 Fatal = Callable[[str], None]
 
 
@@ -550,6 +559,9 @@ class Raft:
             return
         if self._on_cluster_id is not None:
             self._on_cluster_id(cluster_id)
+
+    def applied_index(self) -> int:
+        return int(self.syncobj.raftLastApplied)
 
     @property
     def fatal(self) -> str | None:

@@ -550,15 +550,24 @@ class SchedulerState:
 
     def apply_requeue(self, units: list, now: float, reason: str) -> tuple[int, list[Event]]:
         """Take units back from a worker presumed gone. Each unit is
-        ``(task_id, chunk, attempt, token)``; only the current assignment is requeued
-        (attempt + 1 at its next assignment). A unit lost too often ends failed:
-        after :data:`POISON_AFTER_NODE_LOSSES` requeues here (its node presumed dead
-        each time), or :data:`MAX_LOST_ATTEMPTS` losses of any kind."""
+        ``(task_id, chunk, attempt, token[, since])``; only the current assignment is
+        requeued (attempt + 1 at its next assignment). A unit lost too often ends
+        failed: after :data:`POISON_AFTER_NODE_LOSSES` node deaths, or
+        :data:`MAX_LOST_ATTEMPTS` losses of any kind.
+
+        ``since`` is when the proposing leader's node process started (wall clock). A
+        loss counts as a node death (the poison rule) only when that node was already
+        running when the unit started: it outlived the node the unit took down. After a
+        whole-cluster restart (a power cut, a rollout of every pod) every running unit
+        is lost too, but no node died of it; the requeuing leader started after the
+        unit did, so those losses, and requeues without ``since`` (old journals), count
+        towards :data:`MAX_LOST_ATTEMPTS` only."""
         events = self._advance(now)
         n = 0
         for u in units if isinstance(units, list) else []:
             try:
                 tid, chunk, attempt, token = str(u[0]), int(u[1]), int(u[2]), int(u[3])
+                since = float(u[4]) if len(u) > 4 else 0.0
             except Exception:  # noqa: BLE001
                 self.rejected_commands += 1
                 continue
@@ -569,7 +578,8 @@ class SchedulerState:
                 continue
             self.running.pop((tid, chunk), None)
             unit.lost += 1
-            unit.deaths += 1
+            if 0.0 < since < unit.started_at:
+                unit.deaths += 1
             unit.error = str(reason)[:500]
             n += 1
             if unit.deaths >= POISON_AFTER_NODE_LOSSES:

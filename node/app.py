@@ -39,7 +39,7 @@ import psutil
 
 from taskandgo.consensus.identity import ClusterIdentity, check_data_dir, record_cluster_id, \
     record_divergence
-from taskandgo.consensus.raft import COMMAND_IDS, FAIL_REASON, MAYBE_COMMITTED, Raft, \
+from taskandgo.consensus.raft import FAIL_REASON, MAYBE_COMMITTED, RAFT_PROTOCOL, Raft, \
     RaftTimers, ReplicatedState, fail_reason_name
 from taskandgo.consensus.state import FAILED, FINAL, PRIORITY_LEVELS, SUCCEEDED, SchedulerState, \
     priority_name
@@ -102,7 +102,7 @@ class WorkerInfo:
     last_seen: float = 0.0  # monotonic, on the leader
     last_seen_wall: float = 0.0
     down: bool = False
-    raft_commands: int = 0  # replicated commands its release knows (0: before 0.2)
+    raft_protocol: int = 0  # its release's RAFT_PROTOCOL (0: before 0.2)
 
 
 class EventBus:
@@ -212,7 +212,8 @@ class NodeApp:
         # fencing tokens (see _random_tokens); a nudge for the heartbeat loop when a
         # Dispatch names a leader this node has not heard of yet.
         self.peer_auth = PeerAuth.from_password(cfg.raft_password, cfg.peer_cert_names)
-        self._voter_protocol_ok: set[str] = set()
+        # Raft address -> RAFT_PROTOCOL reported by that voter (see _voters_at).
+        self._voter_levels: dict[str, int] = {}
         self._heartbeat_wake = threading.Event()
         self._voter_grpc = {v.grpc for v in cfg.voters}
         self._channels: dict[str, grpc.Channel] = {}
@@ -225,6 +226,7 @@ class NodeApp:
         self.fatal_event = threading.Event()
         self.identity: ClusterIdentity | None = None
         self._last_verify = 0.0
+        self._started_wall = time.time()  # see _requeue_tail
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -327,8 +329,8 @@ class NodeApp:
         if units:
             log.warning("node %s: %s is gone (%s); requeueing %d unit(s)", self.node_id,
                         node_id, reason, len(units))
-            self.replicated.requeue([list(u) for u in units], time.time(),
-                                    f"worker {node_id}: {reason}")
+            self.replicated.requeue([list(u) + self._requeue_tail() for u in units],
+                                    time.time(), f"worker {node_id}: {reason}")
         return len(units)
 
     def stop(self) -> None:
@@ -369,20 +371,16 @@ class NodeApp:
                      self.cfg.data_dir)
 
     def _maybe_verify(self, now: float) -> None:
-        """Leader: propose an audit point every few seconds (ReplicatedState.verify),
-        once every voter heard from runs a release that knows the command."""
-        if now - self._last_verify < VERIFY_EVERY_S or self.replicated is None:
+        """Leader: propose an audit point every few seconds (ReplicatedState.verify)
+        when the log moved since the last one, once every voter runs a release that
+        knows the command."""
+        if now - self._last_verify < VERIFY_EVERY_S or self.replicated is None \
+                or self.raft is None or not self._voters_at(1):
             return
         self._last_verify = now
-        peers = [v for v in self.cfg.voters if self.voter is None or v.raft != self.voter.raft]
-        with self._lock:
-            known = {w.raft_address: w.raft_commands for w in self.workers.values()
-                     if w.voter and not w.down}
-        heard = [v for v in peers if v.raft in known]
-        if any(known[v.raft] < len(COMMAND_IDS) for v in heard) \
-                or 2 * (len(heard) + 1) <= len(self.cfg.voters):
-            return  # a voter runs an older release (or too few heard from yet)
         index, window, summary = self.replicated.last_audit()
+        if index and self.raft.applied_index() <= index:
+            return  # nothing applied since: an idle cluster writes nothing
         proposal = self.replicated.cluster_id or uuid.uuid4().hex
         self.replicated.verify(proposal, index, window, summary)
         if self.raft is not None:
@@ -952,18 +950,28 @@ class NodeApp:
         # Fencing tokens are drawn here, at random, and carried in the command (so
         # every replica records the same ones): a peer cannot guess a unit's token
         # from the ones it has seen.
-        random_tokens = self._random_tokens()
+        # A random fencing token, once every voter knows them (RAFT_PROTOCOL 2): an
+        # earlier release would count tokens itself and diverge.
+        random_tokens = self._voters_at(2)
         self.propose("assign", [(a.task_id, a.chunk, a.chunk_count, a.worker)
                                 + ((secrets.randbits(63) or 1,) if random_tokens else ())
                                 for a in assignments],
                      time.time(), self.cfg.lease_s, callback=done)
 
-    def _random_tokens(self) -> bool:
-        """True once every other voter has reported a release that records the
-        leader's tokens (peer_protocol 2); before, an earlier release's replica would
-        count tokens itself and diverge, so the counter is used."""
+    def _voters_at(self, level: int) -> bool:
+        """True once every other voter has reported a release at RAFT_PROTOCOL
+        ``level`` or above. Before that an earlier release's replica would read the
+        feature's commands differently (and diverge) or not at all (and wedge)."""
         own = self.voter.raft if self.voter is not None else None
-        return all(v.raft in self._voter_protocol_ok for v in self.cfg.voters if v.raft != own)
+        return all(self._voter_levels.get(v.raft, 0) >= level
+                   for v in self.cfg.voters if v.raft != own)
+
+    def _requeue_tail(self) -> list:
+        """What a requeued unit carries besides its key: this node's start time, once
+        every voter knows it (RAFT_PROTOCOL 3). Only a leader already running when a
+        unit started can tell that its node died rather than the whole cluster
+        restarting (consensus/state.py apply_requeue, the poison rule)."""
+        return [self._started_wall] if self._voters_at(3) else []
 
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
@@ -1092,7 +1100,8 @@ class NodeApp:
         for k in lost:
             self._requeue_recent[k] = now
         log.warning("node %s: requeueing %d unit(s): %s", self.node_id, len(lost), reasons[0])
-        self.replicated.requeue([list(k) for k in lost], wall, reasons[0])
+        self.replicated.requeue([list(k) + self._requeue_tail() for k in lost], wall,
+                                reasons[0])
 
     def _flush_completions(self) -> None:
         assert self.replicated is not None
@@ -1278,9 +1287,9 @@ class NodeApp:
             w.capacity = req.capacity or req.slots
             w.cpu_percent, w.memory_percent = req.cpu_percent, req.memory_percent
             w.memory_rss, w.accepting = req.memory_rss, req.accepting
-            w.raft_commands = req.raft_commands
-            if req.voter and req.peer_protocol >= PEER_PROTOCOL:
-                self._voter_protocol_ok.add(req.raft_address)
+            w.raft_protocol = req.raft_protocol
+            if req.voter and req.raft_address:
+                self._voter_levels[req.raft_address] = req.raft_protocol
             w.last_seen, w.last_seen_wall = time.monotonic(), time.time()
             if w.down:
                 w.down = False
@@ -1391,7 +1400,7 @@ class NodeApp:
                      for k in running],
             cpu_percent=psutil.cpu_percent(None), memory_percent=psutil.virtual_memory().percent,
             memory_rss=self._proc.memory_info().rss, accepting=self.accepting,
-            raft_commands=len(COMMAND_IDS), peer_protocol=PEER_PROTOCOL)
+            raft_protocol=RAFT_PROTOCOL, peer_protocol=PEER_PROTOCOL)
 
     def handle_heartbeat(self, req: peer_pb2.HeartbeatRequest,
                          peer: PeerIdentity) -> peer_pb2.HeartbeatResponse:

@@ -5,11 +5,11 @@ the same doors a user has (client library, CLI, HTTP)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -91,13 +91,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_cancel_kills_a_running_task_and_its_children(cluster3: Cluster, tmp_path: Path) -> None:
-    pidfile = tmp_path / "grandchild.pid"
+def _pid_of(argv: list[str]) -> int | None:
+    """The pid of the process running exactly argv, seen from this (host) side: a
+    sandboxed task has its own pid namespace and /tmp, so it cannot report its pid."""
+    want = ("\0".join(argv) + "\0").encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes() == want:
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def test_cancel_kills_a_running_task_and_its_children(cluster3: Cluster) -> None:
+    grandchild = ["sleep", f"120.{uuid.uuid4().int % 10**6:06d}"]  # unique, to find it
     with cluster3.client(1) as c:
-        tid = c.submit(f"sh: sleep 120 & echo $! > {pidfile}; wait", strategy="batch")
-        wait_for(lambda: c.get(tid)["status"] == "running" and pidfile.exists()
-                 and pidfile.read_text().strip(), 30, "the task to start")
-        pid = int(pidfile.read_text())
+        tid = c.submit(f"sh: {' '.join(grandchild)} & wait", strategy="batch")
+        pid = wait_for(lambda: c.get(tid)["status"] == "running" and _pid_of(grandchild), 30,
+                       "the task to start")
         assert _alive(pid)
         res = cli(cluster3, "cancel", tid, node=2)
         assert res.returncode == 0, res.stderr

@@ -67,7 +67,7 @@ def empty_request(method: str) -> Any:
 def ghost_heartbeat(i: int, accepting: bool = True) -> peer_pb2.HeartbeatRequest:
     return peer_pb2.HeartbeatRequest(
         node_id=f"ghost-{i}", grpc_address=f"127.0.0.9:{20000 + i}", slots=64, free_slots=64,
-        capacity=64, accepting=accepting, raft_commands=7)
+        capacity=64, accepting=accepting, raft_protocol=3)
 
 
 def node_ids(c: Cluster) -> list[str]:

@@ -9,7 +9,7 @@ import pickle
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from taskandgo.consensus.state import SchedulerState, Unit
+from taskandgo.consensus.state import POISON_AFTER_NODE_LOSSES, SchedulerState, Unit
 
 ids = st.sampled_from([f"t{i}" for i in range(8)])
 workers = st.sampled_from(["a", "b", "c"])
@@ -210,18 +210,37 @@ def test_a_unit_whose_node_is_lost_twice_ends_failed_with_the_reason() -> None:
     s.apply_complete([{"task_id": "p", "chunk": -1, "attempt": attempt, "token": token,
                        "ok": False, "requeue": True, "error": "handed back"}], 2.0)
     attempt, token = _run_on(s, "p", "b", 3.0)
-    assert s.apply_requeue([("p", -1, attempt, token)], 4.0, "worker b missed its lease")[0] == 1
+    assert s.apply_requeue([("p", -1, attempt, token, 0.5)], 4.0,
+                           "worker b missed its lease")[0] == 1
     assert s.tasks["p"].unit.status == "queued" and s.tasks["p"].unit.deaths == 1
     # The count survives snapshots (plain data and pickle) on every replica.
     restored = SchedulerState.from_snapshot(json.loads(json.dumps(s.to_snapshot())))
     assert restored.fingerprint() == s.fingerprint()
     assert pickle.loads(pickle.dumps(s)).tasks["p"].unit.deaths == 1
     attempt, token = _run_on(s, "p", "c", 5.0)
-    _, events = s.apply_requeue([("p", -1, attempt, token)], 6.0, "worker c missed its lease")
+    _, events = s.apply_requeue([("p", -1, attempt, token, 0.5)], 6.0,
+                                "worker c missed its lease")
     task = s.tasks["p"]
     assert task.status == "failed" and ("task", "p", "failed", -1, "c", 6.0) in events
     assert "lost 2 times" in task.error and "worker c missed its lease" in task.error
     assert not s.running and s.queued_count() == 0
+
+
+def test_losses_after_a_whole_cluster_restart_are_not_node_deaths() -> None:
+    """A whole-cluster restart loses every running unit, but no node died of it: a
+    loss counts towards the poison rule only when the requeuing leader was running
+    before the unit started; requeues without that time (old journals) never count."""
+    s = SchedulerState()
+    s.apply_submit([{"id": "p", "priority": 0, "strategy": "batch"}], 0.0)
+    for i in range(POISON_AFTER_NODE_LOSSES + 2):
+        attempt, token = _run_on(s, "p", "a", 10.0 * (i + 1))
+        restarted_at = 10.0 * (i + 1) + 5.0  # the new leader started after the unit
+        requeue = ("p", -1, attempt, token) if i % 2 else ("p", -1, attempt, token,
+                                                           restarted_at)
+        assert s.apply_requeue([requeue], restarted_at + 1,
+                               "worker a unknown to the new leader")[0] == 1
+    unit = s.tasks["p"].unit
+    assert unit.status == "queued" and unit.deaths == 0 and unit.lost == 4
 
 
 def test_a_snapshot_from_before_the_poison_rule_loads_with_no_losses_counted() -> None:
