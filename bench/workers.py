@@ -30,6 +30,7 @@ import grpc
 from _cluster import BenchCluster
 from taskandgo import Client
 from taskandgo.node.client import task_spec
+from taskandgo.node.security import PeerAuth
 from taskandgo.protos import peer_pb2, peer_pb2_grpc
 
 HEARTBEAT_S = 0.3
@@ -71,7 +72,11 @@ def simulate(first: int, count: int, addrs: list[str], seconds: float) -> None:
                 capacity=0, free_slots=0, accepting=True, cpu_percent=1.0,
                 memory_percent=1.0, memory_rss=50_000_000)
             t0 = time.monotonic()
-            fut = peer_pb2_grpc.PeerStub(channels[leader]).Heartbeat.future(req, timeout=2.0)
+            # Simulated workers speak as peers (the local cluster has no Raft password,
+            # so the peer credential is empty; each names itself).
+            md = PeerAuth.from_password(None).metadata(name, req.grpc_address)
+            fut = peer_pb2_grpc.PeerStub(channels[leader]).Heartbeat.future(
+                req, timeout=2.0, metadata=md)
             fut.add_done_callback(lambda f, n=name, t=t0: done(f, n, t))
             sent += 1
         tick += HEARTBEAT_S

@@ -635,6 +635,7 @@ class NodeApp:
             "memory_rss": self._proc.memory_info().rss,
             "strategy": self.cfg.strategy, "ready": False, "leader_id": "",
             "queue_by_priority": {}, "queued": 0, "fatal": self.fatal or "",
+            "sandbox": self.executor.sandbox.describe(),
         }
         if self.raft is not None:
             st["cluster_id"] = self.raft.cluster_id

@@ -356,7 +356,7 @@ def print_status(nodes: list[dict[str, Any]], as_json: bool, many: bool) -> int:
               f"raft {st.get('raft_address') or '-'}")
         if st.get("cluster_id") or st.get("fsync"):
             print(f"  cluster {st.get('cluster_id') or '(not yet agreed)'}  "
-                  f"fsync {st.get('fsync') or '-'}")
+                  f"fsync {st.get('fsync') or '-'}  sandbox {st.get('sandbox') or '-'}")
         for peer in st.get("foreign_peers", []):
             print(f"  REFUSED peer of another cluster: {peer}")
         if st.get("fatal"):

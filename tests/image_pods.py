@@ -63,11 +63,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
-DEFAULT_BASE = "localhost/tag-debian-python"
+DEFAULT_BASE = "localhost/tag-debian-python-bwrap"  # bubblewrap: the task sandbox
 NETNS_ETC = Path("/etc/netns")
 NETNS_RUN = Path("/run/netns")
 SUITE = "bookworm"
-DEBOOTSTRAP_INCLUDE = "python3,python3-venv,python3-pip,ca-certificates"
+DEBOOTSTRAP_INCLUDE = "python3,python3-venv,python3-pip,ca-certificates,bubblewrap"
 CLIENT_HOST = 100
 
 #: executable -> Debian package (the tools the test needs).

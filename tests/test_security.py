@@ -1,6 +1,6 @@
-"""Locked down: API tokens on gRPC (peers included), TLS and mTLS, the execution
-policy, the queue bound, per-client rate limits, and a Raft port that drops
-garbage and crafted pickles."""
+"""Locked down: API tokens on gRPC (peers prove themselves with the peer credential:
+tests/test_peer_identity.py), TLS and mTLS, the execution policy, the queue bound,
+per-client rate limits, and a Raft port that drops garbage and crafted pickles."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def _codes(fn) -> str:
     return "OK"
 
 
-def test_tokens_guard_the_grpc_api_and_peers_use_them(tmp_path: Path) -> None:
+def test_tokens_guard_the_grpc_api_and_the_cluster_still_works(tmp_path: Path) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# one per line\nother-token\n{TOKEN}\n")
     c = Cluster(tmp_path, n=3, env={"TASKANDGO_API_TOKENS_FILE": str(tokens)},
