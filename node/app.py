@@ -47,13 +47,17 @@ from taskandgo.node.config import NodeConfig, Voter
 from taskandgo.node.executor import Executor, Work
 from taskandgo.node.security import PEER_PROTOCOL, Overloaded, PeerAuth, PeerIdentity, \
     PermissionDenied
-from taskandgo.node.tasks import InvalidTask, check_status, normalize, payload_for
+from taskandgo.node.tasks import InvalidTask, check_status, normalize, payload_for, spec_bytes
 from taskandgo.protos import peer_pb2, peer_pb2_grpc
 from taskandgo.strategies import QueuedUnit, Worker, plan
 
 log = logging.getLogger("taskandgo.node")
 
 MAX_SUBMIT_BATCH = 5000
+#: Submit calls merged into one command stop at about this many bytes of payload: a
+#: Raft entry far above it would exceed the transport's frame bound on the way to the
+#: followers (consensus/transport.py) and stall replication behind it.
+MAX_SUBMIT_BYTES = 8 * 1024 * 1024
 MAX_INFLIGHT_SUBMITS = 4
 MAX_INFLIGHT_ASSIGNS = 3
 #: Peers restart within seconds: reconnect quickly instead of gRPC's default
@@ -505,7 +509,8 @@ class NodeApp:
             # after it while it is queued.
             self._hold_for(top)
         fut: Future = Future()
-        self._submit_q.put((specs, fut, time.monotonic() + min(timeout_s, SUBMIT_RETRY_S)))
+        self._submit_q.put((specs, fut, time.monotonic() + min(timeout_s, SUBMIT_RETRY_S),
+                            sum(spec_bytes(s) for s in specs)))
         try:
             out = fut.result(timeout=timeout_s)
         except FutureTimeout:
@@ -728,14 +733,17 @@ class NodeApp:
             except queue.Empty:
                 continue
             group = [first]
-            n = len(first[0])
+            n, size = len(first[0]), first[3]
             while n < MAX_SUBMIT_BATCH:
                 try:
                     item = self._submit_q.get_nowait()
                 except queue.Empty:
                     break
+                if size + item[3] > MAX_SUBMIT_BYTES:
+                    self._submit_q.put(item)  # the next command takes it
+                    break
                 group.append(item)
-                n += len(item[0])
+                n, size = n + len(item[0]), size + item[3]
             with self._submit_cond:
                 while self._submit_inflight >= MAX_INFLIGHT_SUBMITS and not self._stop.is_set():
                     self._submit_cond.wait(0.5)
@@ -764,7 +772,7 @@ class NodeApp:
                 self.metrics_hook("submit_commit", time.monotonic() - t0)
             if err == 0 and isinstance(result, list) and len(result) == len(specs):
                 i = 0
-                for item_specs, fut, _ in group:
+                for item_specs, fut, *_ in group:
                     if not fut.done():
                         fut.set_result(result[i:i + len(item_specs)])
                     i += len(item_specs)

@@ -77,6 +77,18 @@ def json_size(value: Any) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
 
+def spec_bytes(spec: dict[str, Any]) -> int:
+    """About how many bytes a normalised spec adds to a Raft entry (for batching
+    submits into commands of bounded size; not a limit check)."""
+    n = 200
+    for key, value in spec.items():
+        if isinstance(value, str):
+            n += len(value)
+        elif key in ("argv", "args", "items", "labels") and value:
+            n += json_size(value)
+    return n
+
+
 def check_size(name: str, value: Any, limit: int) -> None:
     """The one size check of every sized field (data, argv, call, args, items), for
     gRPC, HTTP and the CLI alike: raise :class:`InvalidTask` naming ``name`` when
