@@ -461,9 +461,12 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
             raise ConfigError(f"TASKANDGO_API_TOKEN_FILE: cannot read {token_file}: {exc}") from None
     auth = TokenAuth.from_text(tokens, open_read_only=env.get(
         "TASKANDGO_AUTH_READ_ONLY", "open").strip().lower() != "token")
-    policy = ExecPolicy.parse(_pick(getattr(args, "allow", None), env, "TASKANDGO_ALLOW", "", str),
-                              _pick(getattr(args, "allow_calls", None), env,
-                                    "TASKANDGO_ALLOW_CALLS", "", str))
+    try:
+        policy = ExecPolicy.parse(
+            _pick(getattr(args, "allow", None), env, "TASKANDGO_ALLOW", "", str),
+            _pick(getattr(args, "allow_calls", None), env, "TASKANDGO_ALLOW_CALLS", "", str))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     tls = {k: _pick(getattr(args, f"tls_{k}", None), env, f"TASKANDGO_TLS_{k.upper()}", None, str)
            for k in ("cert", "key", "ca")}
     for k, path in tls.items():

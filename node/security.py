@@ -256,6 +256,15 @@ class ExecPolicy:
             mods = ()
         elif call_modules and call_modules.strip() not in ("", "*"):
             mods = tuple(m.strip() for m in call_modules.split(",") if m.strip())
+            from taskandgo.node.callworker import MODULE_RE
+
+            bad = [m for m in mods if not MODULE_RE.fullmatch(m)]
+            if bad:
+                # Such an entry could never match a call: a typo would silently allow
+                # nothing the operator meant to allow.
+                raise ValueError(f"--allow-calls: {', '.join(map(repr, bad))} is not a module "
+                                 "name (dotted parts of letters, digits and _, each starting "
+                                 "with a letter)")
         return cls(prefixes, argv, mods)
 
     def check(self, spec: dict[str, Any], default_runner: str) -> None:

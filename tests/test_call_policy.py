@@ -17,6 +17,7 @@ the workers' import path) is an allowed module holding every such shape.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import textwrap
 import threading
@@ -354,3 +355,15 @@ def test_worker_with_no_calls_allowed_runs_nothing(target: Path) -> None:
         assert reply["ok"] is False and "refused by policy" in reply["error"], reply
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("entry", ["os:system", "_private", "pkg..mod", "taskandgo.node.builtins:echo"])
+def test_an_allow_calls_entry_that_is_no_module_name_refuses_to_start(tmp_path, entry) -> None:
+    """A typo in --allow-calls could never match a call: the node says so at start
+    instead of silently allowing nothing the operator meant."""
+    res = subprocess.run([sys.executable, "-m", "taskandgo", "node", "--allow", "call",
+                          "--allow-calls", f"taskandgo.node.builtins,{entry}",
+                          "--data-dir", str(tmp_path / "d")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2, res.stderr
+    assert "--allow-calls" in res.stderr and repr(entry) in res.stderr
