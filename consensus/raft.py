@@ -358,12 +358,39 @@ class SafeSyncObj(SyncObj):
 
     def _SyncObj__loadDumpFile(self, clearJournal):
         try:
-            self._SyncObj__serializer.deserialize()
+            data = self._SyncObj__serializer.deserialize()
         except Exception as exc:  # noqa: BLE001
             # PySyncObj would log and carry on with an empty state and a cut journal.
             self.tg_fail_stop(f"snapshot {self._tg_dump_name()} is unreadable ({exc!r})")
             return
+        if not clearJournal:
+            self._tg_align_journal(data[2], data[1])
         return SyncObj._SyncObj__loadDumpFile(self, clearJournal)
+
+    def _tg_align_journal(self, prev: tuple, last: tuple) -> None:
+        """At start, make the journal begin at the snapshot's last two entries when it
+        holds them, instead of letting PySyncObj drop it whole.
+
+        PySyncObj cuts the journal only after a snapshot is written. If the node dies
+        in between (or its forked snapshot writer outlives it and finishes the file),
+        the snapshot is newer than the journal's start; PySyncObj then throws the whole
+        journal away and keeps the snapshot's two entries, losing every entry after the
+        snapshot, acknowledged ones included (a majority doing this at once loses
+        committed tasks: seen in tests/test_powercut.py). Entries are matched by index
+        and term, which identify a Raft entry."""
+        log_ = self._SyncObj__raftLog
+        n = len(log_)
+        if n < 2 or (log_[0][1:] == prev[1:] and log_[1][1:] == last[1:]):
+            return
+        first, end = log_[0][1], log_[n - 1][1]
+        off = prev[1] - first
+        if not first <= prev[1] < end or log_[off][1:] != prev[1:] \
+                or log_[off + 1][1:] != last[1:]:
+            return  # the journal does not hold the snapshot's entries: PySyncObj decides
+        log.warning("journal starts at entry %d, before the snapshot's %d (a snapshot "
+                    "finished but the journal was not cut): keeping entries %d..%d",
+                    first, prev[1], last[1] + 1, end)
+        log_.deleteEntriesTo(off)
 
     def _tg_dump_name(self) -> str:
         return str(getattr(self._SyncObj__conf, "fullDumpFile", "") or "")
