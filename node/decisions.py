@@ -1,0 +1,446 @@
+"""The leader's scheduling decisions, as pure functions.
+
+Every function here takes a read-only view (frozen dataclasses: the queue's head in
+priority order, the workers' last reports, the assignments in flight, ``now``) and
+returns actions (frozen dataclasses: assignments to propose, units to requeue and
+why, workers to hold). Nothing here reads a clock, draws a random number, takes a
+lock, starts a thread, or talks to Raft or gRPC: ``node/scheduling.py`` builds the
+views from the replica and its worker table, calls these, and carries the actions
+out; ``tests/sim`` calls the same functions under a simulated clock.
+
+Times are whatever clock the caller uses for ``now`` (the node passes
+``time.monotonic()`` for leases and ``time.time()`` for wall-clock fields); the
+functions only compare and subtract them. The signatures and names are stable:
+the simulator imports them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from taskandgo.strategies import Assignment, QueuedUnit, Worker, plan
+
+#: (task_id, chunk): one unit of work (chunk -1 is a whole task).
+UnitKey = tuple[str, int]
+#: (task_id, chunk, attempt, fencing token): one attempt at a unit.
+AttemptKey = tuple[str, int, int, int]
+
+#: A prefetch window holds about this much work (seconds per slot, at the recent
+#: run time), up to the worker's --prefetch.
+PREFETCH_WORK_S = 0.2
+#: A requeue proposed for an attempt is not proposed again within this time (the
+#: first one may not have applied yet when the next lease check runs).
+REQUEUE_MEMORY_S = 2.0
+#: A priority floor set by a hold lasts this long past the hold's own deadline:
+#: until the urgent submit has had time to commit (the planner then takes it first).
+FLOOR_EXTRA_S = 2.0
+#: At most this many complete commands in flight; results arriving meanwhile wait
+#: for the next one.
+MAX_INFLIGHT_COMPLETES = 4
+#: Retry backoff: base * 2**(attempt-1), at most the cap, times a jitter in [0.5, 1.5).
+RETRY_BASE_S = 0.5
+RETRY_CAP_S = 60.0
+#: Weight of the newest run time in the moving average that sizes prefetch windows.
+RUN_EWMA_WEIGHT = 0.1
+
+
+# ---------------------------------------------------------------------- views
+
+
+@dataclass(frozen=True)
+class WorkerView:
+    """A worker as the leader last heard of it (its heartbeat, and when).
+
+    ``capacity`` is slots plus the worker's --prefetch (0 means just ``slots``);
+    ``last_seen`` is on the clock of the caller's ``now``; ``last_seen_wall`` is
+    wall-clock time, compared with units' wall-clock ``started_at``."""
+
+    node_id: str
+    slots: int
+    capacity: int = 0
+    last_seen: float = 0.0
+    last_seen_wall: float = 0.0
+    accepting: bool = True
+    down: bool = False
+    running: frozenset[AttemptKey] = frozenset()
+
+
+@dataclass(frozen=True)
+class RunningView:
+    """A unit the replica holds as running (or waiting in a prefetch window) on
+    ``worker``. ``priority`` None: its task is unknown (it counts for no priority)."""
+
+    task_id: str
+    chunk: int
+    worker: str
+    priority: int | None = None
+    attempt: int = 0
+    token: int = 0
+    started_at: float = 0.0  # wall clock
+
+    @property
+    def key(self) -> AttemptKey:
+        return (self.task_id, self.chunk, self.attempt, self.token)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """An assignment proposed (in an assign command) and not applied yet."""
+
+    task_id: str
+    chunk: int
+    worker: str
+
+
+@dataclass(frozen=True)
+class Floor:
+    """While a hold is in progress: plan nothing below ``priority`` until ``until``."""
+
+    priority: int
+    until: float
+
+
+@dataclass(frozen=True)
+class PlanView:
+    """What planning one round looks at.
+
+    ``workers``: the live workers (see :func:`live_workers`), in a stable order.
+    ``queued``: the head of the queue in priority order (at least
+    :func:`queue_depth_needed` units of it, or all). ``queued_priorities``: every
+    priority with a queued unit. ``running``: every running unit. ``completing``:
+    (task_id, chunk, worker) of units whose result is being committed (they no
+    longer hold a slot)."""
+
+    now: float
+    workers: tuple[WorkerView, ...]
+    queued: tuple[QueuedUnit, ...] = ()
+    queued_priorities: frozenset[int] = frozenset()
+    running: tuple[RunningView, ...] = ()
+    in_flight: tuple[InFlight, ...] = ()
+    completing: frozenset[tuple[str, int, str]] = frozenset()
+    floor: Floor | None = None
+    run_ewma: float | None = None
+    prefetch_work_s: float = PREFETCH_WORK_S
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """What a lease check looks at. ``workers``: every worker in the leader's table
+    (live or not); ``leader_since``: when this node became leader (same clock as
+    ``now``); ``recent``: requeues proposed lately (attempt -> when)."""
+
+    now: float
+    lease_s: float
+    grace_s: float
+    leader_since: float
+    workers: tuple[WorkerView, ...]
+    running: tuple[RunningView, ...]
+    recent: Mapping[AttemptKey, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplicaUnit:
+    """What the replica holds for a unit a worker reports running."""
+
+    status: str
+    token: int
+    worker: str | None  # who the replica has it running on (None: nobody)
+
+
+# ---------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class PlanActions:
+    """Assignments to propose (one assign command), and whether the priority floor
+    in the view is lifted (expired, or the urgent unit is queued)."""
+
+    assignments: tuple[Assignment, ...]
+    floor_lifted: bool = False
+
+
+@dataclass(frozen=True)
+class Requeue:
+    """Hand a unit's attempt back to the queue, and why."""
+
+    key: AttemptKey
+    reason: str
+
+
+@dataclass(frozen=True)
+class LeaseActions:
+    """Units to requeue (one requeue command), workers newly found down, and the
+    requeue memory to keep for the next check."""
+
+    requeue: tuple[Requeue, ...]
+    down: tuple[str, ...]
+    recent: Mapping[AttemptKey, float]
+
+
+# ---------------------------------------------------------------------- planning
+
+
+def live_workers(workers: Iterable[WorkerView], now: float, lease_s: float) -> tuple[WorkerView, ...]:
+    """Workers heard from within the lease (strictly) that accept work."""
+    return tuple(w for w in workers if now - w.last_seen < lease_s and w.accepting)
+
+
+def prefetch_per_slot(run_ewma: float | None, work_s: float = PREFETCH_WORK_S) -> float:
+    """Units a window may hold per slot: about ``work_s`` of work at the recent run
+    time. Deep for no-ops, none for units of a second or more (a long unit waiting
+    in a window could sit behind another while a different worker has a free slot).
+    0 until the leader has seen results (``run_ewma`` None)."""
+    return 0.0 if run_ewma is None else work_s / max(run_ewma, 1e-4)
+
+
+def window(worker: WorkerView, per_slot: float) -> int:
+    """How many units beyond its slots the worker may hold waiting: at most its
+    --prefetch (capacity - slots)."""
+    extra = max(0, (worker.capacity or worker.slots) - worker.slots)
+    return min(extra, int(worker.slots * per_slot))
+
+
+def free_slots(view: PlanView) -> tuple[Worker, ...]:
+    """Every live worker with the units it can take now: its slots, plus its
+    prefetch window while every queued and running unit has one priority (then no
+    unit can start ahead of a more urgent one; a more urgent submit has the windows
+    handed back first), minus the units it holds (running and not completing) and
+    the units proposed to it."""
+    busy: Counter[str] = Counter()
+    prios = set(view.queued_priorities)
+    for r in view.running:
+        if (r.task_id, r.chunk, r.worker) not in view.completing:
+            busy[r.worker] += 1
+            if r.priority is not None:
+                prios.add(r.priority)
+    for p in view.in_flight:
+        busy[p.worker] += 1
+    per_slot = prefetch_per_slot(view.run_ewma, view.prefetch_work_s) if len(prios) <= 1 else 0.0
+    return tuple(Worker(w.node_id, max(0, w.slots + window(w, per_slot) - busy[w.node_id]))
+                 for w in view.workers)
+
+
+def queue_depth_needed(view: PlanView) -> int:
+    """How many units of the queue's head a plan can use: the free slots plus the
+    units in flight (they are skipped). 0 when no worker has room."""
+    total = sum(w.free_slots for w in free_slots(view))
+    if total == 0:
+        return 0
+    return total + len({(p.task_id, p.chunk) for p in view.in_flight})
+
+
+def current_floor(floor: Floor | None, now: float) -> Floor | None:
+    """The floor, or None once it has expired (strictly after ``until``)."""
+    return None if floor is None or now > floor.until else floor
+
+
+def plan_round(view: PlanView) -> PlanActions:
+    """One round of planning: the queued units not in flight, cut at the priority
+    floor, planned in priority order onto the free slots (strategies.plan). A unit
+    in flight is never planned again, nor a whole task any of whose units is in
+    flight. Lower units are never planned while a higher queued one could not be
+    (the plan is a prefix of the eligible units)."""
+    floor = current_floor(view.floor, view.now)
+    lifted = view.floor is not None and floor is None
+    workers = free_slots(view)
+    if sum(w.free_slots for w in workers) == 0:
+        return PlanActions((), lifted)
+    pending_keys = {(p.task_id, p.chunk) for p in view.in_flight}
+    pending_tasks = {p.task_id for p in view.in_flight}
+    units = [u for u in view.queued
+             if (u.task_id, u.chunk) not in pending_keys
+             and not (u.chunk == -1 and u.task_id in pending_tasks)]
+    if floor is not None and any(p >= floor.priority for p in view.queued_priorities):
+        # The urgent task is queued: priority order takes it from here.
+        lifted = True
+    elif floor is not None:
+        # Stop at the first unit below the floor (order is a prefix).
+        for i, u in enumerate(units):
+            if u.priority < floor.priority:
+                units = units[:i]
+                break
+    if not units:
+        return PlanActions((), lifted)
+    return PlanActions(tuple(plan(units, list(workers))), lifted)
+
+
+# ---------------------------------------------------------------------- leases
+
+
+def expired_leases(view: LeaseView) -> LeaseActions:
+    """Units to requeue: on a worker unknown to this leader once it has led for a
+    full lease; on a worker not heard from for more than ``lease_s`` (strictly:
+    at exactly ``lease_s`` it is neither live nor expired); on a live worker that
+    does not run it although it reported after the unit started plus ``grace_s``
+    (a dispatch that never arrived), once this leader has led for ``grace_s``.
+    An attempt requeued within REQUEUE_MEMORY_S is not requeued again. Workers
+    not heard from within the lease and not yet marked down are reported down."""
+    now = view.now
+    by_id = {w.node_id: w for w in view.workers}
+    led_s = now - view.leader_since
+    lost: list[Requeue] = []
+    for r in view.running:
+        w = by_id.get(r.worker)
+        if w is None:
+            if led_s > view.lease_s:
+                lost.append(Requeue(r.key, f"worker {r.worker} unknown to the new leader"))
+        elif now - w.last_seen > view.lease_s:
+            lost.append(Requeue(r.key, f"worker {r.worker} missed its lease"))
+        elif r.key not in w.running and w.last_seen_wall > r.started_at + view.grace_s \
+                and led_s > view.grace_s:
+            lost.append(Requeue(r.key, f"worker {r.worker} is not running it"))
+    down = tuple(w.node_id for w in view.workers
+                 if not w.down and now - w.last_seen > view.lease_s)
+    requeue, recent = dedupe_requeues(view.recent, lost, now)
+    return LeaseActions(requeue, down, recent)
+
+
+def dedupe_requeues(recent: Mapping[AttemptKey, float], lost: Sequence[Requeue],
+                    now: float) -> tuple[tuple[Requeue, ...], dict[AttemptKey, float]]:
+    """The requeues not proposed within REQUEUE_MEMORY_S before ``now`` (each
+    attempt once), and the memory to keep: the entries younger than that plus the
+    new ones at ``now``."""
+    kept = {k: t for k, t in recent.items() if now - t < REQUEUE_MEMORY_S}
+    out: list[Requeue] = []
+    for r in lost:
+        if r.key not in kept:
+            kept[r.key] = now
+            out.append(r)
+    return tuple(out), kept
+
+
+def units_to_kill(node_id: str, reported: Iterable[AttemptKey],
+                  replica: Mapping[UnitKey, ReplicaUnit | None]) -> tuple[AttemptKey, ...]:
+    """Of the attempts a worker reports running, those that are not its to run
+    (cancelled, requeued, given to another worker, another attempt). An attempt
+    whose result is committed is left alone: the worker just has not heard yet."""
+    out = []
+    for key in reported:
+        tid, chunk, _attempt, token = key
+        unit = replica.get((tid, chunk))
+        if unit is None or unit.status != "running" or unit.token != token \
+                or unit.worker != node_id:
+            if unit is not None and unit.token == token and unit.status in ("succeeded", "failed"):
+                continue
+            out.append(key)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------- holds
+
+
+def hold_floor(priority: int, deadline: float) -> Floor:
+    """The floor a hold for ``priority`` sets, given the hold's own deadline."""
+    return Floor(priority, deadline + FLOOR_EXTRA_S)
+
+
+def hold_targets(workers: Iterable[WorkerView]) -> tuple[str, ...]:
+    """Workers that may hold units waiting in a prefetch window (capacity beyond
+    their slots) and are not down: the ones a hold asks to hand units back."""
+    return tuple(w.node_id for w in workers if (w.capacity or w.slots) > w.slots and not w.down)
+
+
+def needs_hold(priority: int, running_priorities: Iterable[int]) -> bool:
+    """Does a submit at ``priority`` need a hold first: is any unit running or
+    waiting in a window at a lower priority?"""
+    return any(p < priority for p in running_priorities)
+
+
+# ---------------------------------------------------------------------- completions
+
+
+def should_flush(waiting: int, in_flight: int) -> bool:
+    """Propose a complete command now: results wait and fewer than
+    MAX_INFLIGHT_COMPLETES commands are in flight."""
+    return waiting > 0 and in_flight < MAX_INFLIGHT_COMPLETES
+
+
+def retry_backoff_s(attempt: int, jitter: float) -> float:
+    """When a failed attempt's retry is due, in seconds after it failed:
+    RETRY_BASE_S * 2**(attempt-1) up to RETRY_CAP_S, times 0.5 + ``jitter``
+    (``jitter`` in [0, 1), drawn by the caller). Any attempt number is safe."""
+    attempt = min(max(1, attempt), 64)  # past 8 the cap applies; 64 keeps 2** small
+    return min(RETRY_CAP_S, RETRY_BASE_S * 2 ** (attempt - 1)) * (0.5 + jitter)
+
+
+def completion_results(results: Sequence[Mapping[str, object]],
+                       jitters: Sequence[float]) -> list[dict[str, object]]:
+    """The results as a complete command carries them: a failed one gets its
+    ``backoff_s`` (see :func:`retry_backoff_s`; ``jitters`` one per result)."""
+    out = []
+    for r, jitter in zip(results, jitters):
+        d = dict(r)
+        if not d.get("ok"):
+            d["backoff_s"] = retry_backoff_s(_int(d.get("attempt", 1), 1), jitter)
+        out.append(d)
+    return out
+
+
+def run_time_s(result: Mapping[str, object]) -> float:
+    """How long a reported unit ran (0 when unknown)."""
+    return max(0.0, _float(result.get("finished_at")) - _float(result.get("started_at")))
+
+
+def update_run_ewma(run_ewma: float | None, results: Iterable[Mapping[str, object]]) -> float | None:
+    """The moving average of run times after these committed results (handed-back
+    units do not count: they did not run)."""
+    for r in results:
+        if r.get("requeue"):
+            continue
+        rt = run_time_s(r)
+        run_ewma = rt if run_ewma is None else (1 - RUN_EWMA_WEIGHT) * run_ewma + RUN_EWMA_WEIGHT * rt
+    return run_ewma
+
+
+def _int(value: object, default: int) -> int:
+    try:
+        return int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return default
+
+
+def _float(value: object) -> float:
+    try:
+        return float(value or 0)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+
+
+__all__ = [
+    "FLOOR_EXTRA_S",
+    "MAX_INFLIGHT_COMPLETES",
+    "PREFETCH_WORK_S",
+    "REQUEUE_MEMORY_S",
+    "AttemptKey",
+    "Floor",
+    "InFlight",
+    "LeaseActions",
+    "LeaseView",
+    "PlanActions",
+    "PlanView",
+    "ReplicaUnit",
+    "Requeue",
+    "RunningView",
+    "UnitKey",
+    "WorkerView",
+    "completion_results",
+    "current_floor",
+    "dedupe_requeues",
+    "expired_leases",
+    "free_slots",
+    "hold_floor",
+    "hold_targets",
+    "live_workers",
+    "needs_hold",
+    "plan_round",
+    "prefetch_per_slot",
+    "queue_depth_needed",
+    "retry_backoff_s",
+    "run_time_s",
+    "should_flush",
+    "units_to_kill",
+    "update_run_ewma",
+    "window",
+]

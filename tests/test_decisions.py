@@ -1,0 +1,232 @@
+"""Properties of the leader's pure decisions (node/decisions.py), with hypothesis.
+
+Given a view (queue head in priority order, workers' last reports, assignments in
+flight, ``now``), when a decision runs, then its actions respect capacity, priority
+order, lease timing, in-flight exclusion and requeue de-duplication."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from taskandgo.node import decisions as d
+from taskandgo.strategies import QueuedUnit
+
+NODES = ["a", "b", "c", "d"]
+
+
+@st.composite
+def plan_views(draw: st.DrawFn) -> d.PlanView:
+    now = draw(st.floats(0, 100))
+    workers = tuple(
+        d.WorkerView(n, slots, slots + draw(st.integers(0, 6)), last_seen=now)
+        for n, slots in zip(draw(st.lists(st.sampled_from(NODES), unique=True, max_size=4)),
+                            draw(st.lists(st.integers(0, 4), min_size=4, max_size=4))))
+    n_tasks = draw(st.integers(0, 20))
+    queued = []
+    for i in range(n_tasks):
+        strategy = draw(st.sampled_from(["batch", "split"]))
+        cut = strategy == "split" and draw(st.booleans())
+        chunk = draw(st.integers(0, 3)) if cut else -1
+        queued.append(QueuedUnit(f"t{i}", chunk, draw(st.sampled_from([0, 10, 20, 30])),
+                                 strategy, draw(st.integers(0, 3)), 0, 4 if cut else 0))
+    # The queue's order: priority first, FIFO within a level.
+    queued.sort(key=lambda u: -u.priority)
+    running = tuple(
+        d.RunningView(f"r{i}", -1, w, p, 1, i + 1, 0.0)
+        for i, (w, p) in enumerate(draw(st.lists(
+            st.tuples(st.sampled_from(NODES), st.sampled_from([0, 10, 20, 30])), max_size=8))))
+    in_flight = tuple(
+        d.InFlight(u.task_id, u.chunk, draw(st.sampled_from(NODES)))
+        for u in queued if draw(st.integers(0, 4)) == 0)
+    completing = frozenset((r.task_id, r.chunk, r.worker) for r in running
+                           if draw(st.integers(0, 3)) == 0)
+    floor = draw(st.none() | st.builds(d.Floor, st.sampled_from([10, 20, 30, 40]),
+                                       st.floats(0, 200)))
+    return d.PlanView(now, workers, tuple(queued),
+                      frozenset(u.priority for u in queued), running, in_flight, completing,
+                      floor, draw(st.none() | st.floats(0, 3)))
+
+
+@given(plan_views())
+@settings(max_examples=400, deadline=None)
+def test_never_more_units_on_a_worker_than_its_capacity(view: d.PlanView) -> None:
+    out = d.plan_round(view).assignments
+    got = Counter(a.worker for a in out)
+    busy = Counter(r.worker for r in view.running
+                   if (r.task_id, r.chunk, r.worker) not in view.completing)
+    busy.update(p.worker for p in view.in_flight)
+    per_slot = d.prefetch_per_slot(view.run_ewma)
+    for w in view.workers:
+        room = w.slots + d.window(w, per_slot)
+        assert room <= w.capacity  # slots + --prefetch
+        assert got[w.node_id] <= max(0, room - busy[w.node_id])
+    assert set(got) <= {w.node_id for w in view.workers}
+
+
+@given(plan_views())
+@settings(max_examples=400, deadline=None)
+def test_prefetch_only_while_every_unit_has_one_priority(view: d.PlanView) -> None:
+    prios = set(view.queued_priorities) | {
+        r.priority for r in view.running if (r.task_id, r.chunk, r.worker) not in view.completing}
+    if len(prios) > 1:
+        busy = Counter(r.worker for r in view.running
+                       if (r.task_id, r.chunk, r.worker) not in view.completing)
+        busy.update(p.worker for p in view.in_flight)
+        got = Counter(a.worker for a in d.plan_round(view).assignments)
+        for w in view.workers:
+            assert got[w.node_id] <= max(0, w.slots - busy[w.node_id])
+
+
+@given(plan_views())
+@settings(max_examples=400, deadline=None)
+def test_no_lower_unit_planned_while_a_higher_one_waits(view: d.PlanView) -> None:
+    out = d.plan_round(view).assignments
+    planned = {a.task_id for a in out}
+    in_flight = {(p.task_id, p.chunk) for p in view.in_flight}
+    in_flight_tasks = {p.task_id for p in view.in_flight}
+    waiting = [u for u in view.queued if (u.task_id, u.chunk) not in in_flight
+               and not (u.chunk == -1 and u.task_id in in_flight_tasks)]
+    for a in out:
+        prio = next(u.priority for u in view.queued if u.task_id == a.task_id)
+        # Every eligible unit above it was planned too (at least one of its chunks).
+        assert all(u.task_id in planned for u in waiting if u.priority > prio)
+    floor = d.current_floor(view.floor, view.now)
+    if floor is not None and not any(p >= floor.priority for p in view.queued_priorities):
+        assert all(next(u.priority for u in view.queued if u.task_id == a.task_id)
+                   >= floor.priority for a in out)
+
+
+@given(plan_views())
+@settings(max_examples=400, deadline=None)
+def test_no_unit_planned_twice_or_while_in_flight(view: d.PlanView) -> None:
+    out = d.plan_round(view).assignments
+    keys = [(a.task_id, a.chunk) for a in out]
+    assert len(keys) == len(set(keys))
+    in_flight = {(p.task_id, p.chunk) for p in view.in_flight}
+    assert not set(keys) & in_flight
+    whole_in_flight = {p.task_id for p in view.in_flight}
+    queued_whole = {u.task_id for u in view.queued if u.chunk == -1}
+    assert not {a.task_id for a in out} & whole_in_flight & queued_whole
+
+
+@given(plan_views())
+@settings(max_examples=200, deadline=None)
+def test_a_plan_needs_no_more_of_the_queue_than_queue_depth_needed(view: d.PlanView) -> None:
+    depth = d.queue_depth_needed(view)
+    cut = d.PlanView(view.now, view.workers, view.queued[:depth], view.queued_priorities,
+                     view.running, view.in_flight, view.completing, view.floor, view.run_ewma)
+    assert d.plan_round(cut) == d.plan_round(view)
+
+
+@given(st.floats(0, 1e6), st.floats(0.5, 60), st.floats(0, 200), st.floats(0, 1e6))
+@settings(max_examples=400)
+def test_a_lease_expires_exactly_after_lease_s(seen: float, lease_s: float, after: float,
+                                               leader_since: float) -> None:
+    now = seen + after
+    w = d.WorkerView("a", 1, last_seen=seen, last_seen_wall=0.0,
+                     running=frozenset({("t", -1, 1, 7)}))
+    view = d.LeaseView(now, lease_s, 2.5, min(leader_since, now), (w,),
+                       (d.RunningView("t", -1, "a", 0, 1, 7, 0.0),))
+    out = d.expired_leases(view)
+    expired = now - seen > lease_s
+    assert bool(out.requeue) == expired
+    assert (out.down == ("a",)) == expired
+    # Live and expired never overlap; at exactly lease_s it is neither.
+    assert not (d.live_workers([w], now, lease_s) and expired)
+
+
+def test_a_lease_check_requeues_at_the_first_check_past_lease_s() -> None:
+    w = d.WorkerView("a", 1, last_seen=10.0, running=frozenset({("t", -1, 1, 7)}))
+    run = (d.RunningView("t", -1, "a", 0, 1, 7, 0.0),)
+    checks = [10.0 + 0.2 * i for i in range(40)]  # the leader checks every 0.2 s
+    first = next(now for now in checks
+                 if d.expired_leases(d.LeaseView(now, 5.0, 2.5, 0.0, (w,), run)).requeue)
+    assert 15.0 < first <= 15.0 + 0.2 + 1e-9
+
+
+@given(st.lists(st.tuples(st.sampled_from(["x", "y", "z"]), st.floats(0, 0.5)), max_size=30))
+@settings(max_examples=300)
+def test_requeue_dedup_proposes_an_attempt_once_per_memory(steps: list) -> None:
+    recent: dict = {}
+    now = 0.0
+    last: dict[str, float] = {}
+    for tid, dt in steps:
+        now += dt
+        lost = [d.Requeue((tid, -1, 1, 1), "why"), d.Requeue((tid, -1, 1, 1), "again")]
+        out, recent = d.dedupe_requeues(recent, lost, now)
+        assert len(out) <= 1  # never twice in one command
+        if tid in last and now - last[tid] < d.REQUEUE_MEMORY_S:
+            assert not out
+        else:
+            assert len(out) == 1
+            last[tid] = now
+        assert all(now - t < d.REQUEUE_MEMORY_S for t in recent.values())
+
+
+def test_a_worker_that_does_not_run_its_unit_loses_it_after_the_grace() -> None:
+    w = d.WorkerView("a", 1, last_seen=100.0, last_seen_wall=1003.0, running=frozenset())
+    run = (d.RunningView("t", -1, "a", 0, 1, 7, started_at=1000.0),)
+    early = d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 50.0, (w,), run))
+    assert [r.reason for r in early.requeue] == ["worker a is not running it"]
+    fresh = d.WorkerView("a", 1, last_seen=100.0, last_seen_wall=1002.0)
+    assert not d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 50.0, (fresh,), run)).requeue
+    # A new leader gives workers the grace before judging them.
+    assert not d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 98.0, (w,), run)).requeue
+    # A worker unknown to the leader loses its units once the leader has led a lease.
+    assert not d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 96.0, (), run)).requeue
+    unknown = d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 94.0, (), run))
+    assert [r.reason for r in unknown.requeue] == ["worker a unknown to the new leader"]
+
+
+def test_the_floor_holds_lower_units_until_the_urgent_one_is_queued() -> None:
+    w = d.WorkerView("a", 4, 4, last_seen=0.0)
+    low = QueuedUnit("low", -1, 0, "batch")
+    held = d.plan_round(d.PlanView(1.0, (w,), (low,), frozenset({0}), floor=d.Floor(20, 5.0)))
+    assert held == d.PlanActions((), False)
+    urgent = QueuedUnit("hi", -1, 20, "batch")
+    out = d.plan_round(d.PlanView(1.0, (w,), (urgent, low), frozenset({0, 20}),
+                                  floor=d.Floor(20, 5.0)))
+    assert out.floor_lifted and [a.task_id for a in out.assignments] == ["hi", "low"]
+    expired = d.plan_round(d.PlanView(5.5, (w,), (low,), frozenset({0}), floor=d.Floor(20, 5.0)))
+    assert expired.floor_lifted and [a.task_id for a in expired.assignments] == ["low"]
+
+
+def test_holds_go_to_workers_with_a_window_and_not_down() -> None:
+    ws = [d.WorkerView("a", 2, 4), d.WorkerView("b", 2, 2), d.WorkerView("c", 2, 0),
+          d.WorkerView("e", 2, 8, down=True)]
+    assert d.hold_targets(ws) == ("a",)
+    assert d.hold_floor(20, 3.0) == d.Floor(20, 3.0 + d.FLOOR_EXTRA_S)
+    assert d.needs_hold(20, [0, 30]) and not d.needs_hold(20, [20, 30])
+
+
+def test_units_to_kill_spares_committed_results() -> None:
+    replica = {("t", -1): d.ReplicaUnit("running", 7, "a"),
+               ("u", -1): d.ReplicaUnit("succeeded", 8, None),
+               ("v", -1): d.ReplicaUnit("queued", 9, None),
+               ("w", -1): d.ReplicaUnit("running", 10, "b")}
+    reported = [("t", -1, 1, 7), ("t", -1, 0, 6), ("u", -1, 1, 8), ("v", -1, 1, 9),
+                ("w", -1, 1, 10), ("gone", -1, 1, 1)]
+    assert d.units_to_kill("a", reported, replica) == (
+        ("t", -1, 0, 6), ("v", -1, 1, 9), ("w", -1, 1, 10), ("gone", -1, 1, 1))
+
+
+@given(st.integers(-10, 10**6), st.floats(0, 0.999))
+@settings(max_examples=300)
+def test_retry_backoff_is_bounded_for_any_attempt(attempt: int, jitter: float) -> None:
+    b = d.retry_backoff_s(attempt, jitter)
+    assert 0.5 * d.RETRY_BASE_S <= b < 1.5 * d.RETRY_CAP_S
+    if 1 <= attempt < 8:
+        assert b == d.RETRY_BASE_S * 2 ** (attempt - 1) * (0.5 + jitter)
+
+
+def test_completion_batching_and_run_time_average() -> None:
+    assert d.should_flush(1, 0) and not d.should_flush(0, 0)
+    assert not d.should_flush(5, d.MAX_INFLIGHT_COMPLETES)
+    out = d.completion_results([{"ok": True}, {"ok": False, "attempt": 3}], [0.5, 0.5])
+    assert "backoff_s" not in out[0] and out[1]["backoff_s"] == 2.0
+    ewma = d.update_run_ewma(None, [{"started_at": 1.0, "finished_at": 2.0},
+                                    {"requeue": True, "started_at": 0, "finished_at": 9.0},
+                                    {"started_at": 1.0, "finished_at": 3.0}])
+    assert ewma is not None and abs(ewma - 1.1) < 1e-9
