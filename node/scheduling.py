@@ -1,0 +1,595 @@
+"""Scheduling: the leader's side of a node.
+
+While this node is the Raft leader (and an entry of its own term has applied), the
+:class:`Scheduler`'s thread plans queued units onto workers and proposes the
+assignments, hands committed ones to the dispatcher, requeues units whose lease ran
+out, commits reported results (with retry backoff), holds lower units back for an
+urgent submit, audits the log and compacts finished tasks. Every decision is made
+by a pure function of ``node/decisions.py`` on a view built here from the replica
+and the worker table; this module only builds views and carries actions out.
+
+It owns the leader's in-memory state (rebuilt by every new leader): the worker
+table from heartbeats, assignments proposed and not applied, results being
+committed, the priority floor, the run-time average, recent requeues. The
+constructor starts nothing; :meth:`start` starts the leader thread (voters only).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
+from typing import Any
+
+import grpc
+from taskandgo.consensus.state import SchedulerState, priority_name
+from taskandgo.node import decisions as d
+from taskandgo.node.config import NodeConfig, Voter
+from taskandgo.node.dispatching import Dispatcher, Peers
+from taskandgo.node.events import EventBus, event
+from taskandgo.node.replica import Replica, Unavailable
+from taskandgo.node.security import Overloaded, PeerIdentity, PermissionDenied
+from taskandgo.node.worker import WorkerSide
+from taskandgo.protos import peer_pb2
+from taskandgo.strategies import QueuedUnit
+
+log = logging.getLogger("taskandgo.node")
+
+MAX_INFLIGHT_ASSIGNS = 3
+
+
+@dataclass
+class WorkerInfo:
+    """The leader's record of a worker, from its last heartbeat (under the lock)."""
+
+    node_id: str
+    grpc_address: str = ""
+    http_address: str = ""
+    raft_address: str = ""
+    voter: bool = False
+    slots: int = 0
+    capacity: int = 0
+    free_slots: int = 0
+    running: frozenset = frozenset()
+    cpu_percent: float = 0.0
+    memory_percent: float = 0.0
+    memory_rss: int = 0
+    accepting: bool = True
+    last_seen: float = 0.0  # monotonic, on the leader
+    last_seen_wall: float = 0.0
+    down: bool = False
+    raft_protocol: int = 0  # its release's RAFT_PROTOCOL (0: before 0.2)
+
+    def view(self) -> d.WorkerView:
+        return d.WorkerView(self.node_id, self.slots, self.capacity, self.last_seen,
+                            self.last_seen_wall, self.accepting, self.down, self.running)
+
+
+class Scheduler:
+    """The leader. Thread-safe; ``observe(name, seconds)`` records a metric."""
+
+    def __init__(self, cfg: NodeConfig, replica: Replica, bus: EventBus, worker: WorkerSide,
+                 dispatcher: Dispatcher, peers: Peers, stop: threading.Event, *,
+                 observe: Callable[[str, float], None],
+                 guard: Callable[[Callable[[], None]], Callable[[], None]]) -> None:
+        self.cfg = cfg
+        self.node_id = cfg.node_id
+        self.replica = replica
+        self.bus = bus
+        self.worker = worker
+        self.dispatcher = dispatcher
+        self.peers = peers
+        self._stop = stop
+        self._observe = observe
+        self._guard = guard
+        self._lock = threading.RLock()
+        self._assign_cond = threading.Condition(self._lock)
+        self.workers: dict[str, WorkerInfo] = {}
+        self._wake = threading.Event()
+        self.leader_since: float | None = None
+        self.ready = False
+        self._last_leader: str | None = None
+        # Assignments proposed but not yet applied, by command: planning skips their
+        # units and counts their slots, so several assign commands can be in flight.
+        self._assigning: dict[int, list[tuple[str, int, str]]] = {}
+        self._assign_seq = 0
+        # Units whose result is being committed: they no longer hold a slot.
+        self._completing: dict[tuple[str, int], str] = {}
+        self._completions: list[tuple[dict[str, Any], Future | None]] = []
+        self._complete_inflight = 0
+        self._requeue_recent: dict[d.AttemptKey, float] = {}
+        # While a hold is in progress: plan nothing below the floor's priority.
+        self._floor: d.Floor | None = None
+        # Moving average of recent units' run times (None: none seen as leader yet).
+        self._run_ewma: float | None = None
+        self._last_compact = 0.0
+        self._self_hb_at = 0.0
+
+    def start(self) -> None:
+        if self.replica.raft is not None:
+            threading.Thread(target=self._guard(self._loop), name="leader", daemon=True).start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+
+    def _loop(self) -> None:
+        raft = self.replica.raft
+        assert raft is not None
+        last_lease_check = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(0.05)
+            self._wake.clear()
+            leader = raft.leader()
+            if leader != self._last_leader:
+                self._last_leader = leader
+                v = self.replica.voter_at(leader)
+                self.bus.publish([event("leader", "changed" if v else "none",
+                                        self.voter_node_id(v) if v else "", at=time.time())])
+            if not raft.is_leader():
+                if self.leader_since is not None:
+                    log.info("node %s: no longer leader", self.node_id)
+                self.leader_since = None
+                self.ready = False
+                continue
+            now = time.monotonic()
+            if self.leader_since is None:
+                self._become_leader(now)
+            if not self.ready:
+                continue
+            self._heartbeat_self()
+            self._flush_completions()
+            if len(self._assigning) < MAX_INFLIGHT_ASSIGNS:
+                self._plan_and_assign()
+            if now - last_lease_check > 0.2:
+                last_lease_check = now
+                self._check_leases(now)
+            self.replica.maybe_verify(now)
+            if now - self._last_compact > 10.0:
+                self._last_compact = now
+                self.replica.send("compact", time.time(), self.cfg.retention_s,
+                                  self.cfg.max_finished)
+
+    def _become_leader(self, now: float) -> None:
+        """A new leader: forget the old view of workers (they get a full lease to
+        report in) and wait until an entry of our term has applied, so the state
+        read below includes every committed command."""
+        log.info("node %s: became leader", self.node_id)
+        self.leader_since = now
+        with self._lock:
+            self._assigning.clear()
+            self._completing.clear()
+            self._run_ewma = None
+            for w in self.workers.values():
+                w.last_seen = now
+        self.bus.publish([event("leader", "elected", self.node_id, at=time.time())])
+
+        def ready(_: Any, err: int) -> None:
+            if err == 0 and self.leader_since == now:
+                self.ready = True
+            self._wake.set()
+
+        self.ready = False
+        self.replica.propose("requeue", [], time.time(), "", callback=ready)
+
+    def _heartbeat_self(self) -> None:
+        now = time.monotonic()
+        if now - self._self_hb_at < self.cfg.heartbeat_s / 2:
+            return
+        self._self_hb_at = now
+        self.worker.kill(self._record_heartbeat(self.worker.heartbeat_request()))
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan_and_assign(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            live = d.live_workers([w.view() for w in self.workers.values()], now,
+                                  self.cfg.lease_s)
+            if not live:
+                return
+            in_flight = tuple(d.InFlight(t, c, w) for units in self._assigning.values()
+                              for t, c, w in units)
+            completing = frozenset((t, c, w) for (t, c), w in self._completing.items())
+            floor = self._floor
+        base = d.PlanView(now, live, in_flight=in_flight, completing=completing, floor=floor,
+                          run_ewma=self._run_ewma)
+
+        def snapshot(s: SchedulerState) -> d.PlanView:
+            running = []
+            for (tid, chunk), w in s.running.items():
+                t = s.tasks.get(tid)
+                running.append(d.RunningView(tid, chunk, w, t.priority if t is not None else None))
+            view = replace(base, running=tuple(running),
+                           queued_priorities=frozenset(s.queued_by_priority))
+            depth = d.queue_depth_needed(view)
+            if depth == 0:
+                return view
+            return replace(view, queued=tuple(
+                QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
+                           len(t.spec.get("items") or ()), t.chunk_count)
+                for t, chunk in s.peek_queued(depth)))
+
+        actions = d.plan_round(self.replica.read(snapshot))
+        if actions.floor_lifted:
+            with self._lock:
+                if self._floor == floor:
+                    self._floor = None
+        if actions.assignments:
+            self._propose_assign(actions.assignments)
+
+    def _propose_assign(self, assignments: tuple) -> None:
+        t0 = time.monotonic()
+        with self._lock:
+            self._assign_seq += 1
+            cid = self._assign_seq
+            self._assigning[cid] = [(a.task_id, a.chunk, a.worker) for a in assignments]
+
+        def done(result: Any, err: int) -> None:
+            if err == 0 and result:
+                self.dispatcher.put(result)  # counted before the hold sees cid gone
+            with self._lock:
+                self._assigning.pop(cid, None)
+                self._assign_cond.notify_all()
+            self._observe("commit_latency", time.monotonic() - t0)
+            self._wake.set()
+
+        # A random fencing token, drawn here and carried in the command (so every
+        # replica records the same one; a peer cannot guess a unit's token from the
+        # ones it has seen), once every voter knows them (RAFT_PROTOCOL 2): an
+        # earlier release would count tokens itself and diverge.
+        random_tokens = self.replica.voters_at(2)
+        self.replica.propose("assign", [(a.task_id, a.chunk, a.chunk_count, a.worker)
+                                        + ((secrets.randbits(63) or 1,) if random_tokens else ())
+                                        for a in assignments],
+                             time.time(), self.cfg.lease_s, callback=done)
+
+    # ------------------------------------------------------------------ leases
+
+    def _check_leases(self, now: float) -> None:
+        """Requeue units whose worker is gone (no heartbeat within the lease) or
+        that a live worker does not run (a dispatch that never arrived)."""
+        assert self.leader_since is not None
+        units = self.replica.read(lambda s: s.running_units())
+        wall = time.time()
+        with self._lock:
+            workers = tuple(w.view() for w in self.workers.values())
+        actions = d.expired_leases(d.LeaseView(
+            now, self.cfg.lease_s, max(2.5, 4 * self.cfg.heartbeat_s), self.leader_since,
+            workers, tuple(d.RunningView(tid, chunk, worker, None, attempt, token, started)
+                           for tid, chunk, attempt, token, worker, started in units),
+            self._requeue_recent))
+        self._requeue_recent = dict(actions.recent)
+        if actions.down:
+            with self._lock:
+                for node_id in actions.down:
+                    w = self.workers.get(node_id)
+                    if w is not None and not w.down:
+                        w.down = True
+                        self.bus.publish([event("node", "down", node_id, at=wall)])
+        if not actions.requeue:
+            return
+        reason = actions.requeue[0].reason
+        log.warning("node %s: requeueing %d unit(s): %s", self.node_id, len(actions.requeue),
+                    reason)
+        tail = self.replica.requeue_tail()
+        self.replica.send("requeue", [list(r.key) + tail for r in actions.requeue], wall, reason)
+
+    def worker_gone(self, node_id: str, reason: str) -> int:
+        """A worker is known to be gone (its pod was deleted or evicted): on the
+        leader, requeue its units now rather than at lease expiry. Returns how many
+        units were requeued (0 on other nodes)."""
+        if not self.replica.is_leader() or not self.ready or node_id == self.node_id:
+            return 0
+        units = self.replica.read(lambda s: s.running_on(node_id))
+        with self._lock:
+            w = self.workers.get(node_id)
+            if w is not None:
+                w.last_seen = time.monotonic() - self.cfg.lease_s - 1.0
+        if units:
+            log.warning("node %s: %s is gone (%s); requeueing %d unit(s)", self.node_id,
+                        node_id, reason, len(units))
+            tail = self.replica.requeue_tail()
+            self.replica.send("requeue", [list(u) + tail for u in units], time.time(),
+                              f"worker {node_id}: {reason}")
+        return len(units)
+
+    # ------------------------------------------------------------------ results
+
+    def _flush_completions(self) -> None:
+        with self._lock:
+            if not d.should_flush(len(self._completions), self._complete_inflight):
+                return
+            group, self._completions = self._completions, []
+            self._complete_inflight += 1
+        results = d.completion_results([r for r, _ in group], [random.random() for _ in group])
+
+        def done(_: Any, err: int) -> None:
+            with self._lock:
+                self._complete_inflight -= 1
+                if err == 0:
+                    for r, _f in group:
+                        self._completing.pop((r["task_id"], int(r["chunk"])), None)
+                    self._run_ewma = d.update_run_ewma(self._run_ewma, [r for r, _f in group])
+                else:
+                    self._completions.extend(g for g in group if g[1] is None or not g[1].done())
+            if err == 0:
+                for r, _f in group:
+                    self._observe("run_time", d.run_time_s(r))
+            for _r, fut in group:
+                if fut is not None and not fut.done():
+                    if err == 0:
+                        fut.set_result(True)
+                    elif not self.replica.is_leader():
+                        fut.set_result(False)
+            self._wake.set()
+
+        self.replica.propose("complete", results, time.time(), callback=done, timeout_s=3.0)
+
+    def accept_peer_results(self, results: list[dict[str, Any]],
+                            peer: PeerIdentity) -> tuple[bool, int]:
+        """Leader side of ReportResults from a peer: only results for units assigned
+        to that peer are committed (each recorded as run by it); the others are
+        dropped and counted. Returns (committed, how many were refused); not
+        committed (False) when this node does not lead, so the peer retries."""
+        if not self.replica.is_leader() or not self.ready:
+            return False, 0
+
+        def mine(s: SchedulerState) -> list[bool]:
+            out = []
+            for r in results:
+                try:
+                    key = (str(r["task_id"]), int(r["chunk"]))
+                except (KeyError, TypeError, ValueError):
+                    out.append(False)
+                    continue
+                out.append(s.running.get(key) == peer.node_id)
+            return out
+
+        flags = self.replica.read(mine)
+        ok = [dict(r, node=peer.node_id) for r, f in zip(results, flags) if f]
+        refused = len(results) - len(ok)
+        if refused:
+            log.info("node %s: dropped %d result(s) from %s for units not assigned to it",
+                     self.node_id, refused, peer.node_id)
+        if not ok:
+            return True, refused
+        return self.accept_results(ok), refused
+
+    def accept_results(self, results: list[dict[str, Any]], timeout_s: float = 3.0) -> bool:
+        """Leader side of ReportResults: True once the results are committed."""
+        if not self.replica.is_leader() or not self.ready:
+            return False
+        futs = []
+        with self._lock:
+            for r in results:
+                fut: Future = Future()
+                futs.append(fut)
+                self._completions.append((r, fut))
+                self._completing[(r["task_id"], int(r["chunk"]))] = str(r.get("node", ""))
+        # Propose from this thread (no hop through the leader loop); completions that
+        # arrive while 4 commands are in flight go with the next one.
+        self._flush_completions()
+        self._wake.set()
+        try:
+            return all(f.result(timeout=timeout_s) for f in futs)
+        except FutureTimeout:
+            return False
+
+    # ------------------------------------------------------------------ holds
+
+    def hold_for(self, priority: int, timeout_s: float = 1.0) -> None:
+        """Before a submit of this priority: have the leader take back lower units
+        waiting in prefetch windows. Best effort within timeout_s."""
+        if self.replica.is_leader():
+            self.hold_workers(priority, timeout_s)
+            return
+        target = self.worker.leader_grpc()
+        if not target:
+            return
+        try:
+            self.peers.stub(target).Hold(peer_pb2.HoldRequest(min_priority=priority, fan_out=True),
+                                         timeout=timeout_s + 0.5, metadata=self.peers.metadata)
+        except grpc.RpcError as exc:
+            log.info("node %s: hold at the leader failed: %s", self.node_id, exc.code())
+
+    def handle_hold_fan_out(self, req: peer_pb2.HoldRequest) -> peer_pb2.HoldResponse:
+        """A Hold with fan_out, from any admitted peer: hold every worker (leader only)."""
+        if not self.replica.is_leader():
+            return peer_pb2.HoldResponse(accepted=False)
+        return peer_pb2.HoldResponse(accepted=True, handed_back=self.hold_workers(req.min_priority))
+
+    def hold_workers(self, priority: int, timeout_s: float = 1.0) -> int:
+        """Leader: stop planning below priority, let committed assignments reach their
+        workers, then have every worker with a prefetch window hand back its waiting
+        units below priority. Returns how many were handed back."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            self._floor = d.hold_floor(priority, deadline)
+            # Assignments already proposed must reach their workers before the hold,
+            # or a unit could arrive after it and start.
+            proposed = set(self._assigning)
+            while proposed & set(self._assigning) and time.monotonic() < deadline:
+                self._assign_cond.wait(max(0.001, deadline - time.monotonic()))
+        self.dispatcher.wait_delivered(deadline)
+        with self._lock:
+            targets = [self.workers[n]
+                       for n in d.hold_targets(w.view() for w in self.workers.values())]
+        n = 0
+        futs = []
+        for w in targets:
+            if w.node_id == self.node_id:
+                n += self.worker.hold_local(priority)
+                continue
+            futs.append(self.peers.stub(w.grpc_address).Hold.future(
+                peer_pb2.HoldRequest(min_priority=priority),
+                timeout=max(0.05, deadline - time.monotonic()), metadata=self.peers.metadata))
+        for f in futs:
+            try:
+                n += f.result().handed_back
+            except grpc.RpcError as exc:
+                log.info("node %s: hold at a worker failed: %s", self.node_id, exc.code())
+        return n
+
+    # ------------------------------------------------------------------ the worker table
+
+    def handle_heartbeat(self, req: peer_pb2.HeartbeatRequest,
+                         peer: PeerIdentity) -> peer_pb2.HeartbeatResponse:
+        """Leader side of a peer's Heartbeat (see _admit_heartbeat for who is
+        admitted); elsewhere, where the leader is (only the leader's worker table is
+        current, so only the leader judges the rest)."""
+        if req.node_id != peer.node_id or req.grpc_address != peer.grpc_address:
+            raise PermissionDenied(f"heartbeat for {req.node_id!r} at {req.grpc_address!r} "
+                                   f"sent by {peer.node_id!r} at {peer.grpc_address!r}")
+        if not self.replica.is_leader():
+            return peer_pb2.HeartbeatResponse(accepted=False,
+                                              leader_grpc=self.worker.leader_grpc() or "")
+        self._admit_heartbeat(req, peer)
+        kill = self._record_heartbeat(req)
+        return peer_pb2.HeartbeatResponse(accepted=True, leader_grpc=self.cfg.grpc_address,
+                                          leader_id=self.node_id, kill=[
+            peer_pb2.RunningUnit(task_id=k[0], chunk=k[1], attempt=k[2], token=k[3]) for k in kill])
+
+    def _record_heartbeat(self, req: peer_pb2.HeartbeatRequest) -> list[tuple]:
+        """Update the worker table; return the units the worker runs that are not
+        its to run (cancelled, requeued, finished)."""
+        running = frozenset((u.task_id, u.chunk, u.attempt, u.token) for u in req.running)
+        with self._lock:
+            w = self.workers.get(req.node_id)
+            if w is None:
+                self._make_room(req.node_id)
+                w = self.workers[req.node_id] = WorkerInfo(req.node_id)
+                self.bus.publish([event("node", "up", req.node_id, at=time.time())])
+            w.grpc_address, w.http_address = req.grpc_address, req.http_address
+            w.raft_address, w.voter = req.raft_address, req.voter
+            w.slots, w.free_slots, w.running = req.slots, req.free_slots, running
+            w.capacity = req.capacity or req.slots
+            w.cpu_percent, w.memory_percent = req.cpu_percent, req.memory_percent
+            w.memory_rss, w.accepting = req.memory_rss, req.accepting
+            w.raft_protocol = req.raft_protocol
+            if req.voter and req.raft_address:
+                self.replica.note_voter_level(req.raft_address, req.raft_protocol)
+            w.last_seen, w.last_seen_wall = time.monotonic(), time.time()
+            if w.down:
+                w.down = False
+                self.bus.publish([event("node", "up", req.node_id, at=time.time())])
+        if not running or not self.ready:
+            return []
+
+        def units(s: SchedulerState) -> dict[d.UnitKey, d.ReplicaUnit | None]:
+            out: dict[d.UnitKey, d.ReplicaUnit | None] = {}
+            for tid, chunk, _attempt, _token in running:
+                t = s.tasks.get(tid)
+                unit = t.unit_at(chunk) if t is not None else None
+                out[(tid, chunk)] = None if unit is None else d.ReplicaUnit(
+                    unit.status, unit.token, s.running.get((tid, chunk)))
+            return out
+
+        return list(d.units_to_kill(req.node_id, running, self.replica.read(units)))
+
+    def _make_room(self, node_id: str) -> None:
+        """Under self._lock, before a new worker entry: keep the table within
+        --max-workers by forgetting nodes that are down (longest silent first); raise
+        Overloaded when every entry is live. This node always has room for itself."""
+        if len(self.workers) < self.cfg.max_workers or node_id == self.node_id:
+            return
+        down = sorted((w for w in self.workers.values() if w.down and w.node_id != self.node_id),
+                      key=lambda w: w.last_seen)
+        for w in down[:len(self.workers) - self.cfg.max_workers + 1]:
+            del self.workers[w.node_id]
+        if len(self.workers) >= self.cfg.max_workers:
+            raise Overloaded(f"the leader tracks {len(self.workers)} workers, the most "
+                             "--max-workers allows; retry later")
+
+    def _admit_heartbeat(self, req: peer_pb2.HeartbeatRequest, peer: PeerIdentity) -> None:
+        """Raise PermissionDenied unless the heartbeat is consistent with who sent it
+        and with the cluster: it names the caller's own node id and gRPC address; a
+        voter's addresses are a configured voter's (and only a voter may claim them);
+        no other live worker holds that address; it is not this node's identity."""
+        if req.node_id != peer.node_id or req.grpc_address != peer.grpc_address:
+            raise PermissionDenied(f"heartbeat for {req.node_id!r} at {req.grpc_address!r} "
+                                   f"sent by {peer.node_id!r} at {peer.grpc_address!r}")
+        if req.node_id == self.node_id or req.grpc_address == self.cfg.grpc_address:
+            raise PermissionDenied(f"heartbeat claims this node's identity ({req.node_id!r})")
+        voter = next((v for v in self.cfg.voters if v.grpc == req.grpc_address), None)
+        if (voter is not None) != bool(req.voter) or (
+                voter is not None and req.raft_address != voter.raft) or (
+                voter is None and req.raft_address):
+            raise PermissionDenied(f"heartbeat from {req.node_id!r}: voter={req.voter} at "
+                                   f"{req.grpc_address!r} / raft {req.raft_address!r} does not "
+                                   "match the configured voters")
+        with self._lock:
+            for w in self.workers.values():
+                if w.node_id != req.node_id and not w.down and (
+                        w.grpc_address == req.grpc_address
+                        or (req.raft_address and w.raft_address == req.raft_address)):
+                    raise PermissionDenied(f"heartbeat from {req.node_id!r}: address "
+                                           f"{req.grpc_address!r} belongs to live node "
+                                           f"{w.node_id!r}")
+
+    def address_of(self, node_id: str) -> str | None:
+        """A worker's gRPC address, None when the leader does not know it."""
+        with self._lock:
+            w = self.workers.get(node_id)
+            return w.grpc_address if w is not None else None
+
+    def voter_node_id(self, v: Voter) -> str:
+        own = self.cfg.self_voter
+        if own is not None and v.raft == own.raft:
+            return self.node_id
+        if self.worker.leader_id_hint and v.grpc == self.worker.leader_grpc_hint:
+            return self.worker.leader_id_hint
+        with self._lock:
+            for w in self.workers.values():
+                if w.raft_address == v.raft:
+                    return w.node_id
+        return v.grpc
+
+    def cluster_status(self) -> dict[str, Any]:
+        if not self.replica.is_leader():
+            target = self.worker.leader_grpc()
+            if target is None:
+                raise Unavailable("no leader known")
+            with self.peers.client([target], timeout_s=5.0) as c:
+                return c.cluster_status()
+        now = time.monotonic()
+        nodes = []
+        with self._lock:
+            known = list(self.workers.values())
+        seen_raft = {w.raft_address for w in known}
+        for w in known:
+            alive = now - w.last_seen < self.cfg.lease_s
+            nodes.append({
+                "id": w.node_id, "role": "leader" if w.node_id == self.node_id else
+                ("follower" if w.voter else "worker"),
+                "voter": w.voter, "grpc_address": w.grpc_address, "http_address": w.http_address,
+                "raft_address": w.raft_address, "slots": w.slots, "free_slots": w.free_slots,
+                "running": sorted(f"{k[0]}" + (f"#{k[1]}" if k[1] >= 0 else "") for k in w.running),
+                "cpu_percent": w.cpu_percent, "memory_percent": w.memory_percent,
+                "memory_rss": w.memory_rss, "ready": alive and w.accepting,
+                "last_seen_s": round(now - w.last_seen, 3),
+            })
+        # A voter not heard from: unreachable once every live node has had a full
+        # lease to report to this leader; until then, not known yet.
+        settled = self.leader_since is not None and now - self.leader_since > self.cfg.lease_s
+        for v in self.cfg.voters:
+            if v.raft not in seen_raft:
+                nodes.append({"id": v.grpc, "role": "unreachable" if settled else "unknown",
+                              "voter": True,
+                              "grpc_address": v.grpc, "raft_address": v.raft, "ready": False})
+        counts, dropped, committed, byp = self.replica.read(
+            lambda s: (s.counts_by_status(), s.dropped_results, s.committed_results,
+                       dict(s.queued_by_priority)))
+        return {"leader_id": self.node_id, "nodes": nodes, "tasks_by_status": counts,
+                "dropped_results": dropped, "committed_results": committed,
+                "queue_by_priority": {priority_name(p): n for p, n in sorted(byp.items())}}
+
+
+__all__ = ["MAX_INFLIGHT_ASSIGNS", "Scheduler", "WorkerInfo"]

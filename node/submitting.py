@@ -1,0 +1,199 @@
+"""Submitting: client submits and cancels, batched into replicated commands.
+
+:class:`Submitter` checks a submit (spec shape, the call policy, the queue bound),
+has lower units waiting in prefetch windows handed back first when the submit is
+more urgent than what runs, and queues it; its flusher thread merges the queued
+submits into one ``submit`` command per round (at once when idle, accumulating
+while earlier commands are in flight, at most MAX_SUBMIT_BATCH tasks and about
+MAX_SUBMIT_BYTES of payload) and retries a command that did not commit with the
+same ids until the caller's deadline. A non-voter forwards to a voter. The
+constructor starts nothing; :meth:`start` starts the flusher.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
+
+from taskandgo.consensus.raft import MAYBE_COMMITTED, fail_reason_name
+from taskandgo.node.config import NodeConfig
+from taskandgo.node.replica import NotFound, Replica, Unavailable, spec_to_api
+from taskandgo.node.security import Overloaded
+from taskandgo.node.tasks import InvalidTask, normalize, spec_bytes
+
+log = logging.getLogger("taskandgo.node")
+
+MAX_SUBMIT_BATCH = 5000
+#: Submit calls merged into one command stop at about this many bytes of payload: a
+#: Raft entry far above it would exceed the transport's frame bound on the way to the
+#: followers (consensus/transport.py) and stall replication behind it.
+MAX_SUBMIT_BYTES = 8 * 1024 * 1024
+MAX_INFLIGHT_SUBMITS = 4
+SUBMIT_RETRY_S = 3.0
+
+
+class Submitter:
+    """Client submits and cancels. ``accepting()`` says whether this node takes
+    work; ``hold_for(priority)`` has lower units waiting in windows handed back
+    (best effort, bounded); ``forward()`` gives a Client to a voter (non-voters);
+    ``observe(name, seconds)`` records a metric."""
+
+    def __init__(self, cfg: NodeConfig, replica: Replica, stop: threading.Event, *,
+                 accepting: Callable[[], bool], hold_for: Callable[[int], None],
+                 forward: Callable[[], Any], observe: Callable[[str, float], None],
+                 guard: Callable[[Callable[[], None]], Callable[[], None]]) -> None:
+        self.cfg = cfg
+        self.replica = replica
+        self._stop = stop
+        self._accepting = accepting
+        self._hold_for = hold_for
+        self._forward = forward
+        self._observe = observe
+        self._guard = guard
+        # (specs, future, monotonic deadline, payload bytes) per submit call
+        self._q: queue.Queue = queue.Queue()
+        self._inflight = 0
+        self._cond = threading.Condition()
+
+    def start(self) -> None:
+        if self.replica.replicated is not None:
+            threading.Thread(target=self._guard(self._loop), name="submit-flusher",
+                             daemon=True).start()
+
+    def submit(self, raw_specs: list[dict[str, Any]],
+               timeout_s: float = 10.0) -> list[dict[str, Any]]:
+        """Submit tasks; returns once committed by a majority. InvalidTask (naming
+        ``tasks[i].field`` in a batch), Overloaded (queue full), Unavailable."""
+        if self.replica.fatal is not None:
+            raise Unavailable(f"node stopped: its replica diverged ({self.replica.fatal})")
+        if not self._accepting():
+            raise Unavailable("node is shutting down")
+        specs = []
+        for i, raw in enumerate(raw_specs):
+            try:
+                spec = normalize(raw, self.cfg.strategy)
+                self.cfg.policy.check(spec, self.cfg.default_runner)
+                specs.append(spec)
+            except InvalidTask as exc:
+                if len(raw_specs) > 1:
+                    raise InvalidTask(f"tasks[{i}].{exc.field}", exc.message) from None
+                raise
+        if self.replica.replicated is None:
+            with self._forward() as c:
+                return c.submit_many([spec_to_api(s) for s in specs])
+        queued = self.replica.read(lambda s: s.queued_count())
+        if queued + len(specs) > self.cfg.max_queued:
+            raise Overloaded(f"queue is full ({queued} queued, bound {self.cfg.max_queued}); "
+                             "retry later")
+        top = max(s["priority"] for s in specs) if specs else 0
+        if self.replica.read(lambda s: s.running_below(top)):
+            # Lower-priority units may wait in workers' prefetch windows: have them
+            # handed back before this task is accepted, so none of them starts
+            # after it while it is queued.
+            self._hold_for(top)
+        fut: Future = Future()
+        self._q.put((specs, fut, time.monotonic() + min(timeout_s, SUBMIT_RETRY_S),
+                     sum(spec_bytes(s) for s in specs)))
+        try:
+            out = fut.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise Unavailable("submit was not committed in time (no leader?)") from None
+        return [{"task_id": tid, "created": created, "status": status}
+                for tid, created, status in out]
+
+    def cancel(self, task_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Cancel a task (voters; retried until committed or SUBMIT_RETRY_S)."""
+        fut: Future = Future()
+        deadline = time.monotonic() + min(timeout_s, SUBMIT_RETRY_S)
+
+        def propose() -> None:
+            self.replica.propose("cancel", [task_id], time.time(), callback=done)
+
+        def done(result: Any, err: int) -> None:
+            if err == 0 and result:
+                fut.set_result(result[0])
+            elif time.monotonic() < deadline:
+                threading.Timer(0.05, propose).start()
+            else:
+                fut.set_exception(Unavailable(f"cancel not committed: {fail_reason_name(err)}"))
+
+        propose()
+        try:
+            tid, status, _ = fut.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise Unavailable("cancel was not committed in time") from None
+        if status == "not_found":
+            raise NotFound(f"task {task_id} not found")
+        return {"task_id": tid, "status": status}
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            group = [first]
+            n, size = len(first[0]), first[3]
+            while n < MAX_SUBMIT_BATCH:
+                try:
+                    item = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if size + item[3] > MAX_SUBMIT_BYTES:
+                    self._q.put(item)  # the next command takes it
+                    break
+                group.append(item)
+                n, size = n + len(item[0]), size + item[3]
+            with self._cond:
+                while self._inflight >= MAX_INFLIGHT_SUBMITS and not self._stop.is_set():
+                    self._cond.wait(0.5)
+            # A submit whose caller has given up must not commit behind its back.
+            now = time.monotonic()
+            for item in group:
+                if item[2] <= now and not item[1].done():
+                    item[1].set_exception(Unavailable("no leader: submit not committed in time"))
+            group = [item for item in group if not item[1].done()]
+            if not group:
+                continue
+            with self._cond:
+                self._inflight += 1
+            self._propose(group)
+
+    def _propose(self, group: list) -> None:
+        specs = [s for item in group for s in item[0]]
+        t0 = time.monotonic()
+
+        def done(result: Any, err: int) -> None:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+            if err == 0:
+                self._observe("submit_commit", time.monotonic() - t0)
+            if err == 0 and isinstance(result, list) and len(result) == len(specs):
+                i = 0
+                for item_specs, fut, *_ in group:
+                    if not fut.done():
+                        fut.set_result(result[i:i + len(item_specs)])
+                    i += len(item_specs)
+                return
+            # Not committed (or maybe committed: LEADER_CHANGED / UNKNOWN_OUTCOME):
+            # retry with the same ids, which makes a repeat harmless.
+            retry = [item for item in group if time.monotonic() < item[2] and not item[1].done()]
+            for item in group:
+                if item not in retry and not item[1].done():
+                    item[1].set_exception(Unavailable(
+                        f"no leader: submit not committed ({fail_reason_name(err)})"))
+            if retry:
+                threading.Timer(0.05 if err not in MAYBE_COMMITTED else 0.0,
+                                lambda: [self._q.put(it) for it in retry]).start()
+
+        self.replica.propose("submit", specs, time.time(), callback=done)
+
+
+__all__ = ["MAX_SUBMIT_BATCH", "MAX_SUBMIT_BYTES", "SUBMIT_RETRY_S", "Submitter"]
