@@ -162,5 +162,4 @@ def test_without_fsync_a_power_cut_loses_acknowledged_tasks(tmp_path: Path) -> N
     stopped: list[str] = []
     acked, lost = _cut_loop(tmp_path, "never", max(CUTS, 3), SEED, stopped)
     print(f"  without fsync: tasks lost per cut {lost}; nodes that lost their state: {stopped}")
-    assert len(acked) > 0
     assert sum(lost) > 0, "the loop could not see a loss even without fsync"
