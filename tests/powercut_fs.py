@@ -50,7 +50,6 @@ import importlib.util
 import json
 import os
 import select
-import shutil
 import stat
 import subprocess
 import sys
@@ -593,14 +592,10 @@ def unavailable_reason(install: bool = True) -> str | None:
         return "/dev/fuse is missing"
     if importlib.util.find_spec("mfusepy") is None:
         return "the mfusepy package is not installed (pip install mfusepy)"
-    if ctypes.util.find_library("fuse3") is None and install and shutil.which("apt-get"):
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        install_cmd = ["apt-get", "install", "-y", "-q", "fuse3"]
-        if subprocess.run(install_cmd, capture_output=True, env=env, timeout=600,
-                          check=False).returncode != 0:  # a fresh machine: no package lists yet
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env,
-                           timeout=600, check=False)
-            subprocess.run(install_cmd, capture_output=True, env=env, timeout=600, check=False)
+    if install:
+        from system_deps import ensure_debian_package
+
+        ensure_debian_package("fuse3", lambda: ctypes.util.find_library("fuse3") is not None)
     if ctypes.util.find_library("fuse3") is None:
         return "libfuse3 is missing (apt-get install fuse3)"
     return None

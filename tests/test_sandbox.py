@@ -22,10 +22,13 @@ from pathlib import Path
 
 import pytest
 from cluster import Cluster, wait_for
+from system_deps import ensure_debian_package
 from taskandgo.node.config import scrub_secret_env
 
+_HAVE_BWRAP = ensure_debian_package("bubblewrap", lambda: shutil.which("bwrap") is not None)
 pytestmark = [pytest.mark.cluster,
-              pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap")]
+              pytest.mark.skipif(not _HAVE_BWRAP, reason="needs bubblewrap (apt-get install "
+                                 "bubblewrap, as root)")]
 
 #: Held in every node's environment: what an attacker wants to read.
 MARKER = "sandbox-test-" + secrets.token_hex(8)
