@@ -16,9 +16,9 @@ the simulator imports them.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from taskandgo.strategies import Assignment, QueuedUnit, Worker, plan
 
@@ -67,10 +67,11 @@ class WorkerView:
     running: frozenset[AttemptKey] = frozenset()
 
 
-@dataclass(frozen=True)
-class RunningView:
+class RunningView(NamedTuple):
     """A unit the replica holds as running (or waiting in a prefetch window) on
-    ``worker``. ``priority`` None: its task is unknown (it counts for no priority)."""
+    ``worker``. ``priority`` None: its task is unknown (it counts for no priority).
+    Immutable; a named tuple rather than a frozen dataclass because the leader
+    builds one per running unit on every planning round, under the replica's lock."""
 
     task_id: str
     chunk: int
@@ -208,17 +209,22 @@ def free_slots(view: PlanView) -> tuple[Worker, ...]:
     unit can start ahead of a more urgent one; a more urgent submit has the windows
     handed back first), minus the units it holds (running and not completing) and
     the units proposed to it."""
-    busy: Counter[str] = Counter()
+    # Called on every planning round with every running unit: plain dict counts
+    # and positional fields (RunningView is a tuple) keep it cheap.
+    busy: dict[str, int] = {}
     prios = set(view.queued_priorities)
+    completing = view.completing
     for r in view.running:
-        if (r.task_id, r.chunk, r.worker) not in view.completing:
-            busy[r.worker] += 1
-            if r.priority is not None:
-                prios.add(r.priority)
+        worker = r[2]
+        if completing and (r[0], r[1], worker) in completing:
+            continue
+        busy[worker] = busy.get(worker, 0) + 1
+        if r[3] is not None:
+            prios.add(r[3])
     for p in view.in_flight:
-        busy[p.worker] += 1
+        busy[p.worker] = busy.get(p.worker, 0) + 1
     per_slot = prefetch_per_slot(view.run_ewma, view.prefetch_work_s) if len(prios) <= 1 else 0.0
-    return tuple(Worker(w.node_id, max(0, w.slots + window(w, per_slot) - busy[w.node_id]))
+    return tuple(Worker(w.node_id, max(0, w.slots + window(w, per_slot) - busy.get(w.node_id, 0)))
                  for w in view.workers)
 
 

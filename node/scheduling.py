@@ -202,22 +202,34 @@ class Scheduler:
         base = d.PlanView(now, live, in_flight=in_flight, completing=completing, floor=floor,
                           run_ewma=self._run_ewma)
 
-        def snapshot(s: SchedulerState) -> d.PlanView:
-            running = []
+        # Two short reads, not one long one: the running units (as plain tuples),
+        # then, once the free slots are known, just enough of the queue's head. The
+        # replica's lock is held about as long as the tick thread can afford. What
+        # applies in between only frees slots or adds in-flight units already
+        # counted, so the second read never lets a worker take more than it has.
+        def running(s: SchedulerState) -> tuple[list, frozenset[int]]:
+            tasks = s.tasks
+            rows = []
             for (tid, chunk), w in s.running.items():
-                t = s.tasks.get(tid)
-                running.append(d.RunningView(tid, chunk, w, t.priority if t is not None else None))
-            view = replace(base, running=tuple(running),
-                           queued_priorities=frozenset(s.queued_by_priority))
-            depth = d.queue_depth_needed(view)
-            if depth == 0:
-                return view
-            return replace(view, queued=tuple(
+                t = tasks.get(tid)
+                rows.append((tid, chunk, w, t.priority if t is not None else None, 0, 0, 0.0))
+            return rows, frozenset(s.queued_by_priority)
+
+        rows, prios = self.replica.read(running)
+        make = tuple.__new__
+        view = replace(base, running=tuple(make(d.RunningView, r) for r in rows),
+                       queued_priorities=prios)
+        depth = d.queue_depth_needed(view)
+        if depth:
+            # With the queue's priorities as of this read: an urgent unit queued
+            # in between turns prefetch off and lifts a floor (a longer head than
+            # then needed is harmless: a plan stops when the slots are full).
+            head, prios = self.replica.read(lambda s: (tuple(
                 QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
                            len(t.spec.get("items") or ()), t.chunk_count)
-                for t, chunk in s.peek_queued(depth)))
-
-        actions = d.plan_round(self.replica.read(snapshot))
+                for t, chunk in s.peek_queued(depth)), frozenset(s.queued_by_priority)))
+            view = replace(view, queued=head, queued_priorities=prios | view.queued_priorities)
+        actions = d.plan_round(view)
         if actions.floor_lifted:
             with self._lock:
                 if self._floor == floor:
