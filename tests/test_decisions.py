@@ -230,3 +230,18 @@ def test_completion_batching_and_run_time_average() -> None:
                                     {"requeue": True, "started_at": 0, "finished_at": 9.0},
                                     {"started_at": 1.0, "finished_at": 3.0}])
     assert ewma is not None and abs(ewma - 1.1) < 1e-9
+
+
+def test_a_unit_whose_result_is_being_committed_frees_its_slot() -> None:
+    w = d.WorkerView("a", 1, 1)
+    run = (d.RunningView("done", -1, "a", 0),)
+    nxt = (QueuedUnit("next", -1, 0, "batch"),)
+    busy = d.PlanView(0.0, (w,), nxt, frozenset({0}), run)
+    assert d.plan_round(busy).assignments == ()
+    freed = d.PlanView(0.0, (w,), nxt, frozenset({0}), run,
+                       completing=frozenset({("done", -1, "a")}))
+    assert [a.task_id for a in d.plan_round(freed).assignments] == ["next"]
+    # A result from another node than the one the replica has it on frees nothing.
+    other = d.PlanView(0.0, (w,), nxt, frozenset({0}), run,
+                       completing=frozenset({("done", -1, "b")}))
+    assert d.plan_round(other).assignments == ()
