@@ -1,0 +1,292 @@
+"""What must hold in every simulated schedule, checked as it happens.
+
+"Committed state" below is the state after every committed command, applied at
+commit (``World.truth``, a real SchedulerState); an index is a position in the log.
+
+1. **Ends exactly once.** A task reaches a final state (succeeded, failed,
+   cancelled) at most once and never leaves it; after the faults end, every task
+   whose submit was acknowledged to its client reaches one, and until then some
+   unit ends (a result or a requeue commits) at least every ``stall_s``.
+2. **No fenced result.** When a complete command changes a unit's result or error,
+   the result is of an execution that really ran, on the node the unit was assigned
+   to, with the unit's current attempt and token, while the unit was running.
+3. **Replicas agree.** Any two replicas that applied the same number of entries have
+   equal ``fingerprint()`` (compared every ``FP_EVERY`` entries, where a fingerprint is
+   most of a step's cost, and at the end, when every replica has applied the log).
+4. **Strict priority.** A unit H is *more urgent* than L when its priority is
+   higher and its queue key is lower (aging or clock jumps may order them the
+   other way; then it is not). L's slot is *offered* when the leader plans L (if L
+   starts as soon as it arrives: it was given a free slot) or when L starts (if it
+   waited in a prefetch window: the slot it takes freed then). When L starts, no
+   more urgent H may be queued in the committed state that was already queued at
+   the offer (for a planned slot: at the index the leader's replica had applied).
+   Excused, and counted: H's submit could not hold lower units back (the hold is
+   best effort: no leader reachable, or a worker did not answer within its
+   timeout).
+5. **One run at a time, give or take a lease.** Two executions of one unit (on two
+   nodes, or two attempts on one) overlap by at most ``lease_s``.
+6. **Lost units return.** After the faults end, a unit running in the committed state
+   that its worker does not hold (not running, waiting, unreported, nor on its way
+   there in a Dispatch) is requeued within ``LOST_WITHIN_S`` (a lease, the
+   leader's 2.5 s grace for a live worker that does not run it, and an election).
+7. **Bounded queues.** A worker holds (running or waiting) at most slots + prefetch
+   units whose assignment to it is current in the committed state, and at most as
+   many again whose assignment has ended (cancelled, requeued, finished) that it has
+   not been told to kill yet; the network, the leader's pending completions and a
+   worker's unreported results stay bounded.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from taskandgo.consensus.state import FINAL, RUNNING
+
+if TYPE_CHECKING:
+    from .node import Run, SimNode
+    from .world import World
+
+WHOLE = -1
+BOUND = 5000
+FP_EVERY = 8
+LOST_WITHIN_S = 3.0 + 2.5 + 3.0
+
+
+class Violation(AssertionError):
+    """An invariant failed; ``world`` is the failing schedule (seed, trace)."""
+
+    def __init__(self, kind: str, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+        self.world: World | None = None
+
+
+class Checker:
+    """Observes the world through hooks and raises :class:`Violation`."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.fps: dict[int, tuple] = {}  # log index -> fingerprint of the first replica there
+        self.final: dict[str, float] = {}  # task id -> finished_at of its final state
+        self.queued_since: dict[tuple[str, int], int] = {}  # queued unit -> index it queued at
+        self.plan_index: dict[int, int] = {}  # token -> index the planner's replica had applied
+        self.plan_cuts: dict[int, set[str]] = {}  # token -> split tasks whose cut was in flight
+        self.execs: dict[tuple[str, int], dict[tuple, tuple[str, float]]] = {}
+        self.results: set[str] = set()  # marks of executions that ended
+        self.before: dict[tuple[str, int], tuple] = {}
+        self.excused: dict[str, int] = {}
+        self.lost_since: dict[tuple, float] = {}
+        self.progress_at = 0.0  # when a unit last ended
+
+    def fail(self, kind: str, detail: str) -> None:
+        self.world.trace(f"VIOLATION {kind}: {detail}")
+        raise Violation(kind, detail)
+
+    # ------------------------------------------------------------------ the log
+
+    def unit(self, tid: str, chunk: int) -> Any:
+        t = self.world.truth.tasks.get(tid)
+        if t is None:
+            return None
+        return t.peek_unit() if chunk == WHOLE and t.chunks is None else t.unit_at(chunk)
+
+    def before_commit(self, name: str, args: tuple) -> None:
+        self.before = {}
+        if name != "complete":
+            return
+        for r in args[0]:
+            u = self.unit(r["task_id"], r["chunk"])
+            if u is not None:
+                self.before[(r["task_id"], r["chunk"])] = (
+                    u.status, u.attempt, u.token, u.node, u.result, u.error)
+
+    def after_commit(self, index: int, name: str, args: tuple, events: list) -> None:
+        truth = self.world.truth
+        for kind, tid, status, chunk, *_ in events:
+            if status != "running":
+                self.progress_at = self.world.now
+            if kind != "task" or chunk != WHOLE:
+                continue
+            if status in FINAL:
+                if tid in self.final:
+                    self.fail("ended twice", f"task {tid} ended again ({status}) at index {index}")
+                self.final[tid] = truth.tasks[tid].finished_at
+            elif tid in self.final:
+                self.fail("ended twice", f"task {tid} left its final state ({status})")
+        for key, (status, attempt, token, node, result, error) in self.before.items():
+            u = self.unit(*key)
+            if (u.result, u.error) == (result, error):
+                continue
+            mark = (u.result or u.error).removeprefix("failed ")
+            if not mark.startswith("x|"):
+                continue
+            _, ran_on, _, _, a, t = mark.split("|")
+            if status != RUNNING or (int(a), int(t)) != (attempt, token) or ran_on != node \
+                    or mark not in self.results:
+                self.fail("fenced result", f"{key} took {mark!r} at index {index} while "
+                          f"{status} attempt {attempt} token {token} on {node}")
+        live = {(e[2], e[3]) for e in truth.heap if truth._is_live_entry(e)}
+        for key in [k for k in self.queued_since if k not in live]:
+            del self.queued_since[key]
+        for key in sorted(live):
+            self.queued_since.setdefault(key, index)
+
+    def on_apply(self, node: SimNode, always: bool = False) -> None:
+        assert node.replica is not None
+        if node.applied % FP_EVERY and not always:
+            return
+        fp = node.replica.fingerprint()
+        first = self.fps.setdefault(node.applied, fp)
+        if first != fp:
+            self.fail("replicas diverged", f"{node.id} at index {node.applied}")
+
+    # ------------------------------------------------------------------ executions
+
+    def on_plan(self, token: int, applied: int, cuts: set[str]) -> None:
+        self.plan_index[token] = applied
+        if cuts:
+            self.plan_cuts[token] = cuts
+
+    def on_start(self, node: SimNode, run: Run, immediate: bool) -> None:
+        w = self.world
+        work = run.work
+        self.execs.setdefault((work.task_id, work.chunk), {})[work.key] = (node.id, w.now)
+        low = w.truth.tasks.get(work.task_id)
+        offer = self.plan_index.get(work.token) if immediate else len(w.log.entries)
+        if low is None or offer is None:
+            return
+        for (tid, chunk), since in self.queued_since.items():
+            high = w.truth.tasks[tid]
+            if since > offer or high.priority <= low.priority or high.key >= low.key:
+                continue
+            call = w.calls.get(tid)
+            how = call.hold if call is not None else "none"
+            if how == "failed":
+                self.excused["priority (hold failed)"] = \
+                    self.excused.get("priority (hold failed)", 0) + 1
+                continue
+            self.fail("priority", f"{work.task_id}/{work.chunk} (prio {low.priority}) started "
+                      f"on {node.id} ({'planned slot' if immediate else 'from its window'}, "
+                      f"offered at index {offer}) while {tid}/{chunk} (prio {high.priority}, "
+                      f"queued since index {since}, its submit's hold: {how}) was queued"
+                      + self.diagnose(node, run, tid, chunk, since))
+
+    def diagnose(self, node: SimNode, run: Run, high: str, chunk: int, since: int) -> str:
+        """What the schedule shows about why (named in KNOWN, test_sim.py)."""
+        work = run.work
+        hints = []
+        unit = self.unit(high, chunk)
+        planned = self.plan_index.get(work.token, 0)
+        if unit is not None and unit.attempt > 0 and since > planned and not run.started_at_once:
+            hints.append(f"{high}/{chunk} came back to the queue (a retry or requeue, attempt "
+                         f"{unit.attempt}) after the unit was put in a window; no hold "
+                         "followed")
+        if high in self.plan_cuts.get(work.token, ()):
+            hints.append(f"planned while the first assignment (the cut) of split task {high} "
+                         "was in flight")
+        stale = sorted(f"{k[0]}/{k[1]}" for k in run.behind if not self.current(k, node.id))
+        if stale:
+            hints.append(f"{node.id} still held {stale}, whose assignment had ended "
+                         "(cancelled or requeued), when the unit arrived")
+        return "; cause: " + "; ".join(hints) if hints else ""
+
+    def on_stop(self, node_id: str, key: tuple) -> None:
+        runs = self.execs.get((key[0], key[1]))
+        if runs is not None:
+            runs.pop(key, None)
+
+    def on_result(self, mark: str) -> None:
+        self.results.add(mark)
+
+    # ------------------------------------------------------------------ every step
+
+    def after_step(self) -> None:
+        w = self.world
+        lease = w.cfg.lease_s
+        for unit, runs in self.execs.items():
+            if len(runs) > 1:
+                starts = sorted(runs.values(), key=lambda r: r[1])
+                if w.now - starts[-1][1] > lease:
+                    self.fail("ran twice at once", f"{unit[0]}/{unit[1]} on {starts} for "
+                              f"{w.now - starts[-1][1]:.2f}s > lease {lease}s")
+        for n in w.nodes.values():
+            current = sum(1 for k in n.active if self.current(k, n.id))
+            if current > n.capacity or len(n.active) > 2 * n.capacity:
+                self.fail("bounded queues", f"{n.id} holds {len(n.active)} units "
+                          f"({current} current), capacity {n.capacity}")
+            if len(n.unreported) > BOUND or len(n.completions) > BOUND:
+                self.fail("bounded queues", f"{n.id}: {len(n.unreported)} unreported, "
+                          f"{len(n.completions)} completions")
+        if len(w.net.queue) > BOUND:
+            self.fail("bounded queues", f"{len(w.net.queue)} messages in flight")
+        if not w.faulty:
+            self.check_lost()
+
+    def check_lost(self) -> None:
+        w = self.world
+        held: set[tuple] = set()
+        for n in w.nodes.values():
+            held.update(n.active)
+            held.update(n.unreported)
+            for *_, works in n.dispatch_checks:
+                held.update(x.key for x in works)
+        for _, _, m in w.net.queue:
+            if m.kind == "dispatch":
+                held.update(x.key for x in m.body["works"])
+        lost = {}
+        for tid, chunk, attempt, token, node, started in w.truth.running_units():
+            key = (tid, chunk, attempt, token)
+            if key not in held:
+                lost[key] = self.lost_since.get(key, w.now)
+                if w.now - lost[key] > LOST_WITHIN_S:
+                    self.fail("lost unit not requeued", f"{tid}/{chunk} attempt {attempt} is "
+                              f"running on {node} in the committed state, but {node} has not "
+                              f"held it for {w.now - lost[key]:.1f}s; {self.why_kept(node, started)}")
+        self.lost_since = lost
+
+    def why_stuck(self, tid: str) -> str:
+        w = self.world
+        leader = w.log.leader
+        due = [(c, at) for (t, c), at in w.truth.delayed.items() if t == tid]
+        if not due or leader is None:
+            return ""
+        return (f"; its retry of {[f'{tid}/{c}' for c, _ in due]} is due at wall "
+                f"{min(at for _, at in due):.1f}, the state's clock is {w.truth.now:.1f} and "
+                f"the leader's wall clock {w.wall(leader):.1f}: the retry waits for the "
+                "leader's wall clock to pass the replicated one")
+
+    def why_kept(self, node: str, started: float) -> str:
+        leader = self.world.nodes.get(self.world.log.leader or "")
+        info = leader.workers.get(node) if leader is not None else None
+        if info is None:
+            return "its leader has no entry for the worker"
+        text = (f"its leader last heard from {node} at wall {info.last_seen_wall:.1f}, "
+                f"the unit started at wall {started:.1f} "
+                f"(leader's wall clock minus start: {info.last_seen_wall - started:+.1f}s)")
+        grace = max(2.5, 4 * self.world.cfg.heartbeat_s)
+        if info.last_seen_wall <= started + grace:
+            text += (f": the 'not running it' check needs its wall clock past start + "
+                     f"{grace}s")
+        return text
+
+    def current(self, key: tuple, node: str) -> bool:
+        u = self.unit(key[0], key[1])
+        return u is not None and u.status == RUNNING and u.node == node \
+            and (u.attempt, u.token) == (key[2], key[3])
+
+    def at_end(self) -> None:
+        w = self.world
+        for n in w.nodes.values():
+            if n.replica is not None and n.running():
+                n.apply_to(len(w.log.entries))
+                self.on_apply(n, always=True)
+        for tid in sorted(w.acked):
+            t = w.truth.tasks[tid]
+            if t.status not in FINAL:
+                self.fail("never ended", f"acknowledged task {tid} is still {t.status} "
+                          f"{w.now - self.progress_at:.1f}s after a unit last ended"
+                          + self.why_stuck(tid))
+        for tid, t in w.truth.tasks.items():
+            if t.status in FINAL and tid not in self.final:
+                self.fail("ended twice", f"task {tid} is {t.status} without ending")

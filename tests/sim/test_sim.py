@@ -1,0 +1,281 @@
+"""Seeded schedules of a simulated cluster; see tests/sim/__init__.py.
+
+* ``test_schedules``: TASKANDGO_SIM_SEEDS schedules (10,000 by default) in blocks,
+  on up to TASKANDGO_SIM_JOBS processes (2). A schedule that breaks an invariant
+  fails the block with its seed, the replay command and the end of its trace,
+  unless the violation is one of the KNOWN defects below (counted and printed).
+* ``test_replay``: TASKANDGO_SIM_SEED=N replays schedule N with its whole trace.
+* ``test_known_defect``: each known defect's seed still shows it (strict xfail:
+  when the defect is fixed the test passes, fails the suite, and the entry goes).
+* ``test_invariant_can_fail``: each invariant, with a matching defect planted in
+  the real code under test, is caught within a few hundred seeds (a check that
+  cannot fail proves nothing).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+from taskandgo.consensus.state import SchedulerState
+from taskandgo.node import decisions
+
+from . import node as sim_node
+from .invariants import Violation
+from .world import SimConfig, World
+
+SEEDS = int(os.environ.get("TASKANDGO_SIM_SEEDS", "10000"))
+JOBS = max(1, int(os.environ.get("TASKANDGO_SIM_JOBS", str(min(2, os.cpu_count() or 1)))))
+BLOCKS = 10
+REPLAY = "TASKANDGO_SIM_SEED={seed} python3 -m pytest tests/sim -k replay"
+
+
+@dataclass(frozen=True)
+class Known:
+    """A defect the simulator found in code outside tests/sim that is not fixed yet:
+    a violation of ``kind`` whose text contains ``sign`` is this defect."""
+
+    kind: str
+    sign: str
+    seed: int
+    where: str
+
+
+KNOWN: dict[str, Known] = {
+    # A worker that restarts (or misses a Dispatch) while its unit is running is
+    # seen "not running it" only once the leader's wall clock passes the unit's
+    # started_at + grace. started_at is the assigning leader's wall clock: when the
+    # current leader's clock is behind it (a clock jump, or skew between two
+    # leaders), the unit stays "running" for as long as the difference, holding a
+    # slot and its task. decisions.expired_leases compares WorkerView.last_seen_wall
+    # with RunningView.started_at; it should compare times on one clock (the
+    # leader's monotonic time of the first heartbeat after it knew of the unit).
+    "lease-wall-clock": Known("lost unit not requeued", "needs its wall clock past", 8,
+                              "node/decisions.py expired_leases"),
+    # A failed attempt's retry is due at (the proposing leader's wall clock + its
+    # backoff), and is queued once the replicated clock (the largest wall-clock
+    # time any command carried) passes that. When the leader's clock is behind that
+    # (a clock jump back, or a new leader whose clock is behind the old one's), no
+    # command moves the replicated clock and the retry waits for as long as the
+    # difference. Deciding "a retry is due" on the leader's monotonic clock (and
+    # proposing its release) would not depend on wall clocks agreeing.
+    "retry-wall-clock": Known("never ended", "waits for the leader's wall clock to pass",
+                              1224, "consensus/state.py _advance (delayed retries) and the "
+                              "leader, which proposes nothing to release them"),
+    # A unit whose assignment ends while its worker still holds it (its task was
+    # cancelled, a sibling chunk failed, it was requeued) frees its slot in the
+    # leader's plan at once, but the worker keeps it until its next heartbeat
+    # answer says kill. A unit planned into that slot waits behind it: a window
+    # the leader does not know of, which holds (sent only to workers with
+    # --prefetch) do not empty; when it starts, a more urgent task may be queued.
+    "stale-slot": Known("priority", "whose assignment had ended", 46,
+                        "node/decisions.py free_slots / node/scheduling.py (no Kill "
+                        "on cancel)"),
+    # A unit that comes back to the queue (a failed attempt's retry falling due, a
+    # requeue) does not hold back lower units already waiting in prefetch windows,
+    # and a retry waiting for its backoff counts for no priority when the leader
+    # sizes windows (free_slots sees queued and running units only). When a slot
+    # frees, the window's lower unit starts while the returned unit is queued.
+    "requeue-no-hold": Known("priority", "no hold followed", 2621,
+                             "node/decisions.py free_slots (delayed retries) and "
+                             "node/scheduling.py (no hold for a returning unit)"),
+}
+
+
+def known_as(v: Violation) -> str | None:
+    for name, k in KNOWN.items():
+        if v.kind == k.kind and k.sign in v.detail:
+            return name
+    return None
+
+
+def run_seed(seed: int) -> tuple[int, str | None, str]:
+    """(seed, known defect or None, report); report '' when every invariant held."""
+    w = World(seed)
+    try:
+        w.run()
+    except Violation as v:
+        return seed, known_as(v), f"{v}\n{w.describe()}"
+    return seed, None, ""
+
+
+def report(seed: int, text: str) -> str:
+    return (f"\n=== schedule {seed} broke an invariant ===\nreplay: "
+            f"{REPLAY.format(seed=seed)}\n{text}\n")
+
+
+@pytest.mark.parametrize("block", range(BLOCKS))
+def test_schedules(block: int) -> None:
+    seeds = list(range(block * SEEDS // BLOCKS, (block + 1) * SEEDS // BLOCKS))
+    if JOBS > 1:
+        with multiprocessing.get_context("fork").Pool(JOBS) as pool:
+            results = pool.map(run_seed, seeds, chunksize=25)
+    else:
+        results = [run_seed(s) for s in seeds]
+    known = Counter(name for _, name, text in results if text and name)
+    print(f"\n{len(seeds)} schedules (seeds {seeds[0]}..{seeds[-1]}); known defects seen: "
+          f"{dict(known) or 'none'}")
+    for seed, name, text in results:
+        if text and name:
+            print(f"  seed {seed}: {name}: {text.splitlines()[0][:200]}")
+    failed = [(seed, text) for seed, name, text in results if text and not name]
+    assert not failed, "".join(report(s, t) for s, t in failed[:3]) + \
+        f"\n{len(failed)} schedule(s) failed: {[s for s, _ in failed]}"
+
+
+def test_replay() -> None:
+    raw = os.environ.get("TASKANDGO_SIM_SEED")
+    if raw is None:
+        pytest.skip("set TASKANDGO_SIM_SEED=N to replay schedule N")
+    seed = int(raw)
+    w = World(seed)
+    w.events = type(w.events)(maxlen=None)  # the whole trace
+    try:
+        w.run()
+    except Violation as v:
+        pytest.fail(report(seed, f"{v} (known defect: {known_as(v)})\n{w.describe()}"),
+                    pytrace=False)
+    print(f"schedule {seed}: every invariant held over {w.step_no} steps\n{w.describe()}")
+
+
+def test_replay_is_exact() -> None:
+    """Given one seed, when it runs twice, then both runs take the same steps."""
+    for seed in (3, 77, 336):
+        a, b = World(seed), World(seed)
+        for w in (a, b):
+            w.events = type(w.events)(maxlen=None)
+            try:
+                w.run()
+            except Violation:
+                pass
+        assert list(a.events) == list(b.events)
+        assert a.truth.fingerprint() == b.truth.fingerprint()
+
+
+@pytest.mark.parametrize("name", sorted(KNOWN))
+def test_known_defect(name: str) -> None:
+    k = KNOWN[name]
+    if _shows(k):
+        pytest.xfail(f"known defect {name} in {k.where} (seed {k.seed})")
+    pytest.fail(f"seed {k.seed} no longer shows {name}: if {k.where} was fixed, remove "
+                "the KNOWN entry", pytrace=False)
+
+
+def _shows(k: Known) -> bool:
+    w = World(k.seed)
+    try:
+        w.run()
+    except Violation as v:
+        return v.kind == k.kind and k.sign in v.detail
+    return False
+
+
+# ---------------------------------------------------------------------- the checks can fail
+
+
+@contextmanager
+def patched(obj: Any, name: str, make: Callable[[Any], Any]) -> Iterator[None]:
+    old = getattr(obj, name)
+    setattr(obj, name, make(old))
+    try:
+        yield
+    finally:
+        setattr(obj, name, old)
+
+
+def unfenced(apply_complete: Any) -> Any:
+    """A state that takes any result for a running unit (no attempt/token check)."""
+    def apply(self: SchedulerState, results: list, now: float) -> Any:
+        out = []
+        for r in results:
+            t = self.tasks.get(r["task_id"])
+            u = t.unit_at(r["chunk"]) if t is not None else None
+            out.append(dict(r, attempt=u.attempt, token=u.token) if u is not None else r)
+        return apply_complete(self, out, now)
+    return apply
+
+
+def from_anyone(handle_results: Any) -> Any:
+    """A leader that takes results for a unit from any worker (not only the one the
+    unit is assigned to), as if each sender were the unit's worker."""
+    def handle(self: sim_node.SimNode, m: Any) -> None:
+        s = self.replica
+        if s is not None:
+            m.body["results"] = [r for r in m.body["results"]
+                                 if (r["task_id"], r["chunk"]) in s.running]
+            m.src = next((s.running[(r["task_id"], r["chunk"])] for r in m.body["results"]),
+                         m.src)
+        handle_results(self, m)
+    return handle
+
+
+def lowest_first(plan_round: Any) -> Any:
+    def plan(view: decisions.PlanView) -> Any:
+        return plan_round(replace(view, queued=tuple(sorted(
+            view.queued, key=lambda u: u.priority)), floor=None))
+    return plan
+
+
+def cancel_final_too(apply_cancel: Any) -> Any:
+    """A state whose cancel also ends tasks already ended."""
+    def apply(self: SchedulerState, task_ids: list, now: float) -> Any:
+        for tid in task_ids:
+            t = self.tasks.get(str(tid))
+            if t is not None and t.status == "succeeded":
+                t.status = "running"
+        return apply_cancel(self, task_ids, now)
+    return apply
+
+
+def skip_completes(apply_to: Any) -> Any:
+    """Replica v1 does not apply complete commands (a replica that diverges)."""
+    def apply(self: sim_node.SimNode, index: int) -> None:
+        if self.id == "v1":
+            entries = self.world.log.entries
+            while self.applied < index and entries[self.applied].name == "complete":
+                self.applied += 1
+        apply_to(self, index)
+    return apply
+
+
+PLANTED: dict[str, list[tuple[Any, str, Callable[[Any], Any]]]] = {
+    "fenced result": [(SchedulerState, "apply_complete", unfenced),
+                      (sim_node.SimNode, "handle_results", from_anyone)],
+    "priority": [(decisions, "plan_round", lowest_first)],
+    "ended twice": [(SchedulerState, "apply_cancel", cancel_final_too)],
+    "replicas diverged": [(sim_node.SimNode, "apply_to", skip_completes)],
+    "lost unit not requeued": [(decisions, "expired_leases", lambda f: lambda view: f(
+        replace(view, lease_s=1e9, grace_s=1e9)))],
+    "ran twice at once": [(decisions, "expired_leases", lambda f: lambda view: f(
+        replace(view, lease_s=0.0)))],
+    "bounded queues": [(decisions, "free_slots", lambda f: lambda view: tuple(
+        replace(w, free_slots=w.free_slots + 3) for w in f(view)))],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(PLANTED))
+def test_invariant_can_fail(kind: str) -> None:
+    """Given a defect planted in the code under test, when schedules run, then the
+    matching invariant catches it."""
+    seen: Counter[str] = Counter()
+    with ExitStack() as stack:
+        for obj, name, make in PLANTED[kind]:
+            stack.enter_context(patched(obj, name, make))
+        for seed in range(300):
+            cfg = SimConfig.for_seed(seed)
+            if kind == "ran twice at once":
+                cfg = replace(cfg, p_long=1.0)
+            w = World(seed, cfg)
+            try:
+                w.run()
+            except Violation as v:
+                seen[v.kind] += 1
+                if v.kind == kind:
+                    return
+    pytest.fail(f"no schedule caught a planted {kind!r} defect (saw {dict(seen)})")
