@@ -72,6 +72,7 @@ class Checker:
         self.queued_since: dict[tuple[str, int], int] = {}  # queued unit -> index it queued at
         self.plan_index: dict[int, int] = {}  # token -> index the planner's replica had applied
         self.plan_cuts: dict[int, set[str]] = {}  # token -> split tasks whose cut was in flight
+        self.plan_stale: dict[int, list[str]] = {}  # token -> units freed by a stale result
         self.execs: dict[tuple[str, int], dict[tuple, tuple[str, float]]] = {}
         self.results: set[str] = set()  # marks of executions that ended
         self.before: dict[tuple[str, int], tuple] = {}
@@ -143,10 +144,12 @@ class Checker:
 
     # ------------------------------------------------------------------ executions
 
-    def on_plan(self, token: int, applied: int, cuts: set[str]) -> None:
+    def on_plan(self, token: int, applied: int, cuts: set[str], stale: list[str]) -> None:
         self.plan_index[token] = applied
         if cuts:
             self.plan_cuts[token] = cuts
+        if stale:
+            self.plan_stale[token] = stale
 
     def on_start(self, node: SimNode, run: Run, immediate: bool) -> None:
         w = self.world
@@ -214,7 +217,7 @@ class Checker:
             current = sum(1 for k in n.active if self.current(k, n.id))
             if current > n.capacity or len(n.active) > 2 * n.capacity:
                 self.fail("bounded queues", f"{n.id} holds {len(n.active)} units "
-                          f"({current} current), capacity {n.capacity}")
+                          f"({current} current), capacity {n.capacity}" + self.why_full(n))
             if len(n.unreported) > BOUND or len(n.completions) > BOUND:
                 self.fail("bounded queues", f"{n.id}: {len(n.unreported)} unreported, "
                           f"{len(n.completions)} completions")
@@ -244,6 +247,16 @@ class Checker:
                               f"running on {node} in the committed state, but {node} has not "
                               f"held it for {w.now - lost[key]:.1f}s; {self.why_kept(node, started)}")
         self.lost_since = lost
+
+    def why_full(self, node: SimNode) -> str:
+        """Was a unit planned onto node into a slot freed by a result of an older
+        attempt being committed (the leader's completing map is keyed by unit)?"""
+        stale = sorted({u for k in node.active for u in self.plan_stale.get(k[3], ())})
+        if not stale:
+            return ""
+        return (f"; cause: planned while the leader counted the slots of {stale} free: it "
+                "was committing results of older attempts of those units from this worker "
+                "(the leader's completing map is keyed by unit, not by attempt)")
 
     def why_stuck(self, tid: str) -> str:
         w = self.world

@@ -139,9 +139,12 @@ class Log:
 
     def reaches_majority(self, nid: str) -> bool:
         w = self.world
-        voters = [n for n in w.nodes.values() if n.voter]
-        ok = sum(1 for v in voters if v.running() and w.net.connected(nid, v.id))
-        return ok > len(voters) // 2
+        known = w.majority.get(nid)
+        if known is None:
+            voters = [n for n in w.nodes.values() if n.voter]
+            ok = sum(1 for v in voters if v.running() and w.net.connected(nid, v.id))
+            known = w.majority[nid] = ok > len(voters) // 2
+        return known
 
     def healthy(self) -> bool:
         ld = self.world.nodes.get(self.leader or "")
@@ -240,6 +243,8 @@ class World:
             self.nodes[nid] = SimNode(self, nid, voter=nid.startswith("v"))
         self.checker = Checker(self)
         self.calls: dict[str, ClientCall] = {}  # task id -> its submit
+        self.call_list: list[ClientCall] = []
+        self.majority: dict[str, bool] = {}  # who reaches a majority (cleared each step)
         self.acked: set[str] = set()
         self.retries: list[ClientCall] = []
         self.next_task = 0
@@ -290,14 +295,16 @@ class World:
 
     def settled(self) -> bool:
         return all(self.truth.tasks[t].status in FINAL for t in self.acked) and not any(
-            c.gives_up_at is not None for c in self.calls.values()) and not self.retries
+            c.gives_up_at is not None for c in self.call_list) and not self.retries
 
     def step(self) -> None:
         self.step_no += 1
         self.now += self.rng.uniform(*self.cfg.tick_s)
+        self.majority = {}  # faults and recoveries below may change it
         self.timed_recoveries()
         if self.faulty and self.rng.random() < self.cfg.p_fault:
             self.fault()
+            self.majority = {}
         retries, self.retries = self.retries, []
         for call in retries:
             self.client_submit(call)
@@ -351,6 +358,7 @@ class World:
                     spec["shards"] = self.rng.choice((0, 2, 3))
                 specs.append(spec)
             call = ClientCall(specs)
+            self.call_list.append(call)
             for s in specs:
                 self.calls[s["id"]] = call
         voters = [n for n in self.nodes.values() if n.voter and n.running()]
@@ -414,7 +422,7 @@ class World:
             self.trace(f"FAULT clock of {nid} jumps {jump:+.1f}s")
 
     def timed_recoveries(self) -> None:
-        for call in {id(c): c for c in self.calls.values()}.values():
+        for call in self.call_list:
             if call.gives_up_at is not None and self.now >= call.gives_up_at:
                 self.on_submit_done(call, call.tries, False)  # its node died or hung
         for nid, at in list(self.restart_at.items()):

@@ -1,0 +1,382 @@
+"""The leader side of a simulated node: node/scheduling.py without threads.
+
+A mixin of :class:`~.node.SimNode` (its state is set in ``SimNode.reset``). Every
+decision is the node's own, from ``node/decisions.py`` (plan_round, expired_leases,
+units_to_kill, hold_targets, hold_floor, completion batching); what is modelled
+here is only how the node carries them out: which view it builds from its replica
+and worker table, which command it proposes, which message it sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from taskandgo.node import decisions as d
+from taskandgo.strategies import QueuedUnit
+
+from .worker import Pending, UnitKey, Work
+
+if TYPE_CHECKING:
+    from .world import Msg
+
+DISPATCH_TIMEOUT_S = 2.0
+MAX_INFLIGHT_ASSIGNS = 3
+HOLD_TIMEOUT_S = 1.0
+
+
+@dataclass
+class WorkerInfo:
+    """The leader's view of a worker, from its heartbeats (app.WorkerInfo)."""
+
+    node_id: str
+    slots: int = 0
+    capacity: int = 0
+    running: set = field(default_factory=set)
+    accepting: bool = True
+    last_seen: float = 0.0
+    last_seen_wall: float = 0.0
+    down: bool = False
+
+    def view(self) -> d.WorkerView:
+        return d.WorkerView(self.node_id, self.slots, self.capacity, self.last_seen,
+                            self.last_seen_wall, self.accepting, self.down,
+                            frozenset(self.running))
+
+
+@dataclass
+class HoldOp:
+    """The leader's hold_workers in progress (see there)."""
+
+    priority: int
+    deadline: float
+    proposed: set
+    on_done: Callable[[bool], None]
+    phase: str = "assigns"
+    put: int = 0
+    waiting: set = field(default_factory=set)
+
+
+class LeaderSide:
+    """Scheduling, dispatching, leases, results and holds of :class:`~.node.SimNode`."""
+
+    world: Any
+    id: str
+
+    def become_leader(self, term: int) -> None:
+        """_become_leader: forget in-flight work, give every worker a full lease, and
+        wait for an entry of this term to apply before planning."""
+        now = self.world.now
+        self.leading_term = term
+        self.leader_since = now
+        self.minority_since = None
+        self.assigning.clear()
+        self.completing.clear()
+        self.completing_attempt.clear()
+        self.run_ewma = None
+        for w in self.workers.values():
+            w.last_seen = now
+        self.leader_ready = False
+
+        def ready(_: Any, err: int) -> None:
+            if err == 0 and self.leader_since == now:
+                self.leader_ready = True
+
+        self.propose("requeue", [], self.wall(), "", callback=ready)
+
+    def step_down(self) -> None:
+        self.leading_term = None
+        self.leader_since = None
+        self.leader_ready = False
+        self.release_proposals(everything=True)
+        if self.world.log.leader == self.id:
+            self.world.log.leader_lost()
+
+    def leader_tick(self) -> None:
+        """_leader_loop, one pass."""
+        now = self.world.now
+        if not self.leader_ready:
+            return
+        if now - self.self_hb_at >= self.world.cfg.heartbeat_s / 2:
+            self.self_hb_at = now
+            kill = self.record_heartbeat(self.heartbeat_request())
+            if kill:
+                self.kill(kill)
+                for k in kill:
+                    self.unreported.pop(k, None)
+        self.flush_completions()
+        if len(self.assigning) < MAX_INFLIGHT_ASSIGNS:
+            self.plan_and_assign()
+        if now - self.last_lease_check > 0.2:
+            self.last_lease_check = now
+            self.check_leases(now)
+        if now - self.last_compact > 10.0:
+            # Also what releases due retries (apply_* advance the state's clock) when
+            # nothing else is proposed.
+            self.last_compact = now
+            self.propose("compact", self.wall(), 24 * 3600.0, 100_000,
+                         callback=lambda *_: None)
+
+    def plan_and_assign(self) -> None:
+        """Scheduler._plan_and_assign: the view from the replica and the worker table,
+        decisions.plan_round, one assign command with random fencing tokens."""
+        s = self.replica
+        assert s is not None
+        if not s.queued_by_priority and self.floor is None:
+            return  # nothing to plan (a shortcut: plan_round would return nothing)
+        now = self.world.now
+        live = d.live_workers([w.view() for w in self.workers.values()], now,
+                              self.world.cfg.lease_s)
+        if not live:
+            return
+        in_flight = tuple(d.InFlight(t, c, w) for units in self.assigning.values()
+                          for t, c, w in units)
+        floor = self.floor
+        view = d.PlanView(
+            now, live, in_flight=in_flight,
+            completing=frozenset((t, c, w) for (t, c), w in self.completing.items()),
+            floor=floor, run_ewma=self.run_ewma,
+            running=tuple(d.RunningView(tid, chunk, w, t.priority if t is not None else None)
+                          for (tid, chunk), w in s.running.items()
+                          for t in (s.tasks.get(tid),)),
+            queued_priorities=frozenset(s.queued_by_priority))
+        depth = d.queue_depth_needed(view)
+        if depth:
+            head = s.peek_queued(depth)
+            view = replace(view, queued=tuple(
+                QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
+                           len(t.spec.get("items") or ()), t.chunk_count) for t, chunk in head))
+        actions = d.plan_round(view)
+        if actions.floor_lifted and self.floor == floor:
+            self.floor = None
+        if not actions.assignments:
+            return
+        assignments = actions.assignments
+        cid = self.world.pid()
+        self.assigning[cid] = [(a.task_id, a.chunk, a.worker) for a in assignments]
+        tokens = [self.world.rng.getrandbits(63) or 1 for _ in assignments]
+        # (for the checker's diagnosis) split tasks left out because their cut is in flight
+        flying = {p.task_id for p in in_flight}
+        cuts = {u.task_id for u in view.queued
+                if u.chunk == -1 and u.strategy == "split" and u.task_id in flying}
+        # ... and slots counted free for a result of an older attempt being committed
+        stale: dict[str, list[str]] = {}
+        for (t, c), (a, tok) in self.completing_attempt.items():
+            task = s.tasks.get(t)
+            u = task.unit_at(c) if task is not None else None
+            if u is not None and (u.attempt, u.token) != (a, tok):
+                stale.setdefault(self.completing[(t, c)], []).append(f"{t}/{c}")
+        for a, tok in zip(assignments, tokens):
+            self.world.checker.on_plan(tok, self.applied, cuts, stale.get(a.worker, []))
+        self.world.trace(f"{self.id} assigns " + ", ".join(
+            f"{a.task_id}/{a.chunk}->{a.worker}" for a in assignments))
+
+        def done(result: Any, err: int) -> None:
+            if err == 0 and result:
+                self.dispatch_put_n += 1
+                self.dispatch(result)
+            self.assigning.pop(cid, None)
+
+        self.propose("assign", [(a.task_id, a.chunk, a.chunk_count, a.worker, tok)
+                                for a, tok in zip(assignments, tokens)],
+                     self.wall(), self.world.cfg.lease_s, callback=done)
+
+    def dispatch(self, batch: list) -> None:
+        """_dispatch_loop for one committed assign: one Dispatch per worker."""
+        s = self.replica
+        assert s is not None
+        by_worker: dict[str, list[Work]] = {}
+        for tid, chunk, count, attempt, token, worker in batch:
+            t = s.tasks.get(tid)
+            if t is not None:
+                by_worker.setdefault(worker, []).append(
+                    Work(tid, chunk, count, attempt, token, t.priority))
+        bid = self.dispatch_put_n
+        left = self.dispatching[bid] = set()
+        for worker, works in by_worker.items():
+            if worker == self.id:
+                self.dispatch_works(works)
+            elif worker in self.workers:
+                left.add(worker)
+                self.rpc(worker, "dispatch", {"works": works}, DISPATCH_TIMEOUT_S,
+                         lambda _v, worker=worker: self.dispatched(bid, worker))
+        self.dispatched(bid, "")
+
+    def dispatched(self, bid: int, worker: str) -> None:
+        left = self.dispatching.get(bid)
+        if left is None:
+            return
+        left.discard(worker)
+        if not left:
+            del self.dispatching[bid]
+            self.dispatch_done_n += 1
+
+    def check_leases(self, now: float) -> None:
+        """Scheduler._check_leases: decisions.expired_leases, one requeue command."""
+        s = self.replica
+        assert s is not None and self.leader_since is not None
+        cfg = self.world.cfg
+        actions = d.expired_leases(d.LeaseView(
+            now, cfg.lease_s, max(2.5, 4 * cfg.heartbeat_s), self.leader_since,
+            tuple(w.view() for w in self.workers.values()),
+            tuple(d.RunningView(tid, chunk, worker, None, attempt, token, started)
+                  for tid, chunk, attempt, token, worker, started in s.running_units()),
+            self.requeue_recent))
+        self.requeue_recent = dict(actions.recent)
+        for node_id in actions.down:
+            self.workers[node_id].down = True
+        if not actions.requeue:
+            return
+        reason = actions.requeue[0].reason
+        self.world.trace(f"{self.id} requeues "
+                         f"{[f'{r.key[0]}/{r.key[1]}' for r in actions.requeue]}: {reason}")
+        self.propose("requeue", [list(r.key) + [self.started_wall] for r in actions.requeue],
+                     self.wall(), reason, callback=lambda *_: None)
+
+    def record_heartbeat(self, req: dict[str, Any]) -> list[UnitKey]:
+        """_record_heartbeat: update the worker table; return units to kill."""
+        s = self.replica
+        assert s is not None
+        running = req["running"]
+        w = self.workers.get(req["node_id"])
+        if w is None:
+            w = self.workers[req["node_id"]] = WorkerInfo(req["node_id"])
+        w.slots, w.capacity, w.running = req["slots"], req["capacity"], set(running)
+        w.accepting = req["accepting"]
+        w.last_seen, w.last_seen_wall = self.world.now, self.wall()
+        w.down = False
+        if not running or not self.leader_ready:
+            return []
+        units: dict[d.UnitKey, d.ReplicaUnit | None] = {}
+        for tid, chunk, _attempt, _token in running:
+            t = s.tasks.get(tid)
+            unit = t.unit_at(chunk) if t is not None else None
+            units[(tid, chunk)] = None if unit is None else d.ReplicaUnit(
+                unit.status, unit.token, s.running.get((tid, chunk)))
+        return list(d.units_to_kill(req["node_id"], running, units))
+
+    def handle_heartbeat(self, m: Msg) -> None:
+        if not self.is_leader():
+            self.reply(m, {"accepted": False, "leader": self.leader_grpc(), "kill": []})
+            return
+        kill = self.record_heartbeat(m.body)
+        self.reply(m, {"accepted": True, "leader": self.id, "kill": kill})
+
+    def handle_results(self, m: Msg) -> None:
+        """accept_peer_results: commit only results of units assigned to the sender."""
+        if not self.is_leader() or not self.leader_ready:
+            self.reply(m, False)
+            return
+        s = self.replica
+        assert s is not None
+        ok = [dict(r, node=m.src) for r in m.body["results"]
+              if s.running.get((r["task_id"], r["chunk"])) == m.src]
+        if not ok:
+            self.reply(m, True)
+            return
+        self.accept_results(ok, lambda v: self.reply(m, v))
+
+    def accept_results(self, results: list[dict[str, Any]], reply: Callable[[Any], None]) -> None:
+        """accept_results: True once committed, False if not leading or after 3 s."""
+        if not self.is_leader() or not self.leader_ready:
+            reply(False)
+            return
+        wait = Pending(self.world.now + 3.0, reply)
+        for r in results:
+            fut = Pending(0.0, lambda _v: None)
+            wait.parts.append(fut)
+            self.completions.append((r, fut))
+            self.completing[(r["task_id"], int(r["chunk"]))] = str(r.get("node", ""))
+            # (for the checker's diagnosis only) which attempt the result is of
+            self.completing_attempt[(r["task_id"], int(r["chunk"]))] = (r["attempt"], r["token"])
+        self.result_waits.append(wait)
+        self.flush_completions()
+
+    def settle_result_waits(self) -> None:
+        keep = []
+        for wait in self.result_waits:
+            values = [f.value for f in wait.parts]
+            if False in values:
+                wait.on_done(False)
+            elif None not in values:
+                wait.on_done(True)
+            elif self.world.now >= wait.deadline:
+                wait.on_done(False)
+            else:
+                keep.append(wait)
+        self.result_waits = keep
+
+    def flush_completions(self) -> None:
+        """Scheduler._flush_completions: one complete command for what has arrived."""
+        if not d.should_flush(len(self.completions), self.complete_inflight):
+            return
+        group, self.completions = self.completions, []
+        self.complete_inflight += 1
+        results = d.completion_results([r for r, _ in group],
+                                       [self.world.rng.random() for _ in group])
+
+        def done(result: Any, err: int) -> None:
+            self.complete_inflight -= 1
+            if err == 0:
+                for r, _ in group:
+                    self.completing.pop((r["task_id"], int(r["chunk"])), None)
+                    self.completing_attempt.pop((r["task_id"], int(r["chunk"])), None)
+                self.run_ewma = d.update_run_ewma(self.run_ewma, [r for r, _ in group])
+            else:
+                self.completions.extend(g for g in group if g[1] is None or g[1].value is None)
+            for _, fut in group:
+                if fut is not None and fut.value is None:
+                    if err == 0:
+                        fut.value = True
+                    elif not self.is_leader():
+                        fut.value = False
+
+        self.propose("complete", results, self.wall(), callback=done, timeout_s=3.0)
+
+    # ------------------------------------------------------------------ holds
+
+    def handle_hold_fan(self, m: Msg) -> None:
+        if not self.is_leader():
+            self.reply(m, False)
+            return
+        self.hold_workers(m.body["min_priority"], lambda ok: self.reply(m, ok))
+
+    def hold_workers(self, priority: int, on_done: Callable[[bool], None]) -> None:
+        """hold_workers: stop planning below priority (the floor), let assignments
+        already proposed reach their workers, then have every worker with a prefetch
+        window hand back its waiting units below priority. on_done(True) when every
+        worker answered within HOLD_TIMEOUT_S."""
+        deadline = self.world.now + HOLD_TIMEOUT_S
+        self.floor = d.hold_floor(priority, deadline)
+        self.world.trace(f"{self.id} holds below {priority}")
+        self.holds.append(HoldOp(priority, deadline, set(self.assigning), on_done))
+        self.progress_holds()
+
+    def progress_holds(self) -> None:
+        now = self.world.now
+        keep = []
+        for op in self.holds:
+            late = now >= op.deadline
+            if op.phase == "assigns" and (late or not op.proposed & set(self.assigning)):
+                op.phase, op.put = "dispatch", self.dispatch_put_n
+            if op.phase == "dispatch" and (late or self.dispatch_done_n >= op.put):
+                op.phase = "workers"
+                for nid in d.hold_targets(w.view() for w in self.workers.values()):
+                    if nid == self.id:
+                        self.hold_here(op.priority)
+                        continue
+                    op.waiting.add(nid)
+                    self.rpc(nid, "hold", {"min_priority": op.priority},
+                             max(0.05, op.deadline - now),
+                             lambda v, op=op, n=nid: self.held(op, n, v))
+            if op.phase == "workers" and (late or not op.waiting):
+                op.phase = "done"
+                op.on_done(not op.waiting and not late)
+            if op.phase != "done":
+                keep.append(op)
+        self.holds = keep
+
+    def held(self, op: HoldOp, node: str, value: Any) -> None:
+        if value is not None and value is not False:
+            op.waiting.discard(node)
