@@ -25,6 +25,8 @@ forwards client calls to a voter through :class:`taskandgo.Client`.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import logging
 import threading
@@ -51,6 +53,31 @@ log = logging.getLogger("taskandgo.node")
 
 #: How often surviving objects are frozen out of the cyclic collector.
 GC_FREEZE_S = 10.0
+#: glibc mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+
+
+def _tune_malloc() -> None:
+    """Make glibc give memory freed after a burst of large requests back to the OS.
+    By default its mmap threshold rises to the largest block freed (up to 32 MiB):
+    after one 2 MiB request body every later one came from the heap, whose free
+    memory then stayed resident. A fixed 128 KiB threshold keeps large blocks
+    mmap'd (unmapped on free) and a 1 MiB trim threshold returns the heap's free
+    top; two malloc arenas instead of eight per core, since each kept its own
+    burst-sized free memory (handler threads allocate under the GIL anyway).
+    A periodic ``malloc_trim(0)`` was measured too and left out: with these it
+    returned 1-2 MB and took up to 76 ms with the allocator locked. Figures in
+    docs/security.md ("Stream tickets, slow requests and memory"). Python's own
+    small-object arenas are not glibc's: they return only when wholly empty.
+    No-op without glibc (musl, macOS)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    for param, value in ((_M_MMAP_THRESHOLD, 128 * 1024), (_M_TRIM_THRESHOLD, 1024 * 1024),
+                         (_M_ARENA_MAX, 2)):
+        mallopt(param, value)
 
 
 class NodeApp:
@@ -180,6 +207,7 @@ class NodeApp:
 
     def _reaper_loop(self) -> None:
         last_freeze = time.monotonic()
+        _tune_malloc()
         while not self._stop.wait(0.1):
             self.replica.release_proposals(everything=False)
             if time.monotonic() - last_freeze > GC_FREEZE_S:
@@ -188,9 +216,11 @@ class NodeApp:
                 # without reference cycles (refcounting frees them). Left to the cyclic
                 # collector, every full collection walks all of them with the GIL held:
                 # tens of ms at 20k tasks, seconds at 1M, long enough to miss Raft
-                # heartbeats. Collect the young generations, then move what survived
-                # out of the collector's sight.
-                gc.collect(1)
+                # heartbeats. Collect, then move what survived out of the collector's
+                # sight. A full collection is as cheap as a young one here (it walks
+                # only what was made since the last freeze) and frees cyclic garbage
+                # (tracebacks, closures of ended requests) instead of freezing it.
+                gc.collect()
                 gc.freeze()
 
     # ------------------------------------------------------------------ the parts' state

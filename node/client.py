@@ -297,7 +297,15 @@ class Client:
                                      f"{len(pending)} task(s) not final in {timeout_s:g} s")
             for chunk_start in range(0, len(pending), 5000):
                 part = pending[chunk_start:chunk_start + 5000]
-                res = self.wait_raw(part, max(0.5, min(left, 30.0)))
+                try:
+                    res = self.wait_raw(part, max(0.5, min(left, 30.0)))
+                except TaskAndGoError as exc:
+                    # The node serves only so many waits at once (per client address and
+                    # in total): a refused wait is tried again within the deadline.
+                    if exc.code != "RESOURCE_EXHAUSTED" or deadline - time.monotonic() < 1.0:
+                        raise
+                    time.sleep(1.0)  # the node's retry hint, not waiting for an outcome
+                    break
                 for t in res["tasks"]:
                     if t["status"] in ("succeeded", "failed", "cancelled"):
                         done[t["id"]] = t
@@ -309,9 +317,19 @@ class Client:
             req, metadata=self._metadata)
 
     def watch(self, task_ids: list[str] | None = None, after_seq: int = 0) -> Iterator[dict[str, Any]]:
-        """Follow events (task state changes, leader changes, nodes up/down)."""
-        for ev in self.watch_raw(task_ids, after_seq):
-            yield _to_dict(ev)
+        """Follow events (task state changes, leader changes, nodes up/down). A stream
+        the node refuses (RESOURCE_EXHAUSTED: too many open streams) or that fails
+        raises TaskAndGoError with the node's code and message."""
+        call = self.watch_raw(task_ids, after_seq)
+        try:
+            for ev in call:
+                yield _to_dict(ev)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            raise TaskAndGoError(code.name, details or "") from None
+        finally:
+            call.cancel()  # a caller that stops early ends the stream at the node
 
     def node_status(self, node: str | None = None, include_digest: bool = False) -> dict[str, Any]:
         """Status of one node (the given address, else the first reachable)."""

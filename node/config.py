@@ -112,6 +112,12 @@ class NodeConfig:
     #: gRPC server threads for unary and peer calls; the pool has max_streams more,
     #: so open streams can never take these.
     grpc_threads: int = 32
+    #: Blocking waits (gRPC WaitTasks, HTTP /api/v1/wait) one client address may
+    #: have open, and all clients together, per protocol (see node/streams.py).
+    max_waits_per_client: int = 8
+    max_waits: int = 16
+    #: Seconds an HTTP client has to send a request's headers and body (408 after).
+    http_request_timeout_s: float = 10.0
 
     @property
     def tls(self) -> bool:
@@ -318,6 +324,15 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-threads", type=int, help="gRPC server threads kept for unary and "
                    "peer calls; the server runs this many plus --max-streams "
                    "(TASKANDGO_GRPC_THREADS; 32)")
+    p.add_argument("--max-waits", type=int, help="blocking waits (gRPC WaitTasks, HTTP "
+                   "/api/v1/wait) this node serves at once, per protocol; more are refused "
+                   "with RESOURCE_EXHAUSTED / 429 (TASKANDGO_MAX_WAITS; 16)")
+    p.add_argument("--max-waits-per-client", type=int, help="blocking waits one client "
+                   "address may have open, per protocol (TASKANDGO_MAX_WAITS_PER_CLIENT; 8)")
+    p.add_argument("--http-request-timeout", type=float, dest="http_request_timeout_s",
+                   help="seconds an HTTP client has to send a request's headers and body; "
+                   "slower requests get 408 and are closed (TASKANDGO_HTTP_REQUEST_TIMEOUT_S; "
+                   "10)")
     p.add_argument("--tls-cert", help="PEM certificate for gRPC and HTTP (TASKANDGO_TLS_CERT)")
     p.add_argument("--tls-key", help="PEM private key (TASKANDGO_TLS_KEY)")
     p.add_argument("--tls-ca", help="PEM CA bundle that signs peers' and clients' certificates "
@@ -496,12 +511,19 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     streams = {name: int(_pick(getattr(args, name, None), env, f"TASKANDGO_{name.upper()}",
                                default, int))
                for name, default in (("max_streams", 32), ("max_streams_per_client", 8),
-                                     ("grpc_threads", 32))}
+                                     ("grpc_threads", 32), ("max_waits", 16),
+                                     ("max_waits_per_client", 8))}
     for name, value in streams.items():
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} / TASKANDGO_{name.upper()}: "
                               "need at least 1")
     cfg = dataclasses.replace(cfg, **streams)
+    request_timeout_s = float(_pick(getattr(args, "http_request_timeout_s", None), env,
+                                    "TASKANDGO_HTTP_REQUEST_TIMEOUT_S", 10.0, float))
+    if not 0 < request_timeout_s <= 3600:
+        raise ConfigError("--http-request-timeout / TASKANDGO_HTTP_REQUEST_TIMEOUT_S: need "
+                          "0..3600 seconds")
+    cfg = dataclasses.replace(cfg, http_request_timeout_s=request_timeout_s)
     try:
         peer_cert_names = parse_cert_names(str(_pick(
             getattr(args, "peer_cert_names", None), env, "TASKANDGO_PEER_CERT_NAMES", "", str)))

@@ -6,15 +6,25 @@ Served by the standard library's threading HTTP server (one thread per
 connection). Contract, which ``static/openapi.json`` documents route by route:
 
 * every error is JSON ``{"error": str, "code": int, "field"?: str}``: 400 names the
-  field that was wrong, 401 (no or a wrong bearer token), 404 (no such task or
-  endpoint), 405 (with ``Allow``), 411 (chunked bodies), 413 (body over
-  :data:`MAX_BODY`), 429 (rate limit or full queue, with ``Retry-After``), 502/503
-  (no leader reachable);
+  field that was wrong, 401 (no or a wrong bearer token or stream ticket), 404 (no
+  such task or endpoint), 405 (with ``Allow``), 408 (request not sent within
+  ``--http-request-timeout``), 411 (chunked bodies), 413 (body over
+  :data:`MAX_BODY`), 429 (rate limit, full queue, too many open event streams or
+  waits; with ``Retry-After``), 502/503 (no leader reachable);
 * with API tokens configured, every route but the static pages (and health and
-  metrics while read-only endpoints are open) needs ``Authorization: Bearer``; the
-  event stream also takes ``?access_token=`` because browsers' EventSource cannot
-  set headers. The per-client rate limit applies to the API routes. TLS (and mTLS)
-  come from the same files as gRPC's;
+  metrics while read-only endpoints are open) needs ``Authorization: Bearer``.
+  Browsers' EventSource cannot set headers, so the event stream also takes a
+  stream ticket, ``?ticket=``, which ``POST /api/v1/events/ticket`` (bearer token)
+  hands out: good for 30 s and one stream, bound to that token (see
+  :class:`taskandgo.node.streams.StreamTickets`). ``?access_token=`` (the token in
+  the URL) still works for this release, with a warning logged once per client.
+  The per-client rate limit applies to the API routes. TLS (and mTLS) come from the
+  same files as gRPC's;
+* a request's line, headers and body must arrive within ``--http-request-timeout``
+  (10 s) of the server waiting for it: a client trickling bytes cannot hold a
+  thread (408, connection closed; an idle keep-alive connection is just closed);
+* open event streams and waits are bounded per client address and in total
+  (``--max-streams*``, ``--max-waits*``; 429 beyond);
 * a request whose ``Host`` is not one of this node's names is refused (421) before
   anything else, so a page whose name an attacker re-points at this node (DNS
   rebinding) reaches nothing; a state-changing request from another origin is
@@ -30,6 +40,7 @@ connection). Contract, which ``static/openapi.json`` documents route by route:
 from __future__ import annotations
 
 import contextlib
+import io
 import ipaddress
 import json
 import logging
@@ -54,18 +65,29 @@ from taskandgo.node.app import NodeApp, NotFound, Unavailable
 from taskandgo.node.client import TaskAndGoError, _to_dict
 from taskandgo.node.security import Overloaded, RateLimited, RateLimiter, TokenAuth, \
     Unauthenticated, client_ip
-from taskandgo.node.streams import DEFAULT_PER_CLIENT, DEFAULT_TOTAL, StreamLimiter, \
-    TooManyStreams, upstream_refused
+from taskandgo.node.streams import DEFAULT_PER_CLIENT, DEFAULT_TOTAL, BadTicket, \
+    StreamLimiter, StreamTickets, TooManyStreams, upstream_refused, wait_limiter
 from taskandgo.node.tasks import ID_RE, InvalidTask
 
 log = logging.getLogger("taskandgo.http")
 
 MAX_BODY = 2 * 1024 * 1024
+#: Bodies above this size are read and parsed at most MAX_LARGE_BODIES at a time per
+#: node: parsed JSON takes up to ~35 times its size (a 2 MiB body of small objects
+#: became ~70 MB), and 16 such requests at once took a node from 55 MB to 1.1 GB.
+LARGE_BODY = 256 * 1024
+MAX_LARGE_BODIES = 4
 #: JSON nested deeper than this is refused (400) before it reaches the state machine.
 MAX_DEPTH = 64
 MAX_ERROR_CHARS = 500
 #: An SSE stream sends a comment at least this often so proxies keep it open.
 KEEPALIVE_S = 15.0
+#: Default seconds a client has to send a request's line, headers and body
+#: (``--http-request-timeout``); 408 and the connection closed after it.
+REQUEST_TIMEOUT_S = 10.0
+#: Client addresses remembered as already warned that ``?access_token=`` is
+#: deprecated (one log line per client, not one per reconnect).
+MAX_WARNED_CLIENTS = 1024
 STATIC = Path(__file__).resolve().parent / "static"
 SPEC_FIELDS = ("id", "task_id", "priority", "data", "argv", "call", "args", "args_json",
                "strategy", "shards", "items", "items_json", "timeout_s", "retries", "labels")
@@ -337,6 +359,59 @@ class _BadMethod(Exception):
         self.allowed = allowed
 
 
+class _RequestTimeout(Exception):
+    """The client did not send its request (line, headers, body) within the
+    request deadline. Not a TimeoutError: the standard library would swallow that."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's read side with a deadline over a whole request: each read
+    waits at most until the deadline (:meth:`arm`), so a client sending one byte a
+    second cannot stretch a request past it, as it could with a per-read socket
+    timeout. Without a deadline (between :meth:`disarm` and the next :meth:`arm`)
+    reads wait up to ``idle_s``. Counts the bytes read since :meth:`arm`."""
+
+    def __init__(self, sock: socket.socket, idle_s: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.idle_s = idle_s
+        self.deadline: float | None = None
+        self.received = 0
+
+    def arm(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+        self.received = 0
+
+    def disarm(self) -> None:
+        self.deadline = None
+
+    @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        wait_s = self.idle_s
+        if self.deadline is not None:
+            wait_s = min(wait_s, self.deadline - time.monotonic())
+            if wait_s <= 0:
+                raise _RequestTimeout()
+        self.sock.settimeout(wait_s)
+        try:
+            n = self.sock.recv_into(buf)
+        except TimeoutError:
+            if self.expired:
+                raise _RequestTimeout() from None
+            raise
+        finally:
+            # Writes (responses, event streams) keep the connection's own timeout.
+            self.sock.settimeout(self.idle_s)
+        self.received += n
+        return n
+
+
 #: (path pattern, {method: handler name}); ``{id}`` matches one path segment.
 ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
     (("submit-task",), {"POST": "submit_task"}),
@@ -355,6 +430,7 @@ ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
     (("api", "v1", "node"), {"GET": "node"}),
     (("api", "v1", "cluster"), {"GET": "cluster"}),
     (("api", "v1", "events"), {"GET": "events"}),
+    (("api", "v1", "events", "ticket"), {"POST": "events_ticket"}),
 ]
 
 
@@ -390,7 +466,8 @@ def allowed_methods(methods: dict[str, str]) -> list[str]:
 class Handler(BaseHTTPRequestHandler):
     server_version = "TaskAndGo"
     protocol_version = "HTTP/1.1"
-    #: Socket timeout: an idle or trickling client cannot hold a thread forever.
+    #: Socket timeout for writes (a client that does not read its response).
+    #: Reads have the tighter per-request deadline, ``request_timeout_s``.
     timeout = 120
     # Set on the subclass made by create_http_server:
     app: NodeApp
@@ -398,13 +475,59 @@ class Handler(BaseHTTPRequestHandler):
     hosts: HostPolicy
     #: Open event streams, per client address and in total (429 beyond).
     streams: StreamLimiter
+    #: Open waits (GET /api/v1/wait), per client address and in total (429 beyond).
+    waits: StreamLimiter
+    #: Event-stream tickets (POST /api/v1/events/ticket).
+    tickets: StreamTickets
+    #: Seconds from waiting for a request to having read its headers and body.
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    #: Clients already warned about ``?access_token=`` (bounded, oldest forgotten).
+    warned: _Warned
+    #: Places for bodies over LARGE_BODY being read and handled (see _hold_large_body).
+    large_bodies: threading.BoundedSemaphore
 
     def setup(self) -> None:
         super().setup()
         if isinstance(self.connection, ssl.SSLSocket):
             # The handshake runs here, on this connection's thread, not in the
-            # accept loop where a slow client would hold up every other one.
+            # accept loop where a slow client would hold up every other one; it
+            # gets the request deadline, not the long write timeout.
+            self.connection.settimeout(self.request_timeout_s)
             self.connection.do_handshake()
+            self.connection.settimeout(self.timeout)
+        # Reads through a deadline over each whole request: the socket timeout
+        # alone is per read, and a byte a second would hold this thread for ever.
+        self.rfile.close()
+        self._reader = _DeadlineReader(self.connection, float(self.timeout))
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        """One request, whose line, headers and body must arrive within
+        ``request_timeout_s`` of waiting for it (a body read after its route
+        started counts too). Past it: 408 and the connection closed, or just closed
+        when not a byte of a request came (an idle keep-alive connection)."""
+        self._reader.arm(self.request_timeout_s)
+        try:
+            super().handle_one_request()
+        except _RequestTimeout:
+            self.close_connection = True
+            if self._reader.received:
+                self._request_timed_out()
+        finally:
+            self._reader.disarm()
+
+    def _request_timed_out(self) -> None:
+        """408 (before or after the request line and headers were parsed)."""
+        self.close_connection = True
+        self.request_version = self.protocol_version  # always send a status line
+        for name in ("command", "requestline"):
+            if not isinstance(getattr(self, name, None), str):
+                setattr(self, name, "")
+        log.debug("HTTP request from %s timed out: not sent within %g s (408)",
+                 self.client_address[0], self.request_timeout_s)
+        with contextlib.suppress(OSError):
+            self._error(408, f"request not sent within {self.request_timeout_s:g} s "
+                        "(--http-request-timeout)")
 
     def log_message(self, fmt: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), fmt % args)
@@ -512,6 +635,8 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 left -= len(chunk)
             raise _TooLarge()
+        if length > LARGE_BODY:
+            self._hold_large_body()
         raw = self.rfile.read(length) if length > 0 else b""
         if not raw.strip():
             raise InvalidTask("body", "empty; expected a JSON object")
@@ -524,6 +649,19 @@ class Handler(BaseHTTPRequestHandler):
         if not _depth_ok(body, MAX_DEPTH):
             raise InvalidTask("body", f"nested deeper than {MAX_DEPTH} levels")
         return body
+
+    def _hold_large_body(self) -> None:
+        """Take one of the node's places for a large body until this request ends,
+        waiting at most until the request deadline; else 429 (connection closed: the
+        body stays unread)."""
+        wait_s = 0.0
+        if self._reader.deadline is not None:
+            wait_s = max(0.0, self._reader.deadline - time.monotonic())
+        if not self.large_bodies.acquire(timeout=wait_s):
+            self.close_connection = True
+            raise _Refused(429, f"this node is reading {MAX_LARGE_BODIES} request bodies over "
+                           f"{LARGE_BODY // 1024} KiB already; retry shortly", "body")
+        self._large_body_held = True
 
     def _drain_unread_body(self) -> None:
         """Leave the connection at the next request: drop a body no handler read."""
@@ -541,6 +679,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         self._body_read = False
+        self._large_body_held = False
+        try:
+            self._dispatch_held(method)
+        finally:
+            if self._large_body_held:
+                self.large_bodies.release()
+
+    def _dispatch_held(self, method: str) -> None:
         url = urlsplit(self.path)
         segments = url.path.split("/")[1:]
         if len(segments) > 1 and segments[-1] == "":
@@ -562,7 +708,15 @@ class Handler(BaseHTTPRequestHandler):
             query = parse_qs(url.query, keep_blank_values=True)
             self._route(method, parts, query)
         except _Refused as exc:
-            self._error(exc.code, exc.message, exc.field)
+            self._error(exc.code, exc.message, exc.field,
+                        headers={"Retry-After": "1"} if exc.code == 429 else None)
+        except _RequestTimeout:
+            self._request_timed_out()
+        except BadTicket as exc:
+            self._error(401, str(exc), "ticket")
+        except TooManyStreams as exc:  # too many open waits
+            self._error(429, str(exc),
+                        headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
         except _TooLarge:
             self.close_connection = True
             self._error(413, f"request body larger than {MAX_BODY} bytes", "body")
@@ -599,7 +753,7 @@ class Handler(BaseHTTPRequestHandler):
             self._error(500, f"internal error: {type(exc).__name__}")
         try:
             self._drain_unread_body()
-        except OSError:
+        except (OSError, _RequestTimeout):
             self.close_connection = True
 
     def do_GET(self) -> None:
@@ -647,18 +801,39 @@ class Handler(BaseHTTPRequestHandler):
         handler(params, {k: v[-1] for k, v in query.items()}, query)
 
     def _guard(self, name: str, query: dict[str, list[str]]) -> None:
-        """Token check and rate limit for the route ``name`` (see the module doc)."""
+        """Token check and rate limit for the route ``name`` (see the module doc).
+        The event stream takes, besides the header, a stream ticket (``?ticket=``)
+        or, deprecated, the token itself (``?access_token=``)."""
         auth: TokenAuth = self.app.cfg.auth
+        self._token: str | None = None
         if name in PAGES:
             return
         if auth.enabled and not (auth.open_read_only and name in READ_ONLY):
             token = TokenAuth.parse_header(self.headers.get("Authorization"))
             if token is None and name == "events":
-                values = query.get("access_token")
-                token = values[-1] if values else None
+                tickets, values = query.get("ticket"), query.get("access_token")
+                if tickets:
+                    self.limiter.take(client_ip(str(self.client_address[0])))
+                    self.tickets.redeem(tickets[-1])
+                    return
+                if values:
+                    token = values[-1]
+                    self._warn_access_token()
+            if token is None and name == "events":
+                raise Unauthenticated("missing bearer token or stream ticket: open the stream "
+                                      "with ?ticket= from POST /api/v1/events/ticket")
             auth.check(token)
+            self._token = token
         if name not in READ_ONLY:
             self.limiter.take(client_ip(str(self.client_address[0])))
+
+    def _warn_access_token(self) -> None:
+        client = client_ip(str(self.client_address[0]))
+        if self.warned.first_time(client):
+            log.warning("HTTP event stream from %s authenticated with ?access_token=: the "
+                        "token in a URL ends up in logs and history; this is deprecated and "
+                        "goes in the next release. Ask POST /api/v1/events/ticket (Bearer "
+                        "token) for a stream ticket and open the stream with ?ticket=", client)
 
     # One method per route: (path params, last value of each query parameter,
     # every value of each query parameter).
@@ -716,7 +891,18 @@ class Handler(BaseHTTPRequestHandler):
         timeout = _float(q.get("timeout_s", "30"), "timeout_s")
         if not 0 < timeout <= 600:
             raise InvalidTask("timeout_s", "expected 0..600 seconds")
-        self._send(200, self.app.wait(ids, timeout))
+        # A wait holds this connection's thread for up to 600 s: bounded per client
+        # address and in total (--max-waits-per-client, --max-waits), 429 beyond.
+        with self.waits.hold(client_ip(str(self.client_address[0]))):
+            result = self.app.wait(ids, timeout)
+        self._send(200, result)
+
+    def h_events_ticket(self, params: dict[str, str], q: dict[str, str],
+                        query: dict[str, list[str]]) -> None:
+        """A stream ticket for ``GET /api/v1/events?ticket=`` (see StreamTickets),
+        for the bearer token this request carried."""
+        ticket, ttl_s = self.tickets.issue(self._token)
+        self._send(200, {"ticket": ticket, "expires_in_s": ttl_s, "uses": 1})
 
     def h_node(self, params: dict[str, str], q: dict[str, str],
                query: dict[str, list[str]]) -> None:
@@ -940,8 +1126,31 @@ def _float(value: str, field: str) -> float:
         raise InvalidTask(field, "expected a number") from None
 
 
+class _Warned:
+    """Which clients were already told something: at most ``limit`` remembered, the
+    oldest forgotten first (such a client is told once more). Thread-safe."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._seen: dict[str, None] = {}
+
+    def first_time(self, client: str) -> bool:
+        with self._lock:
+            if client in self._seen:
+                return False
+            if len(self._seen) >= self.limit:
+                del self._seen[next(iter(self._seen))]
+            self._seen[client] = None
+            return True
+
+
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    #: Listen backlog. The standard library's 5 made a burst of 17 connections
+    #: (while the accept thread waited for the GIL) overflow the accept queue: the
+    #: client saw its connection reset after sending.
+    request_queue_size = 128
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         # A client that fails the TLS handshake or vanishes mid-request: one log
@@ -977,6 +1186,12 @@ def create_http_server(app: NodeApp, host: str, port: int) -> tuple[ThreadingHTT
         "app": app, "limiter": RateLimiter(getattr(app.cfg, "rate_limit", 0.0)),
         "streams": StreamLimiter(getattr(app.cfg, "max_streams_per_client", DEFAULT_PER_CLIENT),
                                  getattr(app.cfg, "max_streams", DEFAULT_TOTAL), "event streams"),
+        "waits": wait_limiter(app, "http"),
+        "tickets": StreamTickets(getattr(getattr(app.cfg, "auth", None), "tokens", ())),
+        "request_timeout_s": float(getattr(app.cfg, "http_request_timeout_s",
+                                           REQUEST_TIMEOUT_S)),
+        "warned": _Warned(MAX_WARNED_CLIENTS),
+        "large_bodies": threading.BoundedSemaphore(MAX_LARGE_BODIES),
         "hosts": HostPolicy.for_node(app.cfg, host)})
     server = Server((host, port), handler)
     ctx = tls_context(app.cfg)

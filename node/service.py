@@ -25,7 +25,7 @@ from taskandgo.node.client import TaskAndGoError
 from taskandgo.node.security import Overloaded, PeerIdentity, PermissionDenied, RateLimited, \
     RateLimiter, TokenAuth, Unauthenticated, client_ip
 from taskandgo.node.streams import DEFAULT_PER_CLIENT, DEFAULT_TOTAL, STREAM_ACCEPTED, \
-    StreamLimiter, TooManyStreams, upstream_refused
+    StreamLimiter, TooManyStreams, upstream_refused, wait_limiter
 from taskandgo.node.tasks import InvalidTask
 from taskandgo.protos import peer_pb2, peer_pb2_grpc, taskandgo_pb2, taskandgo_pb2_grpc
 
@@ -135,8 +135,17 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
         if not 0 < timeout <= 600:
             raise InvalidTask("timeout_s", "expected 0..600 seconds")
         timeout = min(timeout, _left(context) - 0.2)
-        return to_msg(taskandgo_pb2.WaitTasksResponse,
-                      self.app.wait(list(request.task_ids), timeout))
+        # A wait holds a unary thread for up to 600 s: bounded per client address and
+        # in total (--max-waits-per-client, --max-waits), so waits alone can never
+        # take the threads other calls and the peers need. RESOURCE_EXHAUSTED beyond.
+        # (Overloaded: _errors answers RESOURCE_EXHAUSTED with retry-after-ms.)
+        with contextlib.ExitStack() as slot:
+            try:
+                slot.enter_context(wait_limiter(self.app, "grpc").hold(client_ip(context.peer())))
+            except TooManyStreams as exc:
+                raise Overloaded(str(exc)) from None
+            return to_msg(taskandgo_pb2.WaitTasksResponse,
+                          self.app.wait(list(request.task_ids), timeout))
 
     def WatchTasks(self, request: Any, context: Any) -> Iterator[Any]:
         """Stream task events. Sends :data:`STREAM_ACCEPTED` as initial metadata once

@@ -247,19 +247,38 @@ function setConn(state, text) {
 }
 
 let source = null;
-function connectEvents() {
-  // EventSource cannot send headers: the stream takes the token as a parameter.
-  source = new EventSource("/api/v1/events" +
-    (token ? `?access_token=${encodeURIComponent(token)}` : ""));
-  source.onopen = () => { setConn("on", "live"); scheduleRefresh(); };
-  for (const kind of ["task", "leader", "node", "reset"]) {
-    source.addEventListener(kind, scheduleRefresh);
+let lastEventId = "";
+let reconnect = null;
+/** Opens the event stream. EventSource cannot send headers, and a token in the URL
+ *  would end up in logs and history: with a token, ask for a stream ticket first
+ *  (good for 30 s and one stream) and open the stream with it. A ticket cannot be
+ *  used twice, so every reconnect (the browser's own included) starts here again,
+ *  resuming after the last event seen. */
+async function connectEvents() {
+  clearTimeout(reconnect);
+  if (source) source.close();
+  source = null;
+  const params = new URLSearchParams();
+  if (lastEventId) params.set("after", lastEventId);
+  if (token) {
+    try {
+      params.set("ticket", (await api("/api/v1/events/ticket", {method: "POST"})).ticket);
+    } catch (e) {
+      setConn("wait", e.status === 401 ? "token needed" : "reconnecting");
+      reconnect = setTimeout(connectEvents, 2000);
+      return;
+    }
   }
-  source.onerror = () => {
-    // The browser reconnects by itself (sending Last-Event-ID) unless the stream
-    // was refused; then start a new one.
+  const query = params.toString();
+  const es = source = new EventSource("/api/v1/events" + (query ? `?${query}` : ""));
+  es.onopen = () => { setConn("on", "live"); scheduleRefresh(); };
+  const seen = (e) => { if (e.lastEventId) lastEventId = e.lastEventId; scheduleRefresh(); };
+  for (const kind of ["task", "leader", "node", "reset"]) es.addEventListener(kind, seen);
+  es.onerror = () => {
+    // Not the browser's own reconnect: it would present the used ticket again.
     setConn("wait", "reconnecting");
-    if (source.readyState === EventSource.CLOSED) setTimeout(connectEvents, 2000);
+    es.close();
+    if (source === es) reconnect = setTimeout(connectEvents, 1000);
   };
 }
 
@@ -312,7 +331,6 @@ $("token-form").addEventListener("submit", (e) => {
   e.preventDefault();
   token = e.target.elements.token.value.trim();
   sessionStorage.setItem("taskandgo-token", token);
-  source.close();
   connectEvents();
   scheduleRefresh();
 });
