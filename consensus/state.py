@@ -39,16 +39,15 @@ MAX_TOKEN = 2 ** 63
 #: Stop requeueing a unit whose worker keeps vanishing after this many attempts.
 MAX_LOST_ATTEMPTS = 10
 
-#: A unit whose worker was lost (apply_requeue: lease missed, worker unknown to a new
-#: leader, pod gone, or back up without it) this many times ends failed instead of
-#: being run again: a task that kills, hangs or exhausts the node running it would
-#: otherwise walk through the cluster taking down one node after another, until
-#: Raft loses its majority. Two, not one: a single unrelated node loss (an OOM
-#: kill caused by another task, a node drain past its grace, a crash) must not fail
-#: a task; two in a row on different attempts is the pattern worth stopping on.
-#: The cost: a task that was unlucky twice (say, two node upgrades that killed it
-#: without a hand-back) fails too, with the reason, and may be resubmitted.
-#: Units handed back by a node shutting down cleanly do not count.
+#: A unit whose node died while running it (its process restarted after the attempt
+#: started, seen by a leader that outlived it: apply_requeue's confirm entries) this
+#: many times ends failed instead of being run again: a task that kills or exhausts
+#: the node running it would otherwise walk through the cluster taking down one node
+#: after another, until Raft loses its majority. Two, not one: a single unrelated
+#: crash (an OOM kill caused by another task, a node upgrade past its grace) must not
+#: fail a task. A node that only missed its lease (paused, overloaded, partitioned)
+#: did not die: that requeue counts towards MAX_LOST_ATTEMPTS only. Units handed
+#: back by a node shutting down cleanly do not count.
 POISON_AFTER_NODE_LOSSES = 2
 
 Event = tuple  # (kind, task_id, status, chunk, node, at)
@@ -549,47 +548,61 @@ class SchedulerState:
         return out, events
 
     def apply_requeue(self, units: list, now: float, reason: str) -> tuple[int, list[Event]]:
-        """Take units back from a worker presumed gone. Each unit is
-        ``(task_id, chunk, attempt, token[, since])``; only the current assignment is
-        requeued (attempt + 1 at its next assignment). A unit lost too often ends
-        failed: after :data:`POISON_AFTER_NODE_LOSSES` node deaths, or
-        :data:`MAX_LOST_ATTEMPTS` losses of any kind.
+        """Take units back from a worker presumed gone, and record node deaths.
 
-        ``since`` is when the proposing leader's node process started (wall clock). A
-        loss counts as a node death (the poison rule) only when that node was already
-        running when the unit started: it outlived the node the unit took down. After a
-        whole-cluster restart (a power cut, a rollout of every pod) every running unit
-        is lost too, but no node died of it; the requeuing leader started after the
-        unit did, so those losses, and requeues without ``since`` (old journals), count
-        towards :data:`MAX_LOST_ATTEMPTS` only."""
+        An entry ``(task_id, chunk, attempt, token[, since])`` requeues the unit's
+        current assignment (attempt + 1 at its next assignment); it never counts as a
+        node death by itself: a paused, slow or partitioned node misses its lease too.
+        ``since`` (the requeuing leader's start time, unused here) is accepted for
+        journals of the release before.
+
+        An entry ``(task_id, chunk, attempt, token, since, worker_started_at,
+        unit_started_at)`` confirms that the node which ran that attempt died while
+        running it: its process restarted after the attempt started
+        (``unit_started_at < worker_started_at``), and the proposing leader was running
+        before it started (``since < unit_started_at``: after a whole-cluster restart
+        no node died of a task). After :data:`POISON_AFTER_NODE_LOSSES` confirmed
+        deaths a unit ends failed, wherever it is now. :data:`MAX_LOST_ATTEMPTS`
+        requeues of any kind end it too."""
         events = self._advance(now)
         n = 0
         for u in units if isinstance(units, list) else []:
             try:
                 tid, chunk, attempt, token = str(u[0]), int(u[1]), int(u[2]), int(u[3])
-                since = float(u[4]) if len(u) > 4 else 0.0
+                confirm = len(u) >= 7
+                if confirm:
+                    since, worker_started, unit_started = float(u[4]), float(u[5]), float(u[6])
             except Exception:  # noqa: BLE001
                 self.rejected_commands += 1
                 continue
             task = self.tasks.get(tid)
             unit = task.unit_at(chunk) if task is not None else None
-            if task is None or unit is None or unit.status != RUNNING or unit.attempt != attempt \
-                    or unit.token != token or task.status in FINAL:
+            if task is None or unit is None or task.status in FINAL or unit.status in FINAL:
                 continue
-            self.running.pop((tid, chunk), None)
-            unit.lost += 1
-            if 0.0 < since < unit.started_at:
+            if confirm:
+                if not since < unit_started < worker_started or attempt > unit.attempt:
+                    continue
                 unit.deaths += 1
-            unit.error = str(reason)[:500]
-            n += 1
-            if unit.deaths >= POISON_AFTER_NODE_LOSSES:
+                if unit.deaths < POISON_AFTER_NODE_LOSSES:
+                    continue
+                if unit.status == RUNNING:
+                    self.running.pop((tid, chunk), None)
+                elif unit.status == QUEUED and unit.qseq:
+                    self._dequeued(task, unit)
+                self.delayed.pop((tid, chunk), None)
                 unit.status = FAILED
-                unit.error = (f"not run again: the node running it was lost {unit.deaths} "
-                              f"times (a task that kills or exhausts its node would take "
-                              f"down one node after another); last: {reason}")[:500]
+                unit.error = (f"not run again: the node running it died {unit.deaths} times "
+                              f"(a task that kills or exhausts its node would take down one "
+                              f"node after another); last: {reason}")[:500]
                 unit.finished_at = now
                 events.extend(self._settle(task, chunk, unit, now))
                 continue
+            if unit.status != RUNNING or unit.attempt != attempt or unit.token != token:
+                continue
+            self.running.pop((tid, chunk), None)
+            unit.lost += 1
+            unit.error = str(reason)[:500]
+            n += 1
             if unit.lost >= MAX_LOST_ATTEMPTS:
                 unit.status = FAILED
                 unit.error = f"lost {unit.lost} times: {reason}"[:500]

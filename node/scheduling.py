@@ -65,6 +65,7 @@ class WorkerInfo:
     last_seen_wall: float = 0.0
     down: bool = False
     raft_protocol: int = 0  # its release's RAFT_PROTOCOL (0: before 0.2)
+    started_at: float = 0.0  # its process's start (wall clock), from its heartbeats
 
     def view(self) -> d.WorkerView:
         return d.WorkerView(self.node_id, self.slots, self.capacity, self.last_seen,
@@ -104,6 +105,10 @@ class Scheduler:
         self._completions: list[tuple[dict[str, Any], Future | None]] = []
         self._complete_inflight = 0
         self._requeue_recent: dict[d.AttemptKey, float] = {}
+        # Poison rule: attempts requeued from a worker, kept until it is heard from
+        # again: as a new process (it died running them: confirm) or the same one
+        # (paused or cut off: forget). worker -> [(attempt key, attempt start)]
+        self._lost_on: dict[str, list[tuple[d.AttemptKey, float]]] = {}
         # While a hold is in progress: plan nothing below the floor's priority.
         self._floor: d.Floor | None = None
         # Moving average of recent units' run times (None: none seen as leader yet).
@@ -292,7 +297,45 @@ class Scheduler:
         log.warning("node %s: requeueing %d unit(s): %s", self.node_id, len(actions.requeue),
                     reason)
         tail = self.replica.requeue_tail()
-        self.replica.send("requeue", [list(r.key) + tail for r in actions.requeue], wall, reason)
+        started = {(u[0], u[1], u[2], u[3]): (u[4], u[5]) for u in units}
+        lost = [(r.key, *started.get(r.key, ("", 0.0))) for r in actions.requeue]
+        self.replica.send("requeue", [list(r.key) + tail for r in actions.requeue]
+                          + self._deaths(lost), wall, reason)
+
+    def _deaths(self, lost: list[tuple[d.AttemptKey, str, float]]) -> list[list]:
+        """Requeued attempts ``(key, worker, attempt start)``: confirm-death entries for
+        those whose worker already runs as a newer process than the attempt (it died
+        running it and is back), and remember the others until their worker is heard
+        from again (see _heard_again). consensus/state.py apply_requeue checks the
+        times; the poison rule needs every voter at RAFT_PROTOCOL 3."""
+        tail = self.replica.requeue_tail()
+        if not tail:
+            return []
+        out = []
+        with self._lock:
+            for key, worker, started in lost:
+                w = self.workers.get(worker)
+                if w is not None and w.started_at > started:
+                    out.append([*key, tail[0], w.started_at, started])
+                elif worker:
+                    self._lost_on.setdefault(worker, []).append((key, started))
+                    del self._lost_on[worker][:-1000]  # bounded: oldest forgotten
+        return out
+
+    def _heard_again(self, worker: str) -> None:
+        """Under self._lock: a heartbeat from a worker with attempts requeued from it.
+        If it is a process newer than an attempt, it died running it: propose the
+        confirm-death entry; if not, it was only paused or cut off. Either way the
+        attempts are forgotten here."""
+        lost = self._lost_on.pop(worker, [])
+        tail = self.replica.requeue_tail()
+        w = self.workers[worker]
+        entries = [[*key, tail[0], w.started_at, started] for key, started in lost
+                   if tail and started < w.started_at]
+        if entries:
+            log.warning("node %s: %s restarted while running %d unit(s): counted for the "
+                        "poison rule", self.node_id, worker, len(entries))
+            self.replica.send("requeue", entries, time.time(), f"worker {worker} died")
 
     def worker_gone(self, node_id: str, reason: str) -> int:
         """A worker is known to be gone (its pod was deleted or evicted): on the
@@ -309,8 +352,11 @@ class Scheduler:
             log.warning("node %s: %s is gone (%s); requeueing %d unit(s)", self.node_id,
                         node_id, reason, len(units))
             tail = self.replica.requeue_tail()
-            self.replica.send("requeue", [list(u) + tail for u in units], time.time(),
-                              f"worker {node_id}: {reason}")
+            started = {(u[0], u[1], u[2], u[3]): (u[4], u[5])
+                       for u in self.replica.read(lambda s: s.running_units())}
+            lost = [(tuple(u), *started.get(tuple(u), (node_id, 0.0))) for u in units]
+            self.replica.send("requeue", [list(u) + tail for u in units] + self._deaths(lost),
+                              time.time(), f"worker {node_id}: {reason}")
         return len(units)
 
     # ------------------------------------------------------------------ results
@@ -486,6 +532,9 @@ class Scheduler:
             w.cpu_percent, w.memory_percent = req.cpu_percent, req.memory_percent
             w.memory_rss, w.accepting = req.memory_rss, req.accepting
             w.raft_protocol = req.raft_protocol
+            w.started_at = req.started_at
+            if req.node_id in self._lost_on:
+                self._heard_again(req.node_id)
             if req.voter and req.raft_address:
                 self.replica.note_voter_level(req.raft_address, req.raft_protocol)
             w.last_seen, w.last_seen_wall = time.monotonic(), time.time()

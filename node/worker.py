@@ -49,6 +49,8 @@ class WorkerSide:
                  peers: Peers, stop: threading.Event, *,
                  report_local: Callable[[list[dict[str, Any]]], bool],
                  guard: Callable[[Callable[[], None]], Callable[[], None]]) -> None:
+        #: When this process started (heartbeats carry it: see the poison rule).
+        self.started_at = time.time()
         self.cfg = cfg
         self.node_id = cfg.node_id
         self.executor = executor
@@ -155,7 +157,8 @@ class WorkerSide:
                      for k in running],
             cpu_percent=psutil.cpu_percent(None), memory_percent=psutil.virtual_memory().percent,
             memory_rss=self.memory_rss(), accepting=self.accepting,
-            raft_protocol=RAFT_PROTOCOL, peer_protocol=PEER_PROTOCOL)
+            raft_protocol=RAFT_PROTOCOL, peer_protocol=PEER_PROTOCOL,
+            started_at=self.started_at)
 
     def kill(self, keys: list[tuple]) -> None:
         """Kill attempts the leader says are not this node's, and forget their

@@ -99,7 +99,7 @@ class RunningUnit(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "grpc_address", "http_address", "raft_address", "voter", "slots", "free_slots", "running", "cpu_percent", "memory_percent", "memory_rss", "accepting", "capacity", "raft_protocol", "peer_protocol")
+    __slots__ = ("node_id", "grpc_address", "http_address", "raft_address", "voter", "slots", "free_slots", "running", "cpu_percent", "memory_percent", "memory_rss", "accepting", "capacity", "raft_protocol", "peer_protocol", "started_at")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class HeartbeatRequest(_message.Message):
     CAPACITY_FIELD_NUMBER: _ClassVar[int]
     RAFT_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     PEER_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     grpc_address: str
     http_address: str
@@ -130,7 +131,8 @@ class HeartbeatRequest(_message.Message):
     capacity: int
     raft_protocol: int
     peer_protocol: int
-    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., accepting: _Optional[bool] = ..., capacity: _Optional[int] = ..., raft_protocol: _Optional[int] = ..., peer_protocol: _Optional[int] = ...) -> None: ...
+    started_at: float
+    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., accepting: _Optional[bool] = ..., capacity: _Optional[int] = ..., raft_protocol: _Optional[int] = ..., peer_protocol: _Optional[int] = ..., started_at: _Optional[float] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("accepted", "leader_grpc", "kill", "leader_id")

@@ -287,7 +287,7 @@ def test_a_task_that_kills_its_node_fails_after_two_node_losses(tmp_path: Path) 
 
         task = wait_for(final, 120, "the poison task to end", every_s=0.1)
         assert task["status"] == "failed", task
-        assert "lost 2 times" in task["error"], task["error"]
+        assert "died 2 times" in task["error"], task["error"]
         assert len(deaths) == 2, deaths
         c.wait_ready(60)
         assert all(p is not None and p.poll() is None for p in c.procs)

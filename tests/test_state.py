@@ -200,9 +200,11 @@ def _run_on(s: SchedulerState, tid: str, worker: str, now: float) -> tuple[int, 
     return assigned[3], assigned[4]
 
 
-def test_a_unit_whose_node_is_lost_twice_ends_failed_with_the_reason() -> None:
-    """Poison rule: the second requeue of a unit whose worker was presumed dead ends
-    it failed (retries or not), with the reason; a clean hand-back does not count."""
+def test_a_unit_whose_node_dies_twice_ends_failed_with_the_reason() -> None:
+    """Poison rule: the second confirmed death of a node running the unit (its process
+    restarted after the attempt started, seen by a leader that outlived it) ends the
+    unit failed, retries or not, with the reason; a requeue alone, or a clean hand-back,
+    does not count."""
     s = SchedulerState()
     s.apply_submit([{"id": "p", "priority": 0, "strategy": "batch", "retries": 5}], 0.0)
     attempt, token = _run_on(s, "p", "a", 1.0)
@@ -212,35 +214,41 @@ def test_a_unit_whose_node_is_lost_twice_ends_failed_with_the_reason() -> None:
     attempt, token = _run_on(s, "p", "b", 3.0)
     assert s.apply_requeue([("p", -1, attempt, token, 0.5)], 4.0,
                            "worker b missed its lease")[0] == 1
+    assert s.tasks["p"].unit.status == "queued" and s.tasks["p"].unit.deaths == 0
+    # Node b comes back as a new process (started at 4.5 > 3.0): confirmed.
+    s.apply_requeue([("p", -1, attempt, token, 0.5, 4.5, 3.0)], 5.0, "worker b restarted")
     assert s.tasks["p"].unit.status == "queued" and s.tasks["p"].unit.deaths == 1
     # The count survives snapshots (plain data and pickle) on every replica.
     restored = SchedulerState.from_snapshot(json.loads(json.dumps(s.to_snapshot())))
     assert restored.fingerprint() == s.fingerprint()
     assert pickle.loads(pickle.dumps(s)).tasks["p"].unit.deaths == 1
-    attempt, token = _run_on(s, "p", "c", 5.0)
-    _, events = s.apply_requeue([("p", -1, attempt, token, 0.5)], 6.0,
-                                "worker c missed its lease")
+    attempt, token = _run_on(s, "p", "c", 6.0)
+    _, events = s.apply_requeue([("p", -1, attempt, token, 0.5),
+                                 ("p", -1, attempt, token, 0.5, 7.5, 6.0)], 8.0,
+                                "worker c restarted")
     task = s.tasks["p"]
-    assert task.status == "failed" and ("task", "p", "failed", -1, "c", 6.0) in events
-    assert "lost 2 times" in task.error and "worker c missed its lease" in task.error
+    assert task.status == "failed" and ("task", "p", "failed", -1, "c", 8.0) in events
+    assert "died 2 times" in task.error and "worker c restarted" in task.error
     assert not s.running and s.queued_count() == 0
 
 
-def test_losses_after_a_whole_cluster_restart_are_not_node_deaths() -> None:
-    """A whole-cluster restart loses every running unit, but no node died of it: a
-    loss counts towards the poison rule only when the requeuing leader was running
-    before the unit started; requeues without that time (old journals) never count."""
+def test_only_a_restart_after_the_attempt_seen_by_a_leader_that_outlived_it_counts() -> None:
+    """A paused or partitioned node that comes back as the same process, a whole-
+    cluster restart (the leader started after the unit), and plain requeues (also
+    those of old journals) are no node deaths."""
     s = SchedulerState()
     s.apply_submit([{"id": "p", "priority": 0, "strategy": "batch"}], 0.0)
-    for i in range(POISON_AFTER_NODE_LOSSES + 2):
-        attempt, token = _run_on(s, "p", "a", 10.0 * (i + 1))
-        restarted_at = 10.0 * (i + 1) + 5.0  # the new leader started after the unit
-        requeue = ("p", -1, attempt, token) if i % 2 else ("p", -1, attempt, token,
-                                                           restarted_at)
-        assert s.apply_requeue([requeue], restarted_at + 1,
-                               "worker a unknown to the new leader")[0] == 1
+    for i in range(POISON_AFTER_NODE_LOSSES + 3):
+        start = 10.0 * (i + 1)
+        attempt, token = _run_on(s, "p", "a", start)
+        entries = [("p", -1, attempt, token, 0.5)] if i % 2 else [("p", -1, attempt, token)]
+        if i == 1:  # the same process came back (started before the attempt)
+            entries.append(("p", -1, attempt, token, 0.5, start - 1.0, start))
+        if i == 2:  # whole-cluster restart: the requeuing leader started after it
+            entries.append(("p", -1, attempt, token, start + 2.0, start + 1.0, start))
+        assert s.apply_requeue(entries, start + 3.0, "worker a missed its lease")[0] == 1
     unit = s.tasks["p"].unit
-    assert unit.status == "queued" and unit.deaths == 0 and unit.lost == 4
+    assert unit.status == "queued" and unit.deaths == 0 and unit.lost == 5
 
 
 def test_a_snapshot_from_before_the_poison_rule_loads_with_no_losses_counted() -> None:
