@@ -320,7 +320,7 @@ class Client:
         """Follow events (task state changes, leader changes, nodes up/down). A stream
         the node refuses (RESOURCE_EXHAUSTED: too many open streams) or that fails
         raises TaskAndGoError with the node's code and message."""
-        call = self.watch_raw(task_ids, after_seq)
+        call: Any = self.watch_raw(task_ids, after_seq)  # a grpc call: also cancel()
         try:
             for ev in call:
                 yield _to_dict(ev)
