@@ -27,8 +27,9 @@ commit (``World.truth``, a real SchedulerState); an index is a position in the l
    nodes, or two attempts on one) overlap by at most ``lease_s``.
 6. **Lost units return.** After the faults end, a unit running in the committed state
    that its worker does not hold (not running, waiting, unreported, nor on its way
-   there in a Dispatch) is requeued within ``LOST_WITHIN_S`` (a lease, the
-   leader's 2.5 s grace for a live worker that does not run it, and an election).
+   there in a Dispatch) is requeued within a lease, plus the leader's grace for a
+   live worker that does not run it (max(2.5 s, 4 heartbeats)), plus ``SETTLE_S``
+   (an election, a heartbeat, a commit).
 7. **Bounded queues.** A worker holds (running or waiting) at most slots + prefetch
    units whose assignment to it is current in the committed state, and at most as
    many again whose assignment has ended (cancelled, requeued, finished) that it has
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 WHOLE = -1
 BOUND = 5000
 FP_EVERY = 8
-LOST_WITHIN_S = 3.0 + 2.5 + 3.0
+SETTLE_S = 3.0
 
 
 class Violation(AssertionError):
@@ -73,6 +74,7 @@ class Checker:
         self.plan_index: dict[int, int] = {}  # token -> index the planner's replica had applied
         self.plan_cuts: dict[int, set[str]] = {}  # token -> split tasks whose cut was in flight
         self.plan_stale: dict[int, list[str]] = {}  # token -> units freed by a stale result
+        self.plan_lifted: dict[int, int] = {}  # token -> priority of a floor lifted early
         self.execs: dict[tuple[str, int], dict[tuple, tuple[str, float]]] = {}
         self.results: set[str] = set()  # marks of executions that ended
         self.before: dict[tuple[str, int], tuple] = {}
@@ -144,8 +146,11 @@ class Checker:
 
     # ------------------------------------------------------------------ executions
 
-    def on_plan(self, token: int, applied: int, cuts: set[str], stale: list[str]) -> None:
+    def on_plan(self, token: int, applied: int, cuts: set[str], stale: list[str],
+                lifted: Any) -> None:
         self.plan_index[token] = applied
+        if lifted is not None:
+            self.plan_lifted[token] = lifted.priority
         if cuts:
             self.plan_cuts[token] = cuts
         if stale:
@@ -188,6 +193,13 @@ class Checker:
         if high in self.plan_cuts.get(work.token, ()):
             hints.append(f"planned while the first assignment (the cut) of split task {high} "
                          "was in flight")
+        floor = self.plan_lifted.get(work.token)
+        high_task = self.world.truth.tasks[high]
+        low_task = self.world.truth.tasks[work.task_id]
+        if floor is not None and high_task.priority >= floor > low_task.priority:
+            hints.append(f"planned after a hold's floor (priority {floor}) was lifted before "
+                         "it expired because a unit at or above that priority was queued "
+                         "(not necessarily the one the hold was for)")
         stale = sorted(f"{k[0]}/{k[1]}" for k in run.behind if not self.current(k, node.id))
         if stale:
             hints.append(f"{node.id} still held {stale}, whose assignment had ended "
@@ -212,7 +224,8 @@ class Checker:
                 starts = sorted(runs.values(), key=lambda r: r[1])
                 if w.now - starts[-1][1] > lease:
                     self.fail("ran twice at once", f"{unit[0]}/{unit[1]} on {starts} for "
-                              f"{w.now - starts[-1][1]:.2f}s > lease {lease}s")
+                              f"{w.now - starts[-1][1]:.2f}s > lease {lease}s"
+                              + self.why_twice(starts[0][0]))
         for n in w.nodes.values():
             current = sum(1 for k in n.active if self.current(k, n.id))
             if current > n.capacity or len(n.active) > 2 * n.capacity:
@@ -238,11 +251,12 @@ class Checker:
             if m.kind == "dispatch":
                 held.update(x.key for x in m.body["works"])
         lost = {}
+        within = w.cfg.lease_s + max(2.5, 4 * w.cfg.heartbeat_s) + SETTLE_S
         for tid, chunk, attempt, token, node, started in w.truth.running_units():
             key = (tid, chunk, attempt, token)
             if key not in held:
                 lost[key] = self.lost_since.get(key, w.now)
-                if w.now - lost[key] > LOST_WITHIN_S:
+                if w.now - lost[key] > within:
                     self.fail("lost unit not requeued", f"{tid}/{chunk} attempt {attempt} is "
                               f"running on {node} in the committed state, but {node} has not "
                               f"held it for {w.now - lost[key]:.1f}s; {self.why_kept(node, started)}")
@@ -251,12 +265,30 @@ class Checker:
     def why_full(self, node: SimNode) -> str:
         """Was a unit planned onto node into a slot freed by a result of an older
         attempt being committed (the leader's completing map is keyed by unit)?"""
+        hints = []
         stale = sorted({u for k in node.active for u in self.plan_stale.get(k[3], ())})
-        if not stale:
+        if stale:
+            hints.append(f"planned while the leader counted the slots of {stale} free: it "
+                         "was committing results of older attempts of those units from this "
+                         "worker (the leader's completing map is keyed by unit, not by "
+                         "attempt)")
+        gone = sorted(f"{k[0]}/{k[1]}" for k in node.active if not self.current(k, node.id)
+                      and "is not running it" in getattr(self.unit(k[0], k[1]), "error", ""))
+        if gone:
+            hints.append(f"{gone} were requeued as 'not running it' while this worker held "
+                         "them (the leader compared wall-clock readings that disagree: its "
+                         "clock jumped between them, or two leaders' clocks differ)")
+        return "; cause: " + "; ".join(hints) if hints else ""
+
+    def why_twice(self, node_id: str) -> str:
+        n = self.world.nodes[node_id]
+        if n.is_leader():
             return ""
-        return (f"; cause: planned while the leader counted the slots of {stale} free: it "
-                "was committing results of older attempts of those units from this worker "
-                "(the leader's completing map is keyed by unit, not by attempt)")
+        silent = self.world.now - n.hb_ok_at
+        return (f"; cause: {node_id} kept running it {silent:.2f}s after a leader last "
+                "accepted its heartbeat" + (" (longer than a lease: nothing stops a unit on "
+                                            "a worker cut off from its leader)"
+                                            if silent > self.world.cfg.lease_s else ""))
 
     def why_stuck(self, tid: str) -> str:
         w = self.world

@@ -148,6 +148,8 @@ class LeaderSide:
                 QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
                            len(t.spec.get("items") or ()), t.chunk_count) for t, chunk in head))
         actions = d.plan_round(view)
+        if actions.floor_lifted and floor is not None and d.current_floor(floor, now):
+            self.early_lift = floor  # (for the checker's diagnosis) lifted before it expired
         if actions.floor_lifted and self.floor == floor:
             self.floor = None
         if not actions.assignments:
@@ -168,7 +170,8 @@ class LeaderSide:
             if u is not None and (u.attempt, u.token) != (a, tok):
                 stale.setdefault(self.completing[(t, c)], []).append(f"{t}/{c}")
         for a, tok in zip(assignments, tokens):
-            self.world.checker.on_plan(tok, self.applied, cuts, stale.get(a.worker, []))
+            self.world.checker.on_plan(tok, self.applied, cuts, stale.get(a.worker, []),
+                                       d.current_floor(self.early_lift, now))
         self.world.trace(f"{self.id} assigns " + ", ".join(
             f"{a.task_id}/{a.chunk}->{a.worker}" for a in assignments))
 

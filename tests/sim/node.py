@@ -67,6 +67,7 @@ class SimNode(WorkerSide, LeaderSide):
         self.hb_next = 0.0
         self.hb_wait: Pending | None = None
         self.hb_try = 0
+        self.hb_ok_at = self.world.now  # when a leader last accepted its heartbeat
         self.report_next = 0.0
         self.report_wait: Pending | None = None
         self.report_try = 0
@@ -85,6 +86,7 @@ class SimNode(WorkerSide, LeaderSide):
         self.result_waits: list[Pending] = []
         self.requeue_recent: dict[d.AttemptKey, float] = {}
         self.floor: d.Floor | None = None
+        self.early_lift: d.Floor | None = None
         self.run_ewma: float | None = None
         self.self_hb_at = -1.0
         self.last_lease_check = 0.0

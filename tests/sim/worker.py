@@ -176,6 +176,7 @@ class WorkerSide:
             if resp["accepted"]:
                 self.hb_try = 0
                 self.hint = target
+                self.hb_ok_at = self.world.now
                 if resp["kill"]:
                     self.kill(resp["kill"])
                     for k in resp["kill"]:

@@ -61,7 +61,10 @@ class SimConfig:
     def for_seed(cls, seed: int, steps: int = 60) -> SimConfig:
         """A cluster shape drawn from the seed, so the suite covers many shapes."""
         r = random.Random(f"config-{seed}")
+        lease_s, heartbeat_s = r.choice(((3.0, 0.3), (3.0, 0.3), (1.5, 0.3), (1.0, 0.2)))
         return cls(voters=r.choice((1, 3, 3, 3, 5)), workers=r.choice((0, 0, 1, 2)),
+                   lease_s=lease_s, heartbeat_s=heartbeat_s,
+                   tick_s=r.choice(((0.02, 0.2), (0.05, 0.4))),
                    slots=r.choice((1, 2, 2, 3)), prefetch=r.choice((0, 2, 4)),
                    p_fault=r.choice((0.0, 0.03, 0.06, 0.1)),
                    p_drop=r.choice((0.0, 0.03, 0.1)), p_dup=r.choice((0.0, 0.05)),
