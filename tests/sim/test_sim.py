@@ -57,7 +57,7 @@ KNOWN: dict[str, Known] = {
     # slot and its task. decisions.expired_leases compares WorkerView.last_seen_wall
     # with RunningView.started_at; it should compare times on one clock (the
     # leader's monotonic time of the first heartbeat after it knew of the unit).
-    "lease-wall-clock": Known("lost unit not requeued", "needs its wall clock past", 8,
+    "lease-wall-clock": Known("lost unit not requeued", "needs its wall clock past", 95,
                               "node/decisions.py expired_leases"),
     # The same comparison the other way: when the worker's last heartbeat was
     # recorded on a wall clock ahead of the one that stamped the unit's start (the
@@ -81,7 +81,7 @@ KNOWN: dict[str, Known] = {
     # difference. Deciding "a retry is due" on the leader's monotonic clock (and
     # proposing its release) would not depend on wall clocks agreeing.
     "retry-wall-clock": Known("never ended", "waits for the leader's wall clock to pass",
-                              1224, "consensus/state.py _advance (delayed retries) and the "
+                              296, "consensus/state.py _advance (delayed retries) and the "
                               "leader, which proposes nothing to release them"),
     # A unit whose assignment ends while its worker still holds it (its task was
     # cancelled, a sibling chunk failed, it was requeued) frees its slot in the
@@ -89,7 +89,7 @@ KNOWN: dict[str, Known] = {
     # answer says kill. A unit planned into that slot waits behind it: a window
     # the leader does not know of, which holds (sent only to workers with
     # --prefetch) do not empty; when it starts, a more urgent task may be queued.
-    "stale-slot": Known("priority", "whose assignment had ended", 46,
+    "stale-slot": Known("priority", "whose assignment had ended", 349,
                         "node/decisions.py free_slots / node/scheduling.py (no Kill "
                         "on cancel)"),
     # A unit that comes back to the queue (a failed attempt's retry falling due, a
@@ -97,7 +97,7 @@ KNOWN: dict[str, Known] = {
     # and a retry waiting for its backoff counts for no priority when the leader
     # sizes windows (free_slots sees queued and running units only). When a slot
     # frees, the window's lower unit starts while the returned unit is queued.
-    "requeue-no-hold": Known("priority", "no hold followed", 2621,
+    "requeue-no-hold": Known("priority", "no hold followed", 61,
                              "node/decisions.py free_slots (delayed retries) and "
                              "node/scheduling.py (no hold for a returning unit)"),
     # The leader counts a unit's slot free while it commits a result for it, keyed
@@ -106,7 +106,7 @@ KNOWN: dict[str, Known] = {
     # accept_peer_results' check (the unit is running on that worker) and frees the
     # newer attempt's slot: the worker is given more units than it has slots and
     # window. The check and the map should use the attempt and token.
-    "stale-result-frees-slot": Known("bounded queues", "keyed by unit, not by attempt", 5107,
+    "stale-result-frees-slot": Known("bounded queues", "keyed by unit, not by attempt", 18,
                                      "node/scheduling.py accept_peer_results / _completing"),
     # A worker keeps running its units when no leader accepts its heartbeats (cut
     # off, or its heartbeats or their answers lost): the leader requeues them after
