@@ -24,7 +24,8 @@ commit (``World.truth``, a real SchedulerState); an index is a position in the l
    best effort: no leader reachable, or a worker did not answer within its
    timeout).
 5. **One run at a time, give or take a lease.** Two executions of one unit (on two
-   nodes, or two attempts on one) overlap by at most ``lease_s``.
+   nodes, or two attempts on one) overlap by at most ``lease_s``. A paused node
+   (the whole pod frozen, its units too) overlaps from when it resumes.
 6. **Lost units return.** After the faults end, a unit running in the committed state
    that its worker does not hold (not running, waiting, unreported, nor on its way
    there in a Dispatch) is requeued within a lease, plus the leader's grace for a
@@ -81,6 +82,8 @@ class Checker:
         self.excused: dict[str, int] = {}
         self.lost_since: dict[tuple, float] = {}
         self.progress_at = 0.0  # when a unit last ended
+        self.delayed_since: dict[tuple[str, int], float] = {}
+        self.held_by_clock: set[tuple[str, int]] = set()  # retries the wall clock kept
 
     def fail(self, kind: str, detail: str) -> None:
         self.world.trace(f"VIOLATION {kind}: {detail}")
@@ -195,6 +198,11 @@ class Checker:
                          "was in flight")
         floor = self.plan_lifted.get(work.token)
         high_task = self.world.truth.tasks[high]
+        call = self.world.calls.get(high)
+        if call is not None and call.hold == "none" and not run.started_at_once:
+            hints.append(f"the submit of {high} skipped the hold (no lower unit was running "
+                         "in the replica it checked), and lower units went into windows "
+                         "before it committed")
         low_task = self.world.truth.tasks[work.task_id]
         if floor is not None and high_task.priority >= floor > low_task.priority:
             hints.append(f"planned after a hold's floor (priority {floor}) was lifted before "
@@ -221,11 +229,14 @@ class Checker:
         lease = w.cfg.lease_s
         for unit, runs in self.execs.items():
             if len(runs) > 1:
-                starts = sorted(runs.values(), key=lambda r: r[1])
-                if w.now - starts[-1][1] > lease:
+                # A paused node's units are frozen: they overlap from its resumption.
+                starts = sorted(((n, max(at, w.nodes[n].resumed_at)) for n, at in runs.values()
+                                 if not w.nodes[n].paused), key=lambda r: r[1])
+                if len(starts) > 1 and w.now - starts[-1][1] > lease:
+                    stale = [(n, k) for k, (n, _) in runs.items() if not self.current(k, n)]
                     self.fail("ran twice at once", f"{unit[0]}/{unit[1]} on {starts} for "
                               f"{w.now - starts[-1][1]:.2f}s > lease {lease}s"
-                              + self.why_twice(starts[0][0]))
+                              + (self.why_twice(*stale[0]) if stale else ""))
         for n in w.nodes.values():
             current = sum(1 for k in n.active if self.current(k, n.id))
             if current > n.capacity or len(n.active) > 2 * n.capacity:
@@ -238,6 +249,20 @@ class Checker:
             self.fail("bounded queues", f"{len(w.net.queue)} messages in flight")
         if not w.faulty:
             self.check_lost()
+            self.watch_retries()
+
+    def watch_retries(self) -> None:
+        """Note retries waiting (10 s and more) while the leader's wall clock is behind
+        the replicated clock, which then no command moves (for the diagnosis of a
+        stall)."""
+        w = self.world
+        since = {k: self.delayed_since.get(k, w.now) for k in w.truth.delayed}
+        self.delayed_since = since
+        leader = w.log.leader
+        for key, at in since.items():
+            if w.now - at > 10.0 and leader is not None \
+                    and w.wall(leader) < w.truth.now - 1.0:
+                self.held_by_clock.add(key)
 
     def check_lost(self) -> None:
         w = self.world
@@ -278,28 +303,34 @@ class Checker:
             hints.append(f"{gone} were requeued as 'not running it' while this worker held "
                          "them (the leader compared wall-clock readings that disagree: its "
                          "clock jumped between them, or two leaders' clocks differ)")
+        again = sorted(f"{k[0]}/{k[1]}" for k in node.active if not self.current(k, node.id)
+                       and any(j[:2] == k[:2] and self.current(j, node.id) for j in node.active))
+        if again:
+            hints.append(f"{again} were requeued while this worker was up and held them "
+                         "(its heartbeats lost, or the 'not running it' check) and given "
+                         "back to it as new attempts: it holds both until a heartbeat answer "
+                         "says kill the old ones")
         return "; cause: " + "; ".join(hints) if hints else ""
 
-    def why_twice(self, node_id: str) -> str:
+    def why_twice(self, node_id: str, key: tuple) -> str:
         n = self.world.nodes[node_id]
-        if n.is_leader():
+        run = n.active.get(key)
+        if n.is_leader() or run is None:
             return ""
-        silent = self.world.now - n.hb_ok_at
-        return (f"; cause: {node_id} kept running it {silent:.2f}s after a leader last "
-                "accepted its heartbeat" + (" (longer than a lease: nothing stops a unit on "
-                                            "a worker cut off from its leader)"
-                                            if silent > self.world.cfg.lease_s else ""))
+        cut = max(run.cut_off, self.world.now - n.hb_ok_at)
+        return (f"; cause: {node_id} kept running an attempt no longer its own; while it ran, "
+                f"{node_id} went {cut:.2f}s without an accepted heartbeat"
+                + (" (longer than a lease: nothing stops a unit on a worker cut off from "
+                   "its leader)" if cut > self.world.cfg.lease_s else ""))
 
     def why_stuck(self, tid: str) -> str:
-        w = self.world
-        leader = w.log.leader
-        due = [(c, at) for (t, c), at in w.truth.delayed.items() if t == tid]
-        if not due or leader is None:
+        held = sorted(f"{t}/{c}" for t, c in self.held_by_clock if t == tid)
+        if not held:
             return ""
-        return (f"; its retry of {[f'{tid}/{c}' for c, _ in due]} is due at wall "
-                f"{min(at for _, at in due):.1f}, the state's clock is {w.truth.now:.1f} and "
-                f"the leader's wall clock {w.wall(leader):.1f}: the retry waits for the "
-                "leader's wall clock to pass the replicated one")
+        return (f"; its retry of {held} waited 10 s and more while the leader's wall clock "
+                "was behind the replicated one (the largest wall-clock time a command "
+                "carried): the retry waits for the leader's wall clock to pass the "
+                "replicated one")
 
     def why_kept(self, node: str, started: float) -> str:
         leader = self.world.nodes.get(self.world.log.leader or "")

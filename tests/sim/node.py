@@ -44,6 +44,8 @@ class SimNode(WorkerSide, LeaderSide):
         self.voter = voter
         self.up = True
         self.paused = False
+        self.paused_at = 0.0
+        self.resumed_at = 0.0
         self.reset()
 
     def reset(self) -> None:
@@ -115,6 +117,16 @@ class SimNode(WorkerSide, LeaderSide):
         self.release_proposals(everything=True, fire=False)
         if self.world.log.leader == self.id:
             self.world.log.leader_lost()
+
+    def pause(self) -> None:
+        """SIGSTOP of the whole pod: the node and the units it runs freeze."""
+        self.paused, self.paused_at = True, self.world.now
+
+    def resume(self) -> None:
+        self.paused, self.resumed_at = False, self.world.now
+        for run in self.active.values():
+            if run.started:
+                run.finish_at += self.world.now - self.paused_at
 
     def restart(self) -> None:
         self.up, self.paused = True, False

@@ -73,6 +73,21 @@ KNOWN: dict[str, Known] = {
     # Lower units planned then into windows start after it is queued.
     "floor-lifted-early": Known("priority", "was lifted before it expired", 1536,
                                 "node/decisions.py plan_round (floor_lifted)"),
+    # A submit holds lower units back only if its node's replica shows one running
+    # (running_below) when it checks; otherwise there is no hold and no floor, and
+    # until the submit commits the leader keeps planning lower units into prefetch
+    # windows (assignments in flight at the check are not seen either). When a slot
+    # frees, a lower unit starts from its window while the urgent task is queued.
+    "hold-skipped": Known("priority", "skipped the hold", 5650,
+                          "node/submitting.py (running_below before the submit commits)"),
+    # A worker whose units are requeued while it is up and holds them (its
+    # heartbeats were lost for a lease, or the wall-clock check below) is given new
+    # attempts at once, often of the same units, while it still holds the old ones
+    # until a heartbeat answer says kill: it holds more than its slots and window,
+    # and runs units twice meanwhile.
+    "requeued-while-held": Known("bounded queues", "given back to it as new attempts", 6838,
+                                 "node/decisions.py free_slots (counts current units only) "
+                                 "and node/worker.py (keeps old attempts until killed)"),
     # A failed attempt's retry is due at (the proposing leader's wall clock + its
     # backoff), and is queued once the replicated clock (the largest wall-clock
     # time any command carried) passes that. When the leader's clock is behind that
@@ -97,7 +112,7 @@ KNOWN: dict[str, Known] = {
     # and a retry waiting for its backoff counts for no priority when the leader
     # sizes windows (free_slots sees queued and running units only). When a slot
     # frees, the window's lower unit starts while the returned unit is queued.
-    "requeue-no-hold": Known("priority", "no hold followed", 61,
+    "requeue-no-hold": Known("priority", "no hold followed", 711,
                              "node/decisions.py free_slots (delayed retries) and "
                              "node/scheduling.py (no hold for a returning unit)"),
     # The leader counts a unit's slot free while it commits a result for it, keyed

@@ -50,6 +50,7 @@ class Run:
     counted: bool = False  # seen by the checker as an execution
     behind: list = field(default_factory=list)  # units it waited behind when it arrived
     started_at_once: bool = False  # started as it arrived (a free slot)
+    cut_off: float = 0.0  # longest time without an accepted heartbeat while it ran
 
 
 @dataclass
@@ -176,6 +177,9 @@ class WorkerSide:
             if resp["accepted"]:
                 self.hb_try = 0
                 self.hint = target
+                for run in self.active.values():  # (for the checker's diagnosis)
+                    if run.started:
+                        run.cut_off = max(run.cut_off, self.world.now - self.hb_ok_at)
                 self.hb_ok_at = self.world.now
                 if resp["kill"]:
                     self.kill(resp["kill"])

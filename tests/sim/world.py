@@ -410,7 +410,7 @@ class World:
         elif kind == "pause" and node.running():
             self.resume_at[nid] = self.now + r.uniform(0.3, 6.0)
             self.trace(f"FAULT pause {nid} until {self.resume_at[nid]:.3f}")
-            node.paused = True
+            node.pause()
         elif kind == "partition":
             side = r.sample(sorted(self.nodes), r.randint(1, max(1, len(self.nodes) - 1)))
             self.trace(f"FAULT partition {sorted(side)} | rest")
@@ -437,7 +437,7 @@ class World:
             if self.now >= at:
                 del self.resume_at[nid]
                 self.trace(f"resume {nid}")
-                self.nodes[nid].paused = False
+                self.nodes[nid].resume()
         if self.heal_at is not None and self.now >= self.heal_at:
             self.heal_at = None
             self.trace("heal partition")
