@@ -83,7 +83,9 @@ SYSTEM_DIRS = ("/usr", "/etc", "/opt")
 SYSTEM_LINKS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 #: Where the task's private directories are inside the sandbox.
 SANDBOX_TMP = "/tmp"
-SANDBOX_WORKDIR = "/work"
+#: A path no host directory the sandbox shows lives under: "/work" hid every
+#: virtualenv or checkout under /work (the interpreter itself: no sandbox at all).
+SANDBOX_WORKDIR = "/taskandgo-task"
 
 
 def _under(path: str, root: str) -> bool:
@@ -188,7 +190,7 @@ class Sandbox:
 
     def wrap(self, argv: list[str], rundir: str) -> list[str]:
         """``argv`` to run inside the sandbox; ``rundir`` is a fresh host directory
-        holding ``tmp`` and ``work``, shown to the task as /tmp and /work (its
+        holding ``tmp`` and ``work``, shown to the task as /tmp and /taskandgo-task (its
         working directory)."""
         if not self.enabled:
             return argv

@@ -16,6 +16,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,7 +203,7 @@ def test_a_task_has_a_private_tmp_and_cannot_write_system_dirs(sandboxed: Cluste
                  f"cat /tmp/tg-task-{tag}; pwd")
         assert t["status"] == "succeeded", t["error"]
         lines = t["result"].splitlines()
-        assert lines == ["scratch", "/work"], lines
+        assert lines == ["scratch", "/taskandgo-task"], lines
         assert not [p for p in written if p.exists()], "a task wrote outside its sandbox"
     finally:
         host_file.unlink()
@@ -338,3 +339,22 @@ def test_the_sigterm_handback_is_not_a_node_loss(tmp_path: Path) -> None:
         raise
     finally:
         c.stop()
+
+
+def test_a_node_in_a_virtualenv_beside_its_checkout_gets_the_sandbox() -> None:
+    """A node run from a virtualenv (what the README's install in a venv gives) must
+    find its interpreter inside the sandbox: the task's working directory used to be
+    mounted at /work and hid every venv and checkout under /work."""
+    venv = Path.cwd() / f".tg-venv-{uuid.uuid4().hex[:8]}"
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip",
+                        "--system-site-packages", str(venv)], check=True, timeout=120)
+        res = subprocess.run(
+            [str(venv / "bin" / "python"), "-c",
+             "from taskandgo.node.executor import Sandbox; "
+             "print(Sandbox.probe('auto').describe())"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.strip() == "bwrap", res.stdout
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
