@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from taskandgo import Client
 from taskandgo.node.client import TaskAndGoError
@@ -235,3 +235,17 @@ class Cluster:
             return len(digests) == 1 and len(applied) == 1
 
         wait_for(agree, 30.0, "every replica to hold the same state", every_s=0.2)
+
+
+def serve(request: Any, c: Cluster) -> Iterator[Cluster]:
+    """For fixtures: start ``c``, wait until it is ready and yield it; stop it after,
+    printing its nodes' logs when a test of the requesting module failed."""
+    c.start()
+    try:
+        c.wait_ready()
+        yield c
+    finally:
+        c.stop()
+        if any(getattr(i, "rep_call", None) is not None and i.rep_call.failed
+               for i in request.session.items if i.module is request.module):
+            print("\n===== node logs =====\n" + c.logs())

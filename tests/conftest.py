@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cluster import Cluster  # noqa: E402
+from cluster import Cluster, serve  # noqa: E402
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
@@ -20,17 +20,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 def _cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
              **kw: object) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("cluster"), **kw)  # type: ignore[arg-type]
-    c.start()
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        c.stop()
-        failed = any(getattr(i, "rep_call", None) is not None and i.rep_call.failed
-                     for i in request.session.items if i.module is request.module)
-        if failed:
-            print("\n===== node logs =====\n" + c.logs())
+    yield from serve(request, Cluster(tmp_path_factory.mktemp("cluster"), **kw))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

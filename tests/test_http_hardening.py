@@ -34,7 +34,7 @@ from typing import Any
 
 import psutil
 import pytest
-from cluster import Cluster
+from cluster import Cluster, serve
 from taskandgo.node.client import TaskAndGoError
 from taskandgo.node.tasks import MAX_PAYLOAD
 
@@ -57,15 +57,7 @@ def node(request: pytest.FixtureRequest,
     """One voter on 127.0.0.1 with TASKANDGO_HTTP_ALLOWED_HOSTS; logs shown on failure."""
     c = Cluster(tmp_path_factory.mktemp("hardening"), n=1,
                 env={"TASKANDGO_HTTP_ALLOWED_HOSTS": ALLOWED})
-    c.start()
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        c.stop()
-        if any(getattr(i, "rep_call", None) is not None and i.rep_call.failed
-               for i in request.session.items if i.module is request.module):
-            print("\n===== node logs =====\n" + c.logs())
+    yield from serve(request, c)
 
 
 def port_of(c: Cluster) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 import pytest
-from cluster import Cluster, wait_for
+from cluster import Cluster, serve, wait_for
 from taskandgo.node.client import make_channel
 from taskandgo.node.streams import StreamTickets
 from taskandgo.protos import taskandgo_pb2 as pb
@@ -55,15 +55,7 @@ def nodes(request: pytest.FixtureRequest,
                      "TASKANDGO_MAX_WAITS_PER_CLIENT": str(MAX_WAITS_PER_CLIENT),
                      "TASKANDGO_MAX_STREAMS_PER_CLIENT": str(MAX_STREAMS_PER_CLIENT)},
                 client_kw={"token": TOKEN})
-    c.start()
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        c.stop()
-        if any(getattr(i, "rep_call", None) is not None and i.rep_call.failed
-               for i in request.session.items if i.module is request.module):
-            print("\n===== node logs =====\n" + c.logs())
+    yield from serve(request, c)
 
 
 # ---------------------------------------------------------------------- raw HTTP

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster import Cluster, wait_for
+from cluster import Cluster, serve, wait_for
 from system_deps import ensure_debian_package
 from taskandgo.node.config import scrub_secret_env
 
@@ -89,15 +89,7 @@ def sandboxed(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
                 env={"SANDBOX_TEST_SECRET": MARKER,
                      "TASKANDGO_API_TOKEN_FILE": str(secret_dir / "api-token")},
                 client_kw={"token": TOKEN})
-    c.start()
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        c.stop()
-        if any(getattr(i, "rep_call", None) is not None and i.rep_call.failed
-               for i in request.session.items if i.module is request.module):
-            print("\n===== node logs =====\n" + c.logs())
+    yield from serve(request, c)
 
 
 def _node_pids(c: Cluster) -> list[int]:

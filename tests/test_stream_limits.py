@@ -26,7 +26,7 @@ from typing import Any, Self
 
 import grpc
 import pytest
-from cluster import Cluster, wait_for
+from cluster import Cluster, serve, wait_for
 from taskandgo.node.client import make_channel
 from taskandgo.node.streams import STREAM_ACCEPTED
 from taskandgo.protos import taskandgo_pb2 as pb
@@ -42,15 +42,7 @@ SMALL_TOTAL, SMALL_PER_CLIENT = 4, 6
 
 
 def _fixture(request: pytest.FixtureRequest, c: Cluster) -> Iterator[Cluster]:
-    c.start()
-    try:
-        c.wait_ready()
-        yield c
-    finally:
-        c.stop()
-        if any(getattr(i, "rep_call", None) is not None and i.rep_call.failed
-               for i in request.session.items if i.module is request.module):
-            print("\n===== node logs =====\n" + c.logs())
+    yield from serve(request, c)
 
 
 @pytest.fixture(scope="module")
