@@ -130,7 +130,9 @@ class PlanView:
 class LeaseView:
     """What a lease check looks at. ``workers``: every worker in the leader's table
     (live or not); ``leader_since``: when this node became leader (same clock as
-    ``now``); ``recent``: requeues proposed lately (attempt -> when)."""
+    ``now``); ``recent``: requeues proposed lately (attempt -> when); ``missing``:
+    attempts a live worker did not report at the last checks (attempt -> the check
+    that first found it missing; same clock as ``now``)."""
 
     now: float
     lease_s: float
@@ -139,6 +141,7 @@ class LeaseView:
     workers: tuple[WorkerView, ...]
     running: tuple[RunningView, ...]
     recent: Mapping[AttemptKey, float] = field(default_factory=dict)
+    missing: Mapping[AttemptKey, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ class LeaseActions:
     requeue: tuple[Requeue, ...]
     down: tuple[str, ...]
     recent: Mapping[AttemptKey, float]
+    missing: Mapping[AttemptKey, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------- planning
@@ -279,14 +283,18 @@ def expired_leases(view: LeaseView) -> LeaseActions:
     """Units to requeue: on a worker unknown to this leader once it has led for a
     full lease; on a worker not heard from for more than ``lease_s`` (strictly:
     at exactly ``lease_s`` it is neither live nor expired); on a live worker that
-    does not run it although it reported after the unit started plus ``grace_s``
-    (a dispatch that never arrived), once this leader has led for ``grace_s``.
+    still does not report it in a heartbeat received more than ``grace_s`` after
+    this leader first found it missing (a dispatch that never arrived, a worker
+    that restarted), once this leader has led for ``grace_s``. Every time compared
+    is on the leader's own clock (``now``): a unit's ``started_at`` was stamped by
+    whichever leader assigned it, on a wall clock that may be far off this one.
     An attempt requeued within REQUEUE_MEMORY_S is not requeued again. Workers
     not heard from within the lease and not yet marked down are reported down."""
     now = view.now
     by_id = {w.node_id: w for w in view.workers}
     led_s = now - view.leader_since
     lost: list[Requeue] = []
+    missing: dict[AttemptKey, float] = {}
     for r in view.running:
         w = by_id.get(r.worker)
         if w is None:
@@ -294,13 +302,16 @@ def expired_leases(view: LeaseView) -> LeaseActions:
                 lost.append(Requeue(r.key, f"worker {r.worker} unknown to the new leader"))
         elif now - w.last_seen > view.lease_s:
             lost.append(Requeue(r.key, f"worker {r.worker} missed its lease"))
-        elif r.key not in w.running and w.last_seen_wall > r.started_at + view.grace_s \
-                and led_s > view.grace_s:
-            lost.append(Requeue(r.key, f"worker {r.worker} is not running it"))
+        elif r.key not in w.running:
+            first = view.missing.get(r.key, now)
+            if w.last_seen > first + view.grace_s and led_s > view.grace_s:
+                lost.append(Requeue(r.key, f"worker {r.worker} is not running it"))
+            else:
+                missing[r.key] = first
     down = tuple(w.node_id for w in view.workers
                  if not w.down and now - w.last_seen > view.lease_s)
     requeue, recent = dedupe_requeues(view.recent, lost, now)
-    return LeaseActions(requeue, down, recent)
+    return LeaseActions(requeue, down, recent, missing)
 
 
 def dedupe_requeues(recent: Mapping[AttemptKey, float], lost: Sequence[Requeue],

@@ -105,6 +105,7 @@ class Scheduler:
         self._completions: list[tuple[dict[str, Any], Future | None]] = []
         self._complete_inflight = 0
         self._requeue_recent: dict[d.AttemptKey, float] = {}
+        self._missing: dict[d.AttemptKey, float] = {}  # see decisions.LeaseView
         # Poison rule: attempts requeued from a worker, kept until it is heard from
         # again: as a new process (it died running them: confirm) or the same one
         # (paused or cut off: forget). worker -> [(attempt key, attempt start)]
@@ -168,6 +169,7 @@ class Scheduler:
         read below includes every committed command."""
         log.info("node %s: became leader", self.node_id)
         self.leader_since = now
+        self._missing = {}
         with self._lock:
             self._assigning.clear()
             self._completing.clear()
@@ -282,8 +284,9 @@ class Scheduler:
             now, self.cfg.lease_s, max(2.5, 4 * self.cfg.heartbeat_s), self.leader_since,
             workers, tuple(d.RunningView(tid, chunk, worker, None, attempt, token, started)
                            for tid, chunk, attempt, token, worker, started in units),
-            self._requeue_recent))
+            self._requeue_recent, self._missing))
         self._requeue_recent = dict(actions.recent)
+        self._missing = dict(actions.missing)
         if actions.down:
             with self._lock:
                 for node_id in actions.down:

@@ -166,14 +166,26 @@ def test_requeue_dedup_proposes_an_attempt_once_per_memory(steps: list) -> None:
 
 
 def test_a_worker_that_does_not_run_its_unit_loses_it_after_the_grace() -> None:
-    w = d.WorkerView("a", 1, last_seen=100.0, last_seen_wall=1003.0, running=frozenset())
-    run = (d.RunningView("t", -1, "a", 0, 1, 7, started_at=1000.0),)
-    early = d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 50.0, (w,), run))
+    """Judged on the leader's clock alone: the unit's started_at (another leader's
+    wall clock, here far in the future) plays no part."""
+    run = (d.RunningView("t", -1, "a", 0, 1, 7, started_at=1e9),)
+    seen_at = d.WorkerView("a", 1, last_seen=97.0, running=frozenset())
+    first = d.expired_leases(d.LeaseView(97.0, 5.0, 2.5, 50.0, (seen_at,), run))
+    assert not first.requeue and dict(first.missing) == {("t", -1, 1, 7): 97.0}
+    # Still missing in a heartbeat within the grace: kept; after it: requeued.
+    within = d.WorkerView("a", 1, last_seen=99.5, running=frozenset())
+    out = d.expired_leases(d.LeaseView(99.5, 5.0, 2.5, 50.0, (within,), run, {}, first.missing))
+    assert not out.requeue and out.missing == first.missing
+    w = d.WorkerView("a", 1, last_seen=100.0, running=frozenset())
+    early = d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 50.0, (w,), run, {}, first.missing))
     assert [r.reason for r in early.requeue] == ["worker a is not running it"]
-    fresh = d.WorkerView("a", 1, last_seen=100.0, last_seen_wall=1002.0)
-    assert not d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 50.0, (fresh,), run)).requeue
+    # Reported again: forgotten.
+    back = d.WorkerView("a", 1, last_seen=100.0, running=frozenset({("t", -1, 1, 7)}))
+    assert not d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 50.0, (back,), run, {},
+                                            first.missing)).missing
     # A new leader gives workers the grace before judging them.
-    assert not d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 98.0, (w,), run)).requeue
+    assert not d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 98.0, (w,), run, {},
+                                            first.missing)).requeue
     # A worker unknown to the leader loses its units once the leader has led a lease.
     assert not d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 96.0, (), run)).requeue
     unknown = d.expired_leases(d.LeaseView(100.0, 5.0, 2.5, 94.0, (), run))

@@ -70,6 +70,7 @@ class LeaderSide:
         now = self.world.now
         self.leading_term = term
         self.leader_since = now
+        self.lease_missing: dict = {}
         self.minority_since = None
         self.assigning.clear()
         self.completing.clear()
@@ -225,8 +226,9 @@ class LeaderSide:
             tuple(w.view() for w in self.workers.values()),
             tuple(d.RunningView(tid, chunk, worker, None, attempt, token, started)
                   for tid, chunk, attempt, token, worker, started in s.running_units()),
-            self.requeue_recent))
+            self.requeue_recent, self.lease_missing))
         self.requeue_recent = dict(actions.recent)
+        self.lease_missing = dict(actions.missing)
         for node_id in actions.down:
             self.workers[node_id].down = True
         if not actions.requeue:

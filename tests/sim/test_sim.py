@@ -49,24 +49,6 @@ class Known:
 
 
 KNOWN: dict[str, Known] = {
-    # A worker that restarts (or misses a Dispatch) while its unit is running is
-    # seen "not running it" only once the leader's wall clock passes the unit's
-    # started_at + grace. started_at is the assigning leader's wall clock: when the
-    # current leader's clock is behind it (a clock jump, or skew between two
-    # leaders), the unit stays "running" for as long as the difference, holding a
-    # slot and its task. decisions.expired_leases compares WorkerView.last_seen_wall
-    # with RunningView.started_at; it should compare times on one clock (the
-    # leader's monotonic time of the first heartbeat after it knew of the unit).
-    "lease-wall-clock": Known("lost unit not requeued", "needs its wall clock past", 95,
-                              "node/decisions.py expired_leases"),
-    # The same comparison the other way: when the worker's last heartbeat was
-    # recorded on a wall clock ahead of the one that stamped the unit's start (the
-    # leader's clock jumped back in between, or another leader assigned it), units
-    # are requeued as "not running it" while they are on their way to (or waiting
-    # at) a live worker, which keeps them: they run twice, burn attempts
-    # (MAX_LOST_ATTEMPTS ends a task failed) and fill the worker beyond its slots.
-    "lease-wall-clock-ahead": Known("bounded queues", "while this worker held them", 1616,
-                                    "node/decisions.py expired_leases"),
     # A hold's floor stops planning below the urgent priority until the urgent task
     # is queued; plan_round lifts it as soon as any unit at or above that priority
     # is queued (a retry, another task), before the held-for submit has committed.
@@ -96,7 +78,7 @@ KNOWN: dict[str, Known] = {
     # difference. Deciding "a retry is due" on the leader's monotonic clock (and
     # proposing its release) would not depend on wall clocks agreeing.
     "retry-wall-clock": Known("never ended", "waits for the leader's wall clock to pass",
-                              296, "consensus/state.py _advance (delayed retries) and the "
+                              249, "consensus/state.py _advance (delayed retries) and the "
                               "leader, which proposes nothing to release them"),
     # A unit whose assignment ends while its worker still holds it (its task was
     # cancelled, a sibling chunk failed, it was requeued) frees its slot in the
