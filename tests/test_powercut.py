@@ -160,6 +160,6 @@ def test_power_cuts_lose_no_acknowledged_task(tmp_path: Path) -> None:
 @needs_fuse
 def test_without_fsync_a_power_cut_loses_acknowledged_tasks(tmp_path: Path) -> None:
     stopped: list[str] = []
-    acked, lost = _cut_loop(tmp_path, "never", max(CUTS, 3), SEED, stopped)
+    _, lost = _cut_loop(tmp_path, "never", max(CUTS, 3), SEED, stopped)
     print(f"  without fsync: tasks lost per cut {lost}; nodes that lost their state: {stopped}")
     assert sum(lost) > 0, "the loop could not see a loss even without fsync"
