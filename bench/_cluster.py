@@ -39,7 +39,7 @@ class BenchCluster:
                     "--http-port", str(ports[2 * n + i]), "--voters", voters,
                     "--data-dir", os.path.join(self.dir, f"node-{i}"), "--slots", str(slots),
                     *(extra or [])]
-            log = open(os.path.join(self.dir, f"node-{i}.log"), "ab")
+            log = open(os.path.join(self.dir, f"node-{i}.log"), "ab")  # noqa: SIM115 (closed by the caller)
             self.argvs.append(argv)
             self.logs.append(log)
             self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log))
@@ -80,4 +80,5 @@ class BenchCluster:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
-        subprocess.run(["pkill", "-9", "-f", f"taskandgo.node.callworker"], check=False)
+        # Each node's call workers and task processes end with it, even after a kill -9
+        # (they hold its lifeline: node/executor.py, Lifeline).

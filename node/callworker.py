@@ -9,6 +9,11 @@ plus ``"retire": true`` when this process must not run another call, and ``"fres
 true`` when the call did not run and a fresh process should be asked instead). Anything
 the callable prints goes to stderr, so it cannot corrupt the protocol.
 
+The process ends when its node does: an idle worker reads EOF on stdin and returns, and
+a busy one is killed with its process group (whatever the callable started) by the
+node's lifeline watcher, through the inherited fd of the lifeline pipe (see
+:class:`taskandgo.node.executor.Lifeline`; never close fds this process did not open).
+
 What may be called (checked here on every call, whatever the node checked before):
 
 - ``module:function``; every part of ``module`` and ``function`` is an ASCII identifier
