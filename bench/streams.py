@@ -2,7 +2,7 @@
 
     python bench/streams.py [--attempts 0,40,500] [--calls 10] [-- NODE FLAGS...]
 
-Starts a 3-node cluster on 127.0.0.1 (tests/cluster.py), then for each number of
+Starts a 3-node cluster on 127.0.0.1 (tests/support/harness.py), then for each number of
 stream attempts K: opens K WatchTasks streams to the leader (50 per channel), waits
 until every attempt is either refused or open, and measures from another channel
 GetNodeStatus and SubmitTasks (deadline 5 s each: a timeout counts as 5 s) and the
@@ -21,9 +21,9 @@ from pathlib import Path
 
 import grpc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
-from cluster import Cluster
+from harness import Cluster
 from taskandgo.node.client import make_channel
 from taskandgo.protos import taskandgo_pb2 as pb
 from taskandgo.protos import taskandgo_pb2_grpc as pb_grpc

@@ -42,7 +42,7 @@ SNAPSHOT_VERSION = 1
 #: Replicated methods in the order PySyncObj numbers them (sorted by name within a
 #: code version). Journals store these numbers, so a new command must sort after the
 #: last one here or every journal on disk would replay the wrong methods;
-#: tests/test_upgrade.py pins this list.
+#: tests/cluster/test_upgrade.py pins this list.
 COMMAND_IDS = ("assign", "cancel", "compact", "complete", "requeue", "submit", "verify")
 
 #: What this release's state machine understands, reported in heartbeats. The leader
@@ -376,7 +376,7 @@ class SafeSyncObj(SyncObj):
         the snapshot is newer than the journal's start; PySyncObj then throws the whole
         journal away and keeps the snapshot's two entries, losing every entry after the
         snapshot, acknowledged ones included (a majority doing this at once loses
-        committed tasks: seen in tests/test_powercut.py). Entries are matched by index
+        committed tasks: seen in tests/cluster/test_powercut.py). Entries are matched by index
         and term, which identify a Raft entry."""
         log_ = self._SyncObj__raftLog
         n = len(log_)

@@ -2,7 +2,7 @@
 
 Run ``python protos/generate.py`` after editing a .proto file (needs grpcio-tools,
 from the ``dev`` extra). The generated ``*_pb2*.py`` files are committed and never
-edited by hand; ``tests/test_protos.py`` fails when they are out of date.
+edited by hand; ``tests/unit/test_protos.py`` fails when they are out of date.
 
 The .proto files are compiled as if they lived at ``taskandgo/protos/`` so the
 generated gRPC modules import their messages as ``taskandgo.protos.X_pb2``.

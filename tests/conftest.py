@@ -6,9 +6,12 @@ from typing import Iterator
 
 import pytest
 
+# tests/ for `from conftest import ...`; tests/support for the shared helpers (harness,
+# tasklib, netns, ...), imported by plain module name from every test directory.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
-from cluster import Cluster, serve  # noqa: E402
+from harness import Cluster, serve  # noqa: E402
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -1,0 +1,167 @@
+"""The dashboard in a real browser: Debian's headless Chromium, driven by Playwright
+(never a downloaded browser), against a 3-node cluster on loopback. The page is
+opened on a follower, so it survives the leader's kill -9.
+
+Chromium comes from the Debian package ``chromium``: the test installs it with
+apt-get when it runs as root and it is missing, and skips (saying why) otherwise.
+Screenshots land in ``test-artifacts/`` (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Cluster, wait_for
+
+pytestmark = pytest.mark.cluster
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+#: Headless, no GPU, nothing fetched from the network by the browser itself.
+#: (Playwright passes --headless and the fresh --user-data-dir itself.)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+UI_TIMEOUT_MS = 20_000
+
+
+def _apt_install_chromium() -> str:
+    """Install Debian's chromium as root; return why not, or "" on success."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        return "not root"
+    if not shutil.which("apt-get"):
+        return "no apt-get"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for step in (["apt-get", "install", "-y", "chromium"],
+                 ["apt-get", "update"], ["apt-get", "install", "-y", "chromium"]):
+        res = subprocess.run(step, capture_output=True, text=True, timeout=900, env=env,
+                             check=False)
+        if step[1] == "install" and res.returncode == 0 and os.path.exists(CHROMIUM):
+            return ""
+    return f"apt-get install chromium failed: {res.stderr.strip()[-300:]}"
+
+
+def _chromium() -> str:
+    if not os.path.exists(CHROMIUM):
+        why = _apt_install_chromium()
+        if why:
+            pytest.skip(f"needs Debian's chromium at {CHROMIUM} ({why}); "
+                        "install it with: apt-get install -y chromium")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="module")
+def page(cluster3: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The dashboard of a follower, open in headless Chromium; page errors fail."""
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="needs the playwright package (pip install playwright)")
+    executable = _chromium()
+    leader = cluster3.leader_index()
+    follower = next(i for i in range(cluster3.n) if i != leader)
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")), executable_path=executable,
+            headless=True, args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000},
+            # Playwright's polling wait_for_function evaluates strings in the page; the
+            # node's CSP rightly forbids eval (tests/cluster/test_http_hardening.py checks the CSP).
+            bypass_csp=True)
+        try:
+            pg = context.new_page()
+            errors: list[str] = []
+            pg.on("pageerror", lambda exc: errors.append(str(exc)))
+            pg.set_default_timeout(UI_TIMEOUT_MS)
+            pg.goto(cluster3.http(follower) + "/")
+            pg.evaluate("window.notReloaded = true")
+            yield pg
+            assert not errors, f"JavaScript errors on the page: {errors}"
+        finally:
+            context.close()
+
+
+def _screenshot(page: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+def test_dashboard_lists_every_node_and_one_leader(cluster3: Cluster, page: Any) -> None:
+    page.wait_for_function(
+        "document.querySelectorAll('#nodes tr[data-role]:not([data-role=unreachable])')"
+        ".length === 3")
+    rows = page.eval_on_selector_all(
+        "#nodes tr", "rows => rows.map(r => [r.dataset.node, r.dataset.role])")
+    assert sorted(n for n, _ in rows) == ["node-0", "node-1", "node-2"]
+    leaders = [n for n, role in rows if role == "leader"]
+    assert leaders == [f"node-{cluster3.leader_index()}"]
+    assert page.inner_text("#leader") == leaders[0]
+    assert page.inner_text("#nodes tr[data-role=leader] .health").strip() == "ready"
+    page.wait_for_function("document.querySelector('#conn').textContent.includes('live')")
+
+
+def test_task_submitted_through_the_form_reaches_succeeded_without_a_reload(
+        cluster3: Cluster, page: Any) -> None:
+    page.fill("textarea[name=data]",
+              "sh: sleep 0.5; echo chunk $TASKANDGO_CHUNK_INDEX of $TASKANDGO_CHUNK_COUNT")
+    page.select_option("select[name=priority]", "high")
+    page.select_option("select[name=strategy]", "split")
+    page.fill("input[name=shards]", "6")
+    page.click("#submit-form button[type=submit]")
+    page.wait_for_selector("#submitted-id")
+    task_id = page.inner_text("#submitted-id")
+    row = f'#tasks tr[data-task-id="{task_id}"]'
+    page.wait_for_selector(row)
+    page.wait_for_selector(f'{row}[data-status="succeeded"]')
+    assert page.evaluate("window.notReloaded === true"), "the page was reloaded"
+    assert "6/6" in page.inner_text(f"{row} .progress")
+    with cluster3.client() as c:
+        task = c.get(task_id)
+    assert task["status"] == "succeeded" and task["chunk_count"] == 6
+    assert task["priority_name"] == "high"
+
+    # Live: a task submitted elsewhere shows up from the event stream, well before
+    # the page's slow periodic refresh would fetch it.
+    with cluster3.client() as c:
+        other = c.submit("python: print('from the API')", strategy="batch")
+        accepted = time.monotonic()
+    page.wait_for_selector(f'#tasks tr[data-task-id="{other}"]')
+    assert time.monotonic() - accepted < 2.5, "the page did not update from the event stream"
+    page.wait_for_selector(f'#tasks tr[data-task-id="{other}"][data-status="succeeded"]')
+    # Free slots and running sets come with the workers' heartbeats, after the
+    # results: the page catches up without a reload too.
+    page.wait_for_function("[...document.querySelectorAll('#nodes td.runs')]"
+                           ".every(td => td.textContent === '–')")
+    page.click(f"{row} button.toggle")
+    page.wait_for_selector(f'#tasks tr[data-chunks-of="{task_id}"] tr[data-chunk="5"]')
+    _screenshot(page, "dashboard.png")
+
+
+def test_page_shows_the_new_leader_after_the_leader_is_killed(
+        cluster3: Cluster, page: Any) -> None:
+    old = cluster3.leader_index()
+    assert old is not None
+    cluster3.kill(old)  # kill -9
+
+    def new_leader() -> str | None:
+        i = cluster3.leader_index()
+        return f"node-{i}" if i not in (None, old) else None
+
+    leader = wait_for(new_leader, 30, "a new leader")
+    page.wait_for_function(
+        """([leader, dead]) => {
+             const rows = [...document.querySelectorAll('#nodes tr')];
+             const leaders = rows.filter(r => r.dataset.role === 'leader');
+             return document.querySelector('#leader').textContent === leader
+               && leaders.length === 1 && leaders[0].dataset.node === leader
+               && rows.some(r => r.dataset.node === dead && r.dataset.role === 'unreachable');
+           }""", arg=[leader, f"node-{old}"])
+    assert page.evaluate("window.notReloaded === true")
+    _screenshot(page, "dashboard-after-leader-kill.png")
