@@ -613,6 +613,22 @@ class Raft:
     def is_leader(self) -> bool:
         return bool(self.syncobj._isLeader())
 
+    def quorum_age_s(self) -> float:
+        """On the leader: how long ago a majority of the voters (itself included)
+        last answered it (0 in a one-voter cluster); ``inf`` on other nodes. A
+        leader cut off from a majority keeps believing it leads for up to
+        leader_fallback_s; this is how long it has been leading on its own."""
+        o = self.syncobj
+        if not o._isLeader():
+            return float("inf")
+        from pysyncobj.monotonic import monotonic
+
+        now = monotonic()
+        others = list(o._SyncObj__otherNodes)
+        seen = o._SyncObj__lastResponseTime
+        times = sorted([now] + [seen.get(n, 0.0) for n in others], reverse=True)
+        return max(0.0, now - times[(len(others) + 1) // 2])
+
     def leader(self) -> str | None:
         leader = self.syncobj._getLeader()
         return None if leader is None else str(leader.address if hasattr(leader, "address")

@@ -110,7 +110,7 @@ class NodeApp:
         self.peers = Peers(cfg, self.peer_auth)
         self.worker = WorkerSide(cfg, self.executor, self.replica, self.bus, self.peers,
                                  self._stop,
-                                 report_local=lambda rs: self.scheduler.accept_results(rs),
+                                 report_local=lambda rs: self.scheduler.accept_own_results(rs),
                                  guard=self._guard)
         self.dispatcher = Dispatcher(cfg.node_id, self.replica, self.peers, self._stop,
                                      address_of=lambda w: self.scheduler.address_of(w),

@@ -16,11 +16,12 @@ the simulator imports them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from taskandgo.strategies import Assignment, QueuedUnit, Worker, plan
+from taskandgo.strategies.planner import SPLIT
 
 #: (task_id, chunk): one unit of work (chunk -1 is a whole task).
 UnitKey = tuple[str, int]
@@ -112,7 +113,9 @@ class PlanView:
     :func:`queue_depth_needed` units of it, or all). ``queued_priorities``: every
     priority with a queued unit. ``running``: every running unit. ``completing``:
     (task_id, chunk, worker) of units whose result is being committed (they no
-    longer hold a slot)."""
+    longer hold a slot). ``held``: per worker, how many attempts it still holds
+    that are no longer its to run (see :func:`stale_held`); each holds a slot
+    until the worker drops it."""
 
     now: float
     workers: tuple[WorkerView, ...]
@@ -124,6 +127,7 @@ class PlanView:
     floor: Floor | None = None
     run_ewma: float | None = None
     prefetch_work_s: float = PREFETCH_WORK_S
+    held: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -211,11 +215,11 @@ def free_slots(view: PlanView) -> tuple[Worker, ...]:
     """Every live worker with the units it can take now: its slots, plus its
     prefetch window while every queued and running unit has one priority (then no
     unit can start ahead of a more urgent one; a more urgent submit has the windows
-    handed back first), minus the units it holds (running and not completing) and
-    the units proposed to it."""
+    handed back first), minus the units it holds (running and not completing, and
+    ended attempts it has not dropped yet: ``held``) and the units proposed to it."""
     # Called on every planning round with every running unit: plain dict counts
     # and positional fields (RunningView is a tuple) keep it cheap.
-    busy: dict[str, int] = {}
+    busy: dict[str, int] = dict(view.held)
     prios = set(view.queued_priorities)
     completing = view.completing
     for r in view.running:
@@ -259,9 +263,16 @@ def plan_round(view: PlanView) -> PlanActions:
         return PlanActions((), lifted)
     pending_keys = {(p.task_id, p.chunk) for p in view.in_flight}
     pending_tasks = {p.task_id for p in view.in_flight}
-    units = [u for u in view.queued
-             if (u.task_id, u.chunk) not in pending_keys
-             and not (u.chunk == -1 and u.task_id in pending_tasks)]
+    units = []
+    for u in view.queued:
+        if u.chunk == -1 and u.task_id in pending_tasks:
+            if u.strategy == SPLIT:
+                # Its cut is in flight: once applied, the cut queues its other
+                # chunks here, ahead of everything after it. Plan no further.
+                break
+            continue
+        if (u.task_id, u.chunk) not in pending_keys:
+            units.append(u)
     if floor is not None and any(p >= floor.priority for p in view.queued_priorities):
         # The urgent task is queued: priority order takes it from here.
         lifted = True
@@ -343,6 +354,54 @@ def units_to_kill(node_id: str, reported: Iterable[AttemptKey],
                 continue
             out.append(key)
     return tuple(out)
+
+
+def stale_held(node_id: str, reported: Iterable[AttemptKey], running: Mapping[UnitKey, str],
+               unit: Callable[[UnitKey], ReplicaUnit | None]) -> int:
+    """How many of the attempts a worker last reported holding are no longer its to
+    run, yet hold one of its slots until it drops them (when its next heartbeat is
+    answered with a kill): its units cancelled, requeued or given to another
+    worker, and older attempts of a unit it now runs again. An attempt whose
+    result is committed is not counted (the worker was done with it).
+    ``running``: the replica's unit -> worker; ``unit`` looks a unit up (called
+    only for reported units not running on this worker)."""
+    n = 0
+    mine: set[UnitKey] = set()
+    for tid, chunk, _attempt, token in reported:
+        key = (tid, chunk)
+        if running.get(key) == node_id:
+            if key in mine:
+                n += 1  # two attempts of one unit: one of them is over
+            mine.add(key)
+            continue
+        u = unit(key)
+        if u is not None and u.token == token and u.status in ("succeeded", "failed"):
+            continue
+        n += 1
+    return n
+
+
+def due_retry_tick(delayed: Mapping[UnitKey, float], replicated_now: float,
+                   seen: Mapping[UnitKey, tuple[float, float]],
+                   now: float) -> tuple[float | None, dict[UnitKey, tuple[float, float]]]:
+    """When to release retries waiting for their backoff, on the leader's own clock.
+
+    The replica releases a retry once its replicated clock (the latest wall-clock
+    time any command carried) passes the retry's due time; a leader whose wall
+    clock is behind that would leave it waiting for the difference. So the leader
+    notes, the first time it sees each waiting retry, ``now`` and how long it
+    still has to wait by the replicated clock; once that long has passed on its
+    own clock, it proposes a command carrying the due time (the returned value,
+    the latest due time among the ripe ones; None: nothing is due). Returns that
+    and the notes to keep (for the retries still waiting)."""
+    kept: dict[UnitKey, tuple[float, float]] = {}
+    tick: float | None = None
+    for key, due in delayed.items():
+        first, wait = seen.get(key) or (now, max(0.0, due - replicated_now))
+        kept[key] = (first, wait)
+        if now - first >= wait:
+            tick = due if tick is None else max(tick, due)
+    return tick, kept
 
 
 # ---------------------------------------------------------------------- holds
@@ -445,6 +504,7 @@ __all__ = [
     "completion_results",
     "current_floor",
     "dedupe_requeues",
+    "due_retry_tick",
     "expired_leases",
     "free_slots",
     "hold_floor",
@@ -457,6 +517,7 @@ __all__ = [
     "retry_backoff_s",
     "run_time_s",
     "should_flush",
+    "stale_held",
     "units_to_kill",
     "update_run_ewma",
     "window",

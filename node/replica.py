@@ -107,6 +107,13 @@ class Replica:
     def is_leader(self) -> bool:
         return self.raft is not None and self.fatal is None and self.raft.is_leader()
 
+    def quorum_age_s(self) -> float:
+        """See RaftNode.quorum_age_s (``inf`` when this node does not lead)."""
+        if not self.is_leader():
+            return float("inf")
+        assert self.raft is not None
+        return self.raft.quorum_age_s()
+
     def leader_address(self) -> str | None:
         """The Raft address of the leader this voter knows (None on non-voters)."""
         return self.raft.leader() if self.raft is not None else None

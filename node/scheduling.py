@@ -72,6 +72,15 @@ class WorkerInfo:
                             self.last_seen_wall, self.accepting, self.down, self.running)
 
 
+def _unit_of(s: SchedulerState) -> Callable[[d.UnitKey], d.ReplicaUnit | None]:
+    """Look a unit up in the replica, as decisions.ReplicaUnit (under its lock)."""
+    def unit(key: d.UnitKey) -> d.ReplicaUnit | None:
+        t = s.tasks.get(key[0])
+        u = t.unit_at(key[1]) if t is not None else None
+        return None if u is None else d.ReplicaUnit(u.status, u.token, s.running.get(key))
+    return unit
+
+
 class Scheduler:
     """The leader. Thread-safe; ``observe(name, seconds)`` records a metric."""
 
@@ -106,6 +115,7 @@ class Scheduler:
         self._complete_inflight = 0
         self._requeue_recent: dict[d.AttemptKey, float] = {}
         self._missing: dict[d.AttemptKey, float] = {}  # see decisions.LeaseView
+        self._retry_seen: dict[d.UnitKey, tuple[float, float]] = {}  # see due_retry_tick
         # Poison rule: attempts requeued from a worker, kept until it is heard from
         # again: as a new process (it died running them: confirm) or the same one
         # (paused or cut off: forget). worker -> [(attempt key, attempt start)]
@@ -170,6 +180,7 @@ class Scheduler:
         log.info("node %s: became leader", self.node_id)
         self.leader_since = now
         self._missing = {}
+        self._retry_seen = {}
         with self._lock:
             self._assigning.clear()
             self._completing.clear()
@@ -205,6 +216,7 @@ class Scheduler:
             in_flight = tuple(d.InFlight(t, c, w) for units in self._assigning.values()
                               for t, c, w in units)
             completing = frozenset((t, c, w) for (t, c), w in self._completing.items())
+            reported = [(w.node_id, w.running) for w in live if w.running]
             floor = self._floor
         base = d.PlanView(now, live, in_flight=in_flight, completing=completing, floor=floor,
                           run_ewma=self._run_ewma)
@@ -214,18 +226,20 @@ class Scheduler:
         # replica's lock is held about as long as the tick thread can afford. What
         # applies in between only frees slots or adds in-flight units already
         # counted, so the second read never lets a worker take more than it has.
-        def running(s: SchedulerState) -> tuple[list, frozenset[int]]:
+        def running(s: SchedulerState) -> tuple[list, frozenset[int], dict[str, int]]:
             tasks = s.tasks
             rows = []
             for (tid, chunk), w in s.running.items():
                 t = tasks.get(tid)
                 rows.append((tid, chunk, w, t.priority if t is not None else None, 0, 0, 0.0))
-            return rows, frozenset(s.queued_by_priority)
+            held = {node: n for node, units in reported
+                    if (n := d.stale_held(node, units, s.running, _unit_of(s)))}
+            return rows, frozenset(s.queued_by_priority), held
 
-        rows, prios = self.replica.read(running)
+        rows, prios, held = self.replica.read(running)
         make = tuple.__new__
         view = replace(base, running=tuple(make(d.RunningView, r) for r in rows),
-                       queued_priorities=prios)
+                       queued_priorities=prios, held=held)
         depth = d.queue_depth_needed(view)
         if depth:
             # With the queue's priorities as of this read: an urgent unit queued
@@ -276,8 +290,14 @@ class Scheduler:
         """Requeue units whose worker is gone (no heartbeat within the lease) or
         that a live worker does not run (a dispatch that never arrived)."""
         assert self.leader_since is not None
-        units = self.replica.read(lambda s: s.running_units())
+        units, delayed, replicated_now = self.replica.read(
+            lambda s: (s.running_units(), dict(s.delayed), s.now))
         wall = time.time()
+        tick, self._retry_seen = d.due_retry_tick(delayed, replicated_now, self._retry_seen, now)
+        if tick is not None and tick > replicated_now:
+            # A retry is due by this leader's clock but not yet by the replicated
+            # one (this node's wall clock is behind it): move the replicated clock.
+            self.replica.send("requeue", [], max(tick, wall), "")
         with self._lock:
             workers = tuple(w.view() for w in self.workers.values())
         actions = d.expired_leases(d.LeaseView(
@@ -396,14 +416,26 @@ class Scheduler:
 
     def accept_peer_results(self, results: list[dict[str, Any]],
                             peer: PeerIdentity) -> tuple[bool, int]:
-        """Leader side of ReportResults from a peer: only results for units assigned
-        to that peer are committed (each recorded as run by it); the others are
-        dropped and counted. Returns (committed, how many were refused); not
-        committed (False) when this node does not lead, so the peer retries."""
+        """Leader side of ReportResults from a peer: see :meth:`accept_from`."""
+        return self.accept_from(peer.node_id, results)
+
+    def accept_own_results(self, results: list[dict[str, Any]]) -> bool:
+        """This node's own worker side reporting to its leader side."""
+        return self.accept_from(self.node_id, results)[0]
+
+    def accept_from(self, node_id: str, results: list[dict[str, Any]]) -> tuple[bool, int]:
+        """Commit results reported by ``node_id``: only those of the attempt it runs
+        now (the unit is running on it with that token), each recorded as run by
+        it; the others are dropped and counted. A late result of an older attempt
+        (killed, or requeued and given to the same worker again) would be refused
+        when applied, and meanwhile would count the newer attempt's slot free
+        (_completing is keyed by unit). Returns (committed, how many were refused);
+        not committed (False) when this node does not lead, so the worker retries."""
         if not self.replica.is_leader() or not self.ready:
             return False, 0
 
         def mine(s: SchedulerState) -> list[bool]:
+            unit = _unit_of(s)
             out = []
             for r in results:
                 try:
@@ -411,15 +443,16 @@ class Scheduler:
                 except (KeyError, TypeError, ValueError):
                     out.append(False)
                     continue
-                out.append(s.running.get(key) == peer.node_id)
+                u = unit(key)
+                out.append(u is not None and u.worker == node_id and u.token == r.get("token"))
             return out
 
         flags = self.replica.read(mine)
-        ok = [dict(r, node=peer.node_id) for r, f in zip(results, flags) if f]
+        ok = [dict(r, node=node_id) for r, f in zip(results, flags) if f]
         refused = len(results) - len(ok)
         if refused:
-            log.info("node %s: dropped %d result(s) from %s for units not assigned to it",
-                     self.node_id, refused, peer.node_id)
+            log.info("node %s: dropped %d result(s) from %s for attempts not assigned to it",
+                     self.node_id, refused, node_id)
         if not ok:
             return True, refused
         return self.accept_results(ok), refused
@@ -548,13 +581,8 @@ class Scheduler:
             return []
 
         def units(s: SchedulerState) -> dict[d.UnitKey, d.ReplicaUnit | None]:
-            out: dict[d.UnitKey, d.ReplicaUnit | None] = {}
-            for tid, chunk, _attempt, _token in running:
-                t = s.tasks.get(tid)
-                unit = t.unit_at(chunk) if t is not None else None
-                out[(tid, chunk)] = None if unit is None else d.ReplicaUnit(
-                    unit.status, unit.token, s.running.get((tid, chunk)))
-            return out
+            unit = _unit_of(s)
+            return {(tid, chunk): unit((tid, chunk)) for tid, chunk, _a, _t in running}
 
         return list(d.units_to_kill(req.node_id, running, self.replica.read(units)))
 

@@ -67,11 +67,14 @@ class WorkerSide:
         self.held_back = 0
         self._unreported: dict[tuple, dict[str, Any]] = {}
         self._unreported_cond = threading.Condition()
+        self._lease_lost: set[tuple] = set()  # units stopped by _check_lease
         self.leader_grpc_hint: str | None = None
         self.leader_id_hint = ""
         # A nudge for the heartbeat loop when a Dispatch names a leader this node
         # has not heard of yet.
         self._heartbeat_wake = threading.Event()
+        #: When this node sent the last heartbeat a leader accepted (monotonic).
+        self.lease_from = time.monotonic()
         self._voter_grpc = {v.grpc for v in cfg.voters}
         self._proc = psutil.Process()
         self._proc.cpu_percent(None)
@@ -179,7 +182,14 @@ class WorkerSide:
             if self._stop.is_set():
                 return
             if self.replica.is_leader():
+                # The leader's own units are covered while a majority answers it: a
+                # leader cut off believes it leads for a while after another was
+                # elected, which requeues these units after a lease.
+                self.lease_from = time.monotonic() - self.replica.quorum_age_s()
+                self._check_lease(time.monotonic())
                 continue  # the leader loop records its own heartbeat
+            self._check_lease(time.monotonic())
+            sent = time.monotonic()
             req = self.heartbeat_request()
             for target in self.leader_targets()[:3]:
                 if target == self.cfg.grpc_address:
@@ -191,6 +201,7 @@ class WorkerSide:
                 except grpc.RpcError:
                     continue
                 if resp.accepted:
+                    self.lease_from = sent
                     self.leader_id_hint = resp.leader_id
                     self.leader_grpc_hint = target
                     self.kill([(u.task_id, u.chunk, u.attempt, u.token) for u in resp.kill])
@@ -198,10 +209,42 @@ class WorkerSide:
                 if resp.leader_grpc:
                     self.set_leader_hint(resp.leader_grpc)
 
+    def _check_lease(self, now: float) -> None:
+        """The worker's side of the lease. The leader requeues this node's units
+        once it has not heard from it for a lease (counted from when it received a
+        heartbeat, which is after this node sent it); so once a lease has passed
+        since this node sent the last heartbeat a leader accepted, its units may be
+        running elsewhere: stop them (their results would be refused). Results
+        already in hand are kept and reported."""
+        if now - self.lease_from <= self.cfg.lease_s:
+            return
+        keys = list(self.executor.active())
+        if keys:
+            log.warning("node %s: no leader accepted its heartbeat for %.1f s (the lease): "
+                        "stopping its %d unit(s), which the leader runs elsewhere",
+                        self.node_id, now - self.lease_from, len(keys))
+            with self._unreported_cond:
+                self._lease_lost.update(keys)
+                if len(self._lease_lost) > 10_000:  # bounded: a result comes for each
+                    self._lease_lost = set(keys)
+            self.executor.kill(keys)
+
     # ------------------------------------------------------------------ intake
 
     def run_local(self, works: list[Work]) -> int:
         """Units from this node's own leader (already checked against the replica)."""
+        return self._run(works)
+
+    def _run(self, works: list[Work]) -> int:
+        """Start (or queue) dispatched units. An older attempt of a unit this node
+        still holds is killed first: the newer one was assigned by a committed
+        command, so the older one's result would be refused anyway, and running
+        both would run the unit twice and hold one slot too many."""
+        newer = {(w.task_id, w.chunk): w.attempt for w in works}
+        older = [k for k in self.executor.active()
+                 if k[2] < newer.get((k[0], k[1]), -1)]
+        if older:
+            self.kill(older)
         return self.executor.dispatch(works)
 
     def handle_dispatch(self, req: peer_pb2.DispatchRequest,
@@ -224,7 +267,7 @@ class WorkerSide:
                 log.warning("node %s: refused %d dispatched unit(s) from %s that its replica "
                             "does not hold as assigned here", self.node_id, refused,
                             peer.node_id)
-            return self.executor.dispatch(works), refused
+            return self._run(works), refused
         works = []
         for a in req.assignments:
             try:
@@ -233,7 +276,7 @@ class WorkerSide:
                 payload = {"data": ""}
             works.append(Work(a.task_id, a.chunk, a.chunk_count, a.attempt, a.token, payload,
                               a.priority))
-        return self.executor.dispatch(works), 0
+        return self._run(works), 0
 
     def _replica_works(self, req: peer_pb2.DispatchRequest, deadline: float) -> list[Work]:
         """The dispatched units this voter's replica holds as running here with the
@@ -302,6 +345,13 @@ class WorkerSide:
         if self.handing_back and not result.get("ok"):
             result = dict(result, requeue=True, error="handed back: node shutting down")
         with self._unreported_cond:
+            if key in self._lease_lost:
+                # Stopped by the worker's lease: not the task's failure; if no leader
+                # has requeued it yet, this hands it back.
+                self._lease_lost.discard(key)
+                if not result.get("ok"):
+                    result = dict(result, requeue=True,
+                                  error="handed back: no leader heard from this node for a lease")
             self._unreported[key] = result
             self._unreported_cond.notify_all()
 

@@ -257,3 +257,68 @@ def test_a_unit_whose_result_is_being_committed_frees_its_slot() -> None:
     other = d.PlanView(0.0, (w,), nxt, frozenset({0}), run,
                        completing=frozenset({("done", -1, "b")}))
     assert d.plan_round(other).assignments == ()
+
+
+ATTEMPTS = st.tuples(st.sampled_from(["t1", "t2", "t3"]), st.integers(-1, 2),
+                     st.integers(1, 3), st.integers(1, 3))
+
+
+@given(st.lists(ATTEMPTS, max_size=8, unique=True),
+       st.dictionaries(st.tuples(st.sampled_from(["t1", "t2", "t3"]), st.integers(-1, 2)),
+                       st.sampled_from(["a", "b"]), max_size=6),
+       st.dictionaries(st.tuples(st.sampled_from(["t1", "t2", "t3"]), st.integers(-1, 2)),
+                       st.tuples(st.sampled_from(["queued", "running", "succeeded", "failed"]),
+                                 st.integers(1, 3)), max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_stale_held_counts_every_attempt_that_is_not_the_workers_to_run(
+        reported: list, running: dict, units: dict) -> None:
+    """Given what worker "a" reports holding and the replica, when the leader counts
+    the slots it still takes, then every reported attempt counts once except one per
+    unit the replica runs on "a" and those whose result is committed."""
+    def unit(key: d.UnitKey) -> d.ReplicaUnit | None:
+        u = units.get(key)
+        return None if u is None else d.ReplicaUnit(u[0], u[1], running.get(key))
+
+    n = d.stale_held("a", reported, running, unit)
+    mine = {(k[0], k[1]) for k in reported if running.get((k[0], k[1])) == "a"}
+    done = [k for k in reported if running.get((k[0], k[1])) != "a"
+            and (u := units.get((k[0], k[1]))) is not None and u[1] == k[3]
+            and u[0] in ("succeeded", "failed")]
+    assert n == len(reported) - len(mine) - len(done)
+    # ... and the planner gives the worker that many fewer units.
+    w = d.WorkerView("a", 3, 3)
+    queued = tuple(QueuedUnit(f"q{i}", -1, 0, "batch") for i in range(5))
+    view = d.PlanView(0.0, (w,), queued, frozenset({0}), held={"a": n})
+    assert len(d.plan_round(view).assignments) == max(0, 3 - n)
+
+
+@given(st.floats(0, 1e6), st.floats(-50, 50), st.floats(0, 100), st.floats(0, 1e5))
+@settings(max_examples=300, deadline=None)
+def test_a_retry_is_released_after_its_backoff_on_the_leaders_clock(
+        replicated_now: float, wait: float, after: float, now: float) -> None:
+    """Given a retry due ``wait`` seconds past the replicated clock, first seen by the
+    leader at ``now``, when ``after`` seconds pass on the leader's own clock, then it
+    is released exactly once that many seconds have passed (whatever wall clocks say),
+    by a command carrying its due time."""
+    due = replicated_now + wait
+    tick, seen = d.due_retry_tick({("t", 0): due}, replicated_now, {}, now)
+    assert (tick is not None) == (due - replicated_now <= 0)
+    assert seen[("t", 0)] == (now, max(0.0, due - replicated_now))
+    later = now + after
+    tick, _ = d.due_retry_tick({("t", 0): due}, replicated_now + 1e-3, seen, later)
+    assert (tick is not None) == (later - now >= max(0.0, due - replicated_now))
+    if tick is not None:
+        assert tick == due
+
+
+def test_plan_round_stops_at_a_split_task_being_cut_but_not_at_a_batch_task() -> None:
+    """Given a split task whose cut is in flight at the head of the queue, when the
+    leader plans, then nothing after it is planned; a batch task in flight is skipped."""
+    w = (d.WorkerView("a", 2),)
+    low = QueuedUnit("low", -1, 10, "batch")
+    split = d.PlanView(0.0, w, (QueuedUnit("hi", -1, 20, "split", shards=3), low),
+                       frozenset({20, 10}), in_flight=(d.InFlight("hi", 0, "a"),))
+    assert d.plan_round(split).assignments == ()
+    batch = d.PlanView(0.0, w, (QueuedUnit("hi", -1, 20, "batch"), low),
+                       frozenset({20, 10}), in_flight=(d.InFlight("hi", -1, "a"),))
+    assert [a.task_id for a in d.plan_round(batch).assignments] == ["low"]

@@ -71,6 +71,7 @@ class LeaderSide:
         self.leading_term = term
         self.leader_since = now
         self.lease_missing: dict = {}
+        self.retry_seen: dict = {}
         self.minority_since = None
         self.assigning.clear()
         self.completing.clear()
@@ -134,8 +135,10 @@ class LeaderSide:
         in_flight = tuple(d.InFlight(t, c, w) for units in self.assigning.values()
                           for t, c, w in units)
         floor = self.floor
+        held = {w.node_id: n for w in live if w.running
+                if (n := d.stale_held(w.node_id, w.running, s.running, self.replica_unit))}
         view = d.PlanView(
-            now, live, in_flight=in_flight,
+            now, live, in_flight=in_flight, held=held,
             completing=frozenset((t, c, w) for (t, c), w in self.completing.items()),
             floor=floor, run_ewma=self.run_ewma,
             running=tuple(d.RunningView(tid, chunk, w, t.priority if t is not None else None)
@@ -221,6 +224,10 @@ class LeaderSide:
         s = self.replica
         assert s is not None and self.leader_since is not None
         cfg = self.world.cfg
+        tick, self.retry_seen = d.due_retry_tick(s.delayed, s.now, self.retry_seen, now)
+        if tick is not None and tick > s.now:
+            self.world.trace(f"{self.id} moves the replicated clock to {tick:.2f} (a retry is due)")
+            self.propose("requeue", [], max(tick, self.wall()), "", callback=lambda *_: None)
         actions = d.expired_leases(d.LeaseView(
             now, cfg.lease_s, max(2.5, 4 * cfg.heartbeat_s), self.leader_since,
             tuple(w.view() for w in self.workers.values()),
@@ -253,13 +260,16 @@ class LeaderSide:
         w.down = False
         if not running or not self.leader_ready:
             return []
-        units: dict[d.UnitKey, d.ReplicaUnit | None] = {}
-        for tid, chunk, _attempt, _token in running:
-            t = s.tasks.get(tid)
-            unit = t.unit_at(chunk) if t is not None else None
-            units[(tid, chunk)] = None if unit is None else d.ReplicaUnit(
-                unit.status, unit.token, s.running.get((tid, chunk)))
+        units = {(tid, chunk): self.replica_unit((tid, chunk)) for tid, chunk, _a, _t in running}
         return list(d.units_to_kill(req["node_id"], running, units))
+
+    def replica_unit(self, key: d.UnitKey) -> d.ReplicaUnit | None:
+        """scheduling._unit_of: a unit of the replica as decisions.ReplicaUnit."""
+        s = self.replica
+        assert s is not None
+        t = s.tasks.get(key[0])
+        u = t.unit_at(key[1]) if t is not None else None
+        return None if u is None else d.ReplicaUnit(u.status, u.token, s.running.get(key))
 
     def handle_heartbeat(self, m: Msg) -> None:
         if not self.is_leader():
@@ -269,18 +279,25 @@ class LeaderSide:
         self.reply(m, {"accepted": True, "leader": self.id, "kill": kill})
 
     def handle_results(self, m: Msg) -> None:
-        """accept_peer_results: commit only results of units assigned to the sender."""
+        """accept_peer_results."""
+        self.accept_from(m.src, m.body["results"], lambda v: self.reply(m, v))
+
+    def accept_from(self, node_id: str, results: list[dict[str, Any]],
+                    reply: Callable[[Any], None]) -> None:
+        """Scheduler.accept_from: commit only results of the attempt the unit runs
+        now on the sender (running there with that token)."""
         if not self.is_leader() or not self.leader_ready:
-            self.reply(m, False)
+            reply(False)
             return
-        s = self.replica
-        assert s is not None
-        ok = [dict(r, node=m.src) for r in m.body["results"]
-              if s.running.get((r["task_id"], r["chunk"])) == m.src]
+        ok = []
+        for r in results:
+            u = self.replica_unit((r["task_id"], r["chunk"]))
+            if u is not None and u.worker == node_id and u.token == r["token"]:
+                ok.append(dict(r, node=node_id))
         if not ok:
-            self.reply(m, True)
+            reply(True)
             return
-        self.accept_results(ok, lambda v: self.reply(m, v))
+        self.accept_results(ok, reply)
 
     def accept_results(self, results: list[dict[str, Any]], reply: Callable[[Any], None]) -> None:
         """accept_results: True once committed, False if not leading or after 3 s."""

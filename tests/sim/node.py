@@ -70,6 +70,8 @@ class SimNode(WorkerSide, LeaderSide):
         self.hb_wait: Pending | None = None
         self.hb_try = 0
         self.hb_ok_at = self.world.now  # when a leader last accepted its heartbeat
+        self.lease_from = self.world.now  # when it sent the last accepted heartbeat
+        self.lease_lost: set = set()  # units stopped by check_lease
         self.report_next = 0.0
         self.report_wait: Pending | None = None
         self.report_try = 0
@@ -207,7 +209,12 @@ class SimNode(WorkerSide, LeaderSide):
         self.leader_fallback()
         self.run_executor()
         self.check_dispatches()
-        if not self.is_leader() and now >= self.hb_next and self.hb_wait is None:
+        if self.is_leader():
+            if self.world.log.reaches_majority(self.id):
+                self.lease_from = now
+            self.check_lease()
+        elif now >= self.hb_next and self.hb_wait is None:
+            self.check_lease()
             self.hb_next = now + self.world.cfg.heartbeat_s
             self.heartbeat()
         if self.unreported and self.report_wait is None and now >= self.report_next:

@@ -53,66 +53,23 @@ KNOWN: dict[str, Known] = {
     # is queued; plan_round lifts it as soon as any unit at or above that priority
     # is queued (a retry, another task), before the held-for submit has committed.
     # Lower units planned then into windows start after it is queued.
-    "floor-lifted-early": Known("priority", "was lifted before it expired", 1536,
+    "floor-lifted-early": Known("priority", "was lifted before it expired", 2585,
                                 "node/decisions.py plan_round (floor_lifted)"),
     # A submit holds lower units back only if its node's replica shows one running
     # (running_below) when it checks; otherwise there is no hold and no floor, and
     # until the submit commits the leader keeps planning lower units into prefetch
     # windows (assignments in flight at the check are not seen either). When a slot
     # frees, a lower unit starts from its window while the urgent task is queued.
-    "hold-skipped": Known("priority", "skipped the hold", 5650,
+    "hold-skipped": Known("priority", "skipped the hold", 61,
                           "node/submitting.py (running_below before the submit commits)"),
-    # A worker whose units are requeued while it is up and holds them (its
-    # heartbeats were lost for a lease, or the wall-clock check below) is given new
-    # attempts at once, often of the same units, while it still holds the old ones
-    # until a heartbeat answer says kill: it holds more than its slots and window,
-    # and runs units twice meanwhile.
-    "requeued-while-held": Known("bounded queues", "given back to it as new attempts", 6838,
-                                 "node/decisions.py free_slots (counts current units only) "
-                                 "and node/worker.py (keeps old attempts until killed)"),
-    # A failed attempt's retry is due at (the proposing leader's wall clock + its
-    # backoff), and is queued once the replicated clock (the largest wall-clock
-    # time any command carried) passes that. When the leader's clock is behind that
-    # (a clock jump back, or a new leader whose clock is behind the old one's), no
-    # command moves the replicated clock and the retry waits for as long as the
-    # difference. Deciding "a retry is due" on the leader's monotonic clock (and
-    # proposing its release) would not depend on wall clocks agreeing.
-    "retry-wall-clock": Known("never ended", "waits for the leader's wall clock to pass",
-                              249, "consensus/state.py _advance (delayed retries) and the "
-                              "leader, which proposes nothing to release them"),
-    # A unit whose assignment ends while its worker still holds it (its task was
-    # cancelled, a sibling chunk failed, it was requeued) frees its slot in the
-    # leader's plan at once, but the worker keeps it until its next heartbeat
-    # answer says kill. A unit planned into that slot waits behind it: a window
-    # the leader does not know of, which holds (sent only to workers with
-    # --prefetch) do not empty; when it starts, a more urgent task may be queued.
-    "stale-slot": Known("priority", "whose assignment had ended", 349,
-                        "node/decisions.py free_slots / node/scheduling.py (no Kill "
-                        "on cancel)"),
     # A unit that comes back to the queue (a failed attempt's retry falling due, a
     # requeue) does not hold back lower units already waiting in prefetch windows,
     # and a retry waiting for its backoff counts for no priority when the leader
     # sizes windows (free_slots sees queued and running units only). When a slot
     # frees, the window's lower unit starts while the returned unit is queued.
-    "requeue-no-hold": Known("priority", "no hold followed", 711,
+    "requeue-no-hold": Known("priority", "no hold followed", 1652,
                              "node/decisions.py free_slots (delayed retries) and "
                              "node/scheduling.py (no hold for a returning unit)"),
-    # The leader counts a unit's slot free while it commits a result for it, keyed
-    # by (task, chunk). A late result of an older attempt (killed, or lost in a
-    # partition and requeued) from the worker that now runs a newer attempt passes
-    # accept_peer_results' check (the unit is running on that worker) and frees the
-    # newer attempt's slot: the worker is given more units than it has slots and
-    # window. The check and the map should use the attempt and token.
-    "stale-result-frees-slot": Known("bounded queues", "keyed by unit, not by attempt", 18,
-                                     "node/scheduling.py accept_peer_results / _completing"),
-    # A worker keeps running its units when no leader accepts its heartbeats (cut
-    # off, or its heartbeats or their answers lost): the leader requeues them after
-    # the lease and another worker runs them, while the first still does, for as
-    # long as the unit runs. Nothing on the worker side bounds it by a lease: the
-    # worker could kill (or hand back) its units once no heartbeat has been
-    # accepted for a lease.
-    "no-worker-lease": Known("ran twice at once", "nothing stops a unit on a worker cut off",
-                             8, "node/worker.py (heartbeat loop: no lease on the worker)"),
 }
 
 
@@ -327,13 +284,11 @@ def test_invariant_can_fail(kind: str) -> None:
     pytest.fail(f"no schedule caught a planted {kind!r} defect (saw {dict(seen)})")
 
 
-@pytest.mark.xfail(strict=True, reason="known defect: node/decisions.py plan_round plans "
-                   "lower units past a split task whose cut is in flight")
 def test_plan_round_stops_at_a_split_task_being_cut() -> None:
     """Given a split task of priority 20 whose first assignment (the cut, chunk 0 of 3)
     is in flight and a queued task of priority 10, when the leader plans with one slot
     free, then it plans nothing: the cut will queue chunks 1 and 2, which come first.
-    (The simulator found this as a strict-priority violation; it is rare there.)"""
+    (The simulator found this as a strict-priority violation; it was rare there.)"""
     view = decisions.PlanView(
         0.0, (decisions.WorkerView("a", 2),),
         queued=(QueuedUnit("high", -1, 20, "split", shards=3),

@@ -70,7 +70,14 @@ class WorkerSide:
     id: str
 
     def dispatch_works(self, works: list[Work]) -> int:
-        """Executor.dispatch: queue units (a duplicate is ignored); start what fits."""
+        """WorkerSide._run + Executor.dispatch: kill older attempts of the units
+        dispatched, queue units (a duplicate is ignored); start what fits."""
+        newer = {(w.task_id, w.chunk): w.attempt for w in works}
+        older = [k for k in self.active if k[2] < newer.get((k[0], k[1]), -1)]
+        if older:
+            self.kill(older)
+            for k in older:
+                self.unreported.pop(k, None)
         n = 0
         for w in works:
             if w.key in self.active:
@@ -133,6 +140,10 @@ class WorkerSide:
             "ok": ok, "exit_code": 0 if ok else (-9 if run.cancelled else 1),
             "result": mark if ok else "", "error": "" if ok else "failed " + mark,
             "node": self.id, "started_at": run.started_wall, "finished_at": self.wall()}
+        if key in self.lease_lost:  # stopped by check_lease: handed back, not failed
+            self.lease_lost.discard(key)
+            if not ok:
+                self.unreported[key].update(requeue=True, error="handed back: lease")
 
     def kill(self, keys: list[UnitKey]) -> None:
         for key in keys:
@@ -168,6 +179,7 @@ class WorkerSide:
         if not targets:
             return
         target = targets[self.hb_try % len(targets)]
+        sent = self.world.now
 
         def done(resp: Any) -> None:
             self.hb_wait = None
@@ -181,6 +193,7 @@ class WorkerSide:
                     if run.started:
                         run.cut_off = max(run.cut_off, self.world.now - self.hb_ok_at)
                 self.hb_ok_at = self.world.now
+                self.lease_from = sent
                 if resp["kill"]:
                     self.kill(resp["kill"])
                     for k in resp["kill"]:
@@ -192,6 +205,18 @@ class WorkerSide:
         self.hb_wait = Pending(0.0, done)
         self.rpc(target, "heartbeat", self.heartbeat_request(),
                  max(0.5, self.world.cfg.heartbeat_s * 2), done)
+
+    def check_lease(self) -> None:
+        """WorkerSide._check_lease: once a lease has passed since this node sent the
+        last heartbeat a leader accepted, stop its units (results in hand are kept)."""
+        if self.world.now - self.lease_from <= self.world.cfg.lease_s:
+            return
+        keys = list(self.active)
+        if keys:
+            self.world.trace(f"{self.id} stops {len(keys)} unit(s): no heartbeat accepted "
+                             "for a lease")
+            self.lease_lost.update(keys)
+            self.kill(keys)
 
     def require_leader(self, peer: str) -> bool:
         return self.leader_grpc() == peer
@@ -270,7 +295,7 @@ class WorkerSide:
 
         self.report_wait = Pending(0.0, done)
         if self.is_leader():
-            self.accept_results(list(batch.values()), done)
+            self.accept_from(self.id, list(batch.values()), done)
             return
         targets = [t for t in self.leader_targets()[:3] if t != self.id]
         if not targets:
