@@ -113,7 +113,7 @@ class NodeApp:
                                  report_local=lambda rs: self.scheduler.accept_own_results(rs),
                                  guard=self._guard)
         self.dispatcher = Dispatcher(cfg.node_id, self.replica, self.peers, self._stop,
-                                     address_of=lambda w: self.scheduler.address_of(w),
+                                     address_of=lambda w: self.scheduler.table.address_of(w),
                                      run_local=self.worker.run_local, observe=self._observe,
                                      guard=self._guard)
         self.scheduler = Scheduler(cfg, self.replica, self.bus, self.worker, self.dispatcher,
@@ -342,7 +342,7 @@ class NodeApp:
             st.update(self.replica.status(include_digest))
             has_quorum = st.pop("has_quorum")
             lv = self.leader_voter()
-            st["leader_id"] = self.scheduler.voter_node_id(lv) if lv else ""
+            st["leader_id"] = self.scheduler.table.voter_node_id(lv) if lv else ""
             st["ready"] = lv is not None and has_quorum and self.fatal is None
         else:
             st["leader_id"] = self.worker.leader_id_hint

@@ -24,52 +24,25 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import grpc
 from taskandgo.consensus.state import SchedulerState, priority_name
 from taskandgo.node import decisions as d
-from taskandgo.node.config import NodeConfig, Voter
+from taskandgo.node.config import NodeConfig
 from taskandgo.node.dispatching import Dispatcher, Peers
 from taskandgo.node.events import EventBus, event
 from taskandgo.node.replica import Replica, Unavailable
-from taskandgo.node.security import Overloaded, PeerIdentity, PermissionDenied
+from taskandgo.node.security import PeerIdentity, PermissionDenied
 from taskandgo.node.worker import WorkerSide
+from taskandgo.node.worker_table import WorkerInfo, WorkerTable
 from taskandgo.protos import peer_pb2
 from taskandgo.strategies import QueuedUnit
 
 log = logging.getLogger("taskandgo.node")
 
 MAX_INFLIGHT_ASSIGNS = 3
-
-
-@dataclass
-class WorkerInfo:
-    """The leader's record of a worker, from its last heartbeat (under the lock)."""
-
-    node_id: str
-    grpc_address: str = ""
-    http_address: str = ""
-    raft_address: str = ""
-    voter: bool = False
-    slots: int = 0
-    capacity: int = 0
-    free_slots: int = 0
-    running: frozenset = frozenset()
-    cpu_percent: float = 0.0
-    memory_percent: float = 0.0
-    memory_rss: int = 0
-    accepting: bool = True
-    last_seen: float = 0.0  # monotonic, on the leader
-    last_seen_wall: float = 0.0
-    down: bool = False
-    raft_protocol: int = 0  # its release's RAFT_PROTOCOL (0: before 0.2)
-    started_at: float = 0.0  # its process's start (wall clock), from its heartbeats
-
-    def view(self) -> d.WorkerView:
-        return d.WorkerView(self.node_id, self.slots, self.capacity, self.last_seen,
-                            self.last_seen_wall, self.accepting, self.down, self.running)
 
 
 def _unit_of(s: SchedulerState) -> Callable[[d.UnitKey], d.ReplicaUnit | None]:
@@ -100,7 +73,8 @@ class Scheduler:
         self._guard = guard
         self._lock = threading.RLock()
         self._assign_cond = threading.Condition(self._lock)
-        self.workers: dict[str, WorkerInfo] = {}
+        self.table = WorkerTable(cfg, bus, worker, self._lock)
+        self.workers = self.table.workers  # the same dict, under the same lock
         self._wake = threading.Event()
         self.leader_since: float | None = None
         self.ready = False
@@ -148,7 +122,7 @@ class Scheduler:
                 self._last_leader = leader
                 v = self.replica.voter_at(leader)
                 self.bus.publish([event("leader", "changed" if v else "none",
-                                        self.voter_node_id(v) if v else "", at=time.time())])
+                                        self.table.voter_node_id(v) if v else "", at=time.time())])
             if not raft.is_leader():
                 if self.leader_since is not None:
                     log.info("node %s: no longer leader", self.node_id)
@@ -532,7 +506,7 @@ class Scheduler:
                 log.info("node %s: hold at a worker failed: %s", self.node_id, exc.code())
         return n
 
-    # ------------------------------------------------------------------ the worker table
+    # ------------------------------------------------------------------ heartbeats
 
     def handle_heartbeat(self, req: peer_pb2.HeartbeatRequest,
                          peer: PeerIdentity) -> peer_pb2.HeartbeatResponse:
@@ -545,7 +519,7 @@ class Scheduler:
         if not self.replica.is_leader():
             return peer_pb2.HeartbeatResponse(accepted=False,
                                               leader_grpc=self.worker.leader_grpc() or "")
-        self._admit_heartbeat(req, peer)
+        self.table.admit(req, peer)
         kill = self._record_heartbeat(req)
         return peer_pb2.HeartbeatResponse(accepted=True, leader_grpc=self.cfg.grpc_address,
                                           leader_id=self.node_id, kill=[
@@ -556,27 +530,11 @@ class Scheduler:
         its to run (cancelled, requeued, finished)."""
         running = frozenset((u.task_id, u.chunk, u.attempt, u.token) for u in req.running)
         with self._lock:
-            w = self.workers.get(req.node_id)
-            if w is None:
-                self._make_room(req.node_id)
-                w = self.workers[req.node_id] = WorkerInfo(req.node_id)
-                self.bus.publish([event("node", "up", req.node_id, at=time.time())])
-            w.grpc_address, w.http_address = req.grpc_address, req.http_address
-            w.raft_address, w.voter = req.raft_address, req.voter
-            w.slots, w.free_slots, w.running = req.slots, req.free_slots, running
-            w.capacity = req.capacity or req.slots
-            w.cpu_percent, w.memory_percent = req.cpu_percent, req.memory_percent
-            w.memory_rss, w.accepting = req.memory_rss, req.accepting
-            w.raft_protocol = req.raft_protocol
-            w.started_at = req.started_at
+            self.table.update(req)
             if req.node_id in self._lost_on:
                 self._heard_again(req.node_id)
             if req.voter and req.raft_address:
                 self.replica.note_voter_level(req.raft_address, req.raft_protocol)
-            w.last_seen, w.last_seen_wall = time.monotonic(), time.time()
-            if w.down:
-                w.down = False
-                self.bus.publish([event("node", "up", req.node_id, at=time.time())])
         if not running or not self.ready:
             return []
 
@@ -586,64 +544,6 @@ class Scheduler:
 
         return list(d.units_to_kill(req.node_id, running, self.replica.read(units)))
 
-    def _make_room(self, node_id: str) -> None:
-        """Under self._lock, before a new worker entry: keep the table within
-        --max-workers by forgetting nodes that are down (longest silent first); raise
-        Overloaded when every entry is live. This node always has room for itself."""
-        if len(self.workers) < self.cfg.max_workers or node_id == self.node_id:
-            return
-        down = sorted((w for w in self.workers.values() if w.down and w.node_id != self.node_id),
-                      key=lambda w: w.last_seen)
-        for w in down[:len(self.workers) - self.cfg.max_workers + 1]:
-            del self.workers[w.node_id]
-        if len(self.workers) >= self.cfg.max_workers:
-            raise Overloaded(f"the leader tracks {len(self.workers)} workers, the most "
-                             "--max-workers allows; retry later")
-
-    def _admit_heartbeat(self, req: peer_pb2.HeartbeatRequest, peer: PeerIdentity) -> None:
-        """Raise PermissionDenied unless the heartbeat is consistent with who sent it
-        and with the cluster: it names the caller's own node id and gRPC address; a
-        voter's addresses are a configured voter's (and only a voter may claim them);
-        no other live worker holds that address; it is not this node's identity."""
-        if req.node_id != peer.node_id or req.grpc_address != peer.grpc_address:
-            raise PermissionDenied(f"heartbeat for {req.node_id!r} at {req.grpc_address!r} "
-                                   f"sent by {peer.node_id!r} at {peer.grpc_address!r}")
-        if req.node_id == self.node_id or req.grpc_address == self.cfg.grpc_address:
-            raise PermissionDenied(f"heartbeat claims this node's identity ({req.node_id!r})")
-        voter = next((v for v in self.cfg.voters if v.grpc == req.grpc_address), None)
-        if (voter is not None) != bool(req.voter) or (
-                voter is not None and req.raft_address != voter.raft) or (
-                voter is None and req.raft_address):
-            raise PermissionDenied(f"heartbeat from {req.node_id!r}: voter={req.voter} at "
-                                   f"{req.grpc_address!r} / raft {req.raft_address!r} does not "
-                                   "match the configured voters")
-        with self._lock:
-            for w in self.workers.values():
-                if w.node_id != req.node_id and not w.down and (
-                        w.grpc_address == req.grpc_address
-                        or (req.raft_address and w.raft_address == req.raft_address)):
-                    raise PermissionDenied(f"heartbeat from {req.node_id!r}: address "
-                                           f"{req.grpc_address!r} belongs to live node "
-                                           f"{w.node_id!r}")
-
-    def address_of(self, node_id: str) -> str | None:
-        """A worker's gRPC address, None when the leader does not know it."""
-        with self._lock:
-            w = self.workers.get(node_id)
-            return w.grpc_address if w is not None else None
-
-    def voter_node_id(self, v: Voter) -> str:
-        own = self.cfg.self_voter
-        if own is not None and v.raft == own.raft:
-            return self.node_id
-        if self.worker.leader_id_hint and v.grpc == self.worker.leader_grpc_hint:
-            return self.worker.leader_id_hint
-        with self._lock:
-            for w in self.workers.values():
-                if w.raft_address == v.raft:
-                    return w.node_id
-        return v.grpc
-
     def cluster_status(self) -> dict[str, Any]:
         if not self.replica.is_leader():
             target = self.worker.leader_grpc()
@@ -651,31 +551,7 @@ class Scheduler:
                 raise Unavailable("no leader known")
             with self.peers.client([target], timeout_s=5.0) as c:
                 return c.cluster_status()
-        now = time.monotonic()
-        nodes = []
-        with self._lock:
-            known = list(self.workers.values())
-        seen_raft = {w.raft_address for w in known}
-        for w in known:
-            alive = now - w.last_seen < self.cfg.lease_s
-            nodes.append({
-                "id": w.node_id, "role": "leader" if w.node_id == self.node_id else
-                ("follower" if w.voter else "worker"),
-                "voter": w.voter, "grpc_address": w.grpc_address, "http_address": w.http_address,
-                "raft_address": w.raft_address, "slots": w.slots, "free_slots": w.free_slots,
-                "running": sorted(f"{k[0]}" + (f"#{k[1]}" if k[1] >= 0 else "") for k in w.running),
-                "cpu_percent": w.cpu_percent, "memory_percent": w.memory_percent,
-                "memory_rss": w.memory_rss, "ready": alive and w.accepting,
-                "last_seen_s": round(now - w.last_seen, 3),
-            })
-        # A voter not heard from: unreachable once every live node has had a full
-        # lease to report to this leader; until then, not known yet.
-        settled = self.leader_since is not None and now - self.leader_since > self.cfg.lease_s
-        for v in self.cfg.voters:
-            if v.raft not in seen_raft:
-                nodes.append({"id": v.grpc, "role": "unreachable" if settled else "unknown",
-                              "voter": True,
-                              "grpc_address": v.grpc, "raft_address": v.raft, "ready": False})
+        nodes = self.table.nodes_status(time.monotonic(), self.leader_since)
         counts, dropped, committed, byp = self.replica.read(
             lambda s: (s.counts_by_status(), s.dropped_results, s.committed_results,
                        dict(s.queued_by_priority)))
