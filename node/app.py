@@ -31,8 +31,8 @@ import gc
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import psutil
 from taskandgo.consensus.raft import RaftTimers, ReplicatedState
@@ -46,6 +46,7 @@ from taskandgo.node.scheduling import Scheduler, WorkerInfo
 from taskandgo.node.security import PeerAuth, PeerIdentity
 from taskandgo.node.submitting import Submitter
 from taskandgo.node.tasks import InvalidTask
+from taskandgo.node.vocabulary import TaskSpec
 from taskandgo.node.worker import WorkerSide
 from taskandgo.protos import peer_pb2
 
@@ -288,9 +289,12 @@ class NodeApp:
         """A Client that talks to other nodes with this node's credentials."""
         return self.peers.client(targets, timeout_s)
 
-    def submit(self, raw_specs: list[dict[str, Any]],
+    def submit(self, specs: Sequence[TaskSpec | Mapping[str, Any]],
                timeout_s: float = 10.0) -> list[dict[str, Any]]:
-        return self.submitter.submit(raw_specs, timeout_s)
+        """Submit specs: checked ones (the servers' :class:`TaskSpec`) or request
+        mappings (checked here). See :meth:`Submitter.submit`."""
+        # Submitter.submit passes each through tasks.normalize, which takes both.
+        return self.submitter.submit(cast("list[dict[str, Any]]", list(specs)), timeout_s)
 
     def get(self, task_id: str) -> dict[str, Any]:
         if self.replicated is None:
@@ -298,8 +302,8 @@ class NodeApp:
                 return c.get(task_id)
         return self.replica.get_task(task_id)
 
-    def list(self, status: str = "", labels: list[str] | None = None, limit: int = 100,
-             page_token: str = "") -> dict[str, Any]:
+    def list_tasks(self, status: str = "", labels: list[str] | None = None,
+                   limit: int = 100, page_token: str = "") -> dict[str, Any]:
         pairs, size, offset = list_args(status, labels, limit, page_token)
         if self.replicated is None:
             with self.forward_client() as c:

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("node", help="run one node")
     add_node_arguments(sp)
-    sp.add_argument("--grace", type=float, default=float(os.environ.get("TASKANDGO_GRACE_S", 20)),
+    sp.add_argument("--grace", type=float, default=float(os.environ.get("TASKANDGO_GRACE_S", "20")),
                     help="seconds running tasks get to finish on SIGTERM (TASKANDGO_GRACE_S; 20)")
 
     sp = sub.add_parser("local", help="run an N-node cluster on this machine")
@@ -209,20 +209,15 @@ def _payload(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_submit(c: Any, args: argparse.Namespace) -> int:
     from taskandgo.node.client import task_spec
-    from taskandgo.node.tasks import InvalidTask, normalize
 
+    # Checked by the node's own checks before anything is sent (TaskAndGoError
+    # INVALID_ARGUMENT naming the field, exit 2): a spec too large for a gRPC message
+    # still gets its field named. The node checks again, with its default strategy
+    # and its call policy.
     spec = task_spec(
         **_payload(args), id=args.id, priority=args.priority, strategy=args.strategy,
         shards=args.shards, items=args.items, timeout_s=args.task_timeout,
         retries=args.retries, labels=dict(args.label))
-    try:
-        # The node's own validator, before anything is sent: the same limits and
-        # messages, and a spec too large for a gRPC message still gets its field named.
-        # (The node checks again, with its own default strategy and policy.)
-        normalize(spec, args.strategy or "split")
-    except InvalidTask as exc:
-        print(f"error: INVALID_ARGUMENT: {exc}", file=sys.stderr)
-        return 2
     res = c.submit_many([spec])[0]
     if not args.wait:
         if args.json:
@@ -299,7 +294,7 @@ def cmd_get(c: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_tasks(c: Any, args: argparse.Namespace) -> int:
-    tasks = c.list(args.status, args.label, args.limit)
+    tasks = c.list_tasks(args.status, args.label, args.limit)
     if args.json:
         print(json.dumps(tasks))
         return 0
@@ -318,15 +313,13 @@ def cmd_cancel(c: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_watch(c: Any, args: argparse.Namespace) -> int:
-    n = 0
-    for ev in c.watch(args.task_ids):
+    for n, ev in enumerate(c.watch(args.task_ids), start=1):
         if args.json:
             print(json.dumps(ev), flush=True)
         else:
             chunk = f" chunk {ev['chunk']}" if ev.get("chunk", -1) >= 0 else ""
             print(f"{_ts(ev['at'])} {ev['kind']:6} {ev['task_id'] or '-'}{chunk} {ev['status']} "
                   f"{ev['node']}", flush=True)
-        n += 1
         if args.max_events and n >= args.max_events:
             break
     return 0

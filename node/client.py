@@ -9,13 +9,15 @@ leader change) can never create a second task.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from typing import Any, Iterable, Iterator
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Self
 
 import grpc
-
+from taskandgo.node.tasks import InvalidTask
+from taskandgo.node.vocabulary import TaskSpec, dict_from_message, message_from_dict
 from taskandgo.protos import taskandgo_pb2 as pb
 from taskandgo.protos import taskandgo_pb2_grpc as pb_grpc
 
@@ -31,90 +33,23 @@ class TaskAndGoError(Exception):
         self.message = message
 
 
-#: int64 fields, which protobuf's JSON mapping turns into strings.
-INT64_FIELDS = {"raft_term", "commit_index", "applied_index", "memory_rss", "seq", "after_seq",
-                "dropped_results", "committed_results", "token", "held_back"}
-
-
-def _ints(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: int(v) if k in INT64_FIELDS and isinstance(v, str) else _ints(v)
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [_ints(v) for v in value]
-    return value
-
-
-def _to_dict(msg: Any) -> dict[str, Any]:
-    """A response message as a plain dict: every field by its proto name, int64 as
-    int, unset sub-messages left out (what json_format.MessageToDict gives with
-    preserving_proto_field_name and always_print_fields_with_no_presence, about ten
-    times faster: waiting for 10,000 tasks spent a second here)."""
-    out: dict[str, Any] = {}
-    for f in msg.DESCRIPTOR.fields:
-        v = getattr(msg, f.name)
-        sub = f.message_type
-        if sub is not None and sub.GetOptions().map_entry:
-            vsub = sub.fields_by_name["value"].message_type
-            out[f.name] = {k: _to_dict(x) if vsub is not None else x for k, x in v.items()}
-        elif _is_repeated(f):
-            out[f.name] = [_to_dict(x) for x in v] if sub is not None else list(v)
-        elif sub is not None:
-            if msg.HasField(f.name):
-                out[f.name] = _to_dict(v)
-        else:
-            out[f.name] = v
-    return out
-
-
-def _is_repeated(f: Any) -> bool:
-    rep = getattr(f, "is_repeated", None)  # protobuf >= 5.29; label is deprecated
-    if rep is not None:
-        return bool(rep)
-    return f.label == f.LABEL_REPEATED
-
-
-def _to_msg(cls: Any, d: dict[str, Any]) -> Any:
-    """API dict -> message. The constructor is about ten times faster than
-    json_format (it was ~9% of a busy node's time); json_format is the fallback for
-    anything the constructor refuses (unknown keys, strings for numbers)."""
-    try:
-        return cls(**d)
-    except (TypeError, ValueError):
-        from google.protobuf import json_format
-
-        return json_format.ParseDict(d, cls(), ignore_unknown_fields=True)
-
-
 def task_spec(
     data: str | None = None, *, argv: list[str] | None = None, call: str | None = None,
     args: Any = None, id: str | None = None, priority: str | int = "medium",
     strategy: str = "", shards: int = 0, items: list | None = None,
-    timeout_s: float = 0.0, retries: int = 0, labels: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Build a TaskSpec dict (the shape :meth:`Client.submit_many` takes)."""
-    spec: dict[str, Any] = {"id": id or uuid.uuid4().hex, "priority": str(priority)}
-    if data:
-        spec["data"] = data
-    if argv:
-        spec["argv"] = list(argv)
-    if call:
-        spec["call"] = call
-    if args is not None:
-        spec["args_json"] = json.dumps(args)
-    if strategy:
-        spec["strategy"] = strategy
-    if shards:
-        spec["shards"] = shards
-    if items is not None:
-        spec["items_json"] = json.dumps(items)
-    if timeout_s:
-        spec["timeout_s"] = timeout_s
-    if retries:
-        spec["retries"] = retries
-    if labels:
-        spec["labels"] = dict(labels)
-    return spec
+    timeout_s: float = 0.0, retries: int = 0, labels: Mapping[str, str] | None = None,
+) -> TaskSpec:
+    """A checked TaskSpec (what :meth:`Client.submit_many` takes), by the node's own
+    checks: a bad field raises TaskAndGoError ``INVALID_ARGUMENT`` naming it, as the
+    node would answer. An id is chosen here when none is given; a strategy left out
+    is the node's default (``SCHEDULER_STRATEGY``)."""
+    raw = {"id": id, "priority": priority, "data": data, "argv": argv, "call": call,
+           "args": args, "strategy": strategy, "shards": shards, "items": items,
+           "timeout_s": timeout_s, "retries": retries, "labels": labels}
+    try:
+        return TaskSpec.check(raw, default_strategy="")
+    except InvalidTask as exc:
+        raise TaskAndGoError("INVALID_ARGUMENT", str(exc)) from None
 
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -141,6 +76,17 @@ def make_channel(target: str, tls_ca: str | None = None, tls_cert: str | None = 
                                              certificate_chain=_read(tls_cert))
         return grpc.secure_channel(target, creds, options=opts)
     return grpc.insecure_channel(target, options=opts)
+
+
+def _spec_msg(spec: TaskSpec | Mapping[str, Any]) -> pb.TaskSpec:
+    """The message of a spec to submit: a TaskSpec's, or a dict's fields as given
+    (an id chosen here when it has none, so a retried call cannot add a task)."""
+    if isinstance(spec, TaskSpec):
+        return spec.to_proto()
+    fields = dict(spec)
+    if not fields.get("id"):
+        fields["id"] = uuid.uuid4().hex
+    return message_from_dict(pb.TaskSpec, fields)
 
 
 class Client:
@@ -174,7 +120,7 @@ class Client:
 
     # -------------------------------------------------------------- plumbing
 
-    def __enter__(self) -> Client:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -224,22 +170,20 @@ class Client:
         """Submit one task; returns its id once committed by a majority."""
         return self.submit_many([task_spec(data, **kw)])[0]["task_id"]
 
-    def submit_many(self, specs: list[dict[str, Any]], batch: int = 1000,
+    def submit_many(self, specs: Sequence[TaskSpec | Mapping[str, Any]], batch: int = 1000,
                     in_flight: int = 1) -> list[dict[str, Any]]:
-        """Submit many tasks. Each spec is a TaskSpec dict (see :func:`task_spec`); ids
-        are filled in where missing. Returns ``{"task_id", "created", "status"}`` per
-        spec, in order.
+        """Submit many tasks. Each spec is a :class:`TaskSpec` (see :func:`task_spec`)
+        or a dict of ``taskandgo.v1.TaskSpec`` fields, sent as it is for the node to
+        check (ids are filled in where missing). Returns ``{"task_id", "created",
+        "status"}`` per spec, in order.
 
         Specs go in calls of ``batch`` (one Raft command each, or fewer when the node
         merges calls). ``in_flight`` > 1 keeps that many calls going at once: faster
         for big lists, but then tasks of equal priority from different calls may
         start out of list order. Ids are client-chosen, so a call that fails can be
         retried (or the whole list resubmitted) without duplicates."""
-        specs = [dict(s) for s in specs]
-        for s in specs:
-            if not s.get("id"):
-                s["id"] = uuid.uuid4().hex
-        parts = [specs[i:i + max(1, batch)] for i in range(0, len(specs), max(1, batch))]
+        msgs = [_spec_msg(s) for s in specs]
+        parts = [msgs[i:i + max(1, batch)] for i in range(0, len(msgs), max(1, batch))]
         if len(parts) <= 1 or in_flight <= 1:
             return [r for part in parts for r in self._submit_part(part)]
         from concurrent.futures import ThreadPoolExecutor
@@ -247,21 +191,21 @@ class Client:
         with ThreadPoolExecutor(max_workers=min(in_flight, len(parts))) as pool:
             return [r for rs in pool.map(self._submit_part, parts) for r in rs]
 
-    def _submit_part(self, specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        req = pb.SubmitTasksRequest(tasks=[_to_msg(pb.TaskSpec, s) for s in specs])
-        return [_to_dict(r) for r in self._call("SubmitTasks", req).results]
+    def _submit_part(self, specs: list[pb.TaskSpec]) -> list[dict[str, Any]]:
+        req = pb.SubmitTasksRequest(tasks=specs)
+        return [dict_from_message(r) for r in self._call("SubmitTasks", req).results]
 
     def get(self, task_id: str) -> dict[str, Any]:
-        return _to_dict(self._call("GetTask", pb.GetTaskRequest(task_id=task_id)).task)
+        return dict_from_message(self._call("GetTask", pb.GetTaskRequest(task_id=task_id)).task)
 
     def list_page(self, status: str = "", labels: list[str] | None = None, limit: int = 100,
                   page_token: str = "") -> dict[str, Any]:
         req = pb.ListTasksRequest(status=status, labels=labels or [], limit=limit,
                                   page_token=page_token)
-        return _to_dict(self._call("ListTasks", req))
+        return dict_from_message(self._call("ListTasks", req))
 
-    def list(self, status: str = "", labels: list[str] | None = None,
-             limit: int = 1000) -> list[dict[str, Any]]:
+    def list_tasks(self, status: str = "", labels: list[str] | None = None,
+                   limit: int = 1000) -> list[dict[str, Any]]:
         """Tasks (newest last), following pages up to ``limit``."""
         out: list[dict[str, Any]] = []
         token = ""
@@ -274,11 +218,11 @@ class Client:
         return out
 
     def cancel(self, task_id: str) -> dict[str, Any]:
-        return _to_dict(self._call("CancelTask", pb.CancelTaskRequest(task_id=task_id)))
+        return dict_from_message(self._call("CancelTask", pb.CancelTaskRequest(task_id=task_id)))
 
     def wait_raw(self, task_ids: list[str], timeout_s: float = 30.0) -> dict[str, Any]:
         req = pb.WaitTasksRequest(task_ids=task_ids, timeout_s=min(timeout_s, 600.0))
-        return _to_dict(self._call("WaitTasks", req, timeout_s=timeout_s + 5.0,
+        return dict_from_message(self._call("WaitTasks", req, timeout_s=timeout_s + 5.0,
                                    attempt_s=timeout_s + 5.0))
 
     def wait(self, task_ids: str | list[str], timeout_s: float = 60.0) -> list[dict[str, Any]]:
@@ -323,7 +267,7 @@ class Client:
         call: Any = self.watch_raw(task_ids, after_seq)  # a grpc call: also cancel()
         try:
             for ev in call:
-                yield _to_dict(ev)
+                yield dict_from_message(ev)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
             details = exc.details() if hasattr(exc, "details") else str(exc)
@@ -333,12 +277,12 @@ class Client:
 
     def node_status(self, node: str | None = None, include_digest: bool = False) -> dict[str, Any]:
         """Status of one node (the given address, else the first reachable)."""
-        return _to_dict(self._call("GetNodeStatus",
+        return dict_from_message(self._call("GetNodeStatus",
                                    pb.NodeStatusRequest(include_digest=include_digest),
                                    node=node, timeout_s=5.0))
 
     def cluster_status(self) -> dict[str, Any]:
-        return _to_dict(self._call("GetClusterStatus", pb.ClusterStatusRequest()))
+        return dict_from_message(self._call("GetClusterStatus", pb.ClusterStatusRequest()))
 
     def status_all(self) -> list[dict[str, Any]]:
         """Every node's own status: the leader's member list, then each node asked."""
@@ -351,3 +295,16 @@ class Client:
                 out.append({"id": m["id"], "role": "unreachable", "grpc_address": m["grpc_address"],
                             "error": exc.message})
         return out
+
+
+def _list(self: Client, status: str = "", labels: list[str] | None = None,
+          limit: int = 1000) -> list[dict[str, Any]]:
+    """Deprecated name of :meth:`Client.list_tasks` (it shadowed the builtin in the
+    class); kept for this release."""
+    warnings.warn("Client.list is deprecated: use Client.list_tasks", DeprecationWarning,
+                  stacklevel=2)
+    return self.list_tasks(status, labels, limit)
+
+
+# Set after the class so the class body (and its annotations) never sees a ``list``.
+setattr(Client, "list", _list)  # noqa: B010

@@ -60,14 +60,28 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import grpc
 import psutil
-
-from taskandgo.node.app import NodeApp, NotFound, Unavailable
-from taskandgo.node.client import TaskAndGoError, _to_dict
-from taskandgo.node.security import Overloaded, RateLimited, RateLimiter, TokenAuth, \
-    Unauthenticated, client_ip
-from taskandgo.node.streams import DEFAULT_PER_CLIENT, DEFAULT_TOTAL, BadTicket, \
-    StreamLimiter, StreamTickets, TooManyStreams, upstream_refused, wait_limiter
-from taskandgo.node.tasks import ID_RE, InvalidTask
+from taskandgo.node.app import NodeApp, NotFound
+from taskandgo.node.security import RateLimiter, TokenAuth, Unauthenticated, client_ip
+from taskandgo.node.streams import (
+    DEFAULT_PER_CLIENT,
+    DEFAULT_TOTAL,
+    StreamLimiter,
+    StreamTickets,
+    TooManyStreams,
+    upstream_refused,
+    wait_limiter,
+)
+from taskandgo.node.tasks import InvalidTask
+from taskandgo.node.vocabulary import (
+    TaskSpec,
+    api_error,
+    check_bearer,
+    depth_ok,
+    dict_from_message,
+    http_status_of,
+    request_from_json,
+    token_required,
+)
 
 log = logging.getLogger("taskandgo.http")
 
@@ -89,20 +103,6 @@ REQUEST_TIMEOUT_S = 10.0
 #: deprecated (one log line per client, not one per reconnect).
 MAX_WARNED_CLIENTS = 1024
 STATIC = Path(__file__).resolve().parent / "static"
-SPEC_FIELDS = ("id", "task_id", "priority", "data", "argv", "call", "args", "args_json",
-               "strategy", "shards", "items", "items_json", "timeout_s", "retries", "labels")
-#: JSON types of the optional fields (``null`` only where it means "the default").
-#: NodeApp's validator takes absent, empty and zero alike (as protobuf does); over
-#: JSON a value of the wrong type is refused, even a falsy one like ``"retries": ""``.
-FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
-    "priority": ((str, int, type(None)), "low, medium, high, critical or an integer"),
-    "data": ((str,), "a string"), "argv": ((list,), "a list of strings"),
-    "call": ((str,), "module:function"), "args": ((list, dict), "a JSON list or object"),
-    "args_json": ((str,), "a string of JSON"), "strategy": ((str,), "split or batch"),
-    "shards": ((int,), "an integer"), "items": ((list,), "a JSON list"),
-    "items_json": ((str,), "a string of JSON"), "timeout_s": ((int, float), "a number"),
-    "retries": ((int,), "an integer"), "labels": ((dict,), "an object of strings"),
-}
 #: Every node of ``GET /api/v1/cluster`` carries exactly these keys, whether the
 #: answer came from this node (the leader) or was forwarded to the leader over gRPC.
 CLUSTER_NODE_DEFAULTS: dict[str, Any] = {
@@ -131,64 +131,6 @@ NON_BROWSER_BODY_TYPES = frozenset({"", "application/x-www-form-urlencoded", "te
 #: node list its interface addresses again (an address added after the start).
 ADDRESS_REFRESH_S = 10.0
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-GRPC_TO_HTTP = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503,
-                "DEADLINE_EXCEEDED": 503, "INTERNAL": 502, "UNKNOWN": 502}
-
-
-def spec_from_json(body: Any, where: str = "") -> dict[str, Any]:
-    """A JSON task body (the seed's ``task_id``/``priority``/``data`` plus the API's
-    optional fields) -> the raw dict that :func:`taskandgo.node.tasks.normalize`
-    checks. ``where`` prefixes field names (``tasks[3].``) in errors."""
-    if not isinstance(body, dict):
-        raise InvalidTask(where.rstrip(".") or "body", "expected a JSON object")
-    unknown = set(body) - set(SPEC_FIELDS)
-    if unknown:
-        raise InvalidTask(where + min(unknown), "unknown field")
-    for a, b in (("task_id", "id"), ("args", "args_json"), ("items", "items_json")):
-        if a in body and b in body:
-            raise InvalidTask(where + b, f"give {a} or {b}, not both")
-    for name, (types, expected) in FIELD_TYPES.items():
-        if name in body and (isinstance(body[name], bool) or not isinstance(body[name], types)):
-            raise InvalidTask(where + name, f"expected {expected}")
-    for name in ("args_json", "items_json"):
-        # JSON inside a string: parsed by NodeApp's validator, which does not bound
-        # its nesting; too deep, and parsing or replicating it would recurse away.
-        if body.get(name):
-            try:
-                nested_ok = _depth_ok(json.loads(body[name]), MAX_DEPTH)
-            except RecursionError:
-                nested_ok = False
-            except ValueError:
-                nested_ok = True  # the validator names the field and the JSON error
-            if not nested_ok:
-                raise InvalidTask(where + name, f"nested deeper than {MAX_DEPTH} levels")
-    raw = dict(body)
-    if "task_id" in raw:
-        tid = raw.pop("task_id")
-        # The seed's ids look numeric ("123"); accept a JSON number for them too.
-        if isinstance(tid, bool) or not isinstance(tid, (str, int, type(None))):
-            raise InvalidTask(where + "task_id", "expected a string")
-        raw["id"] = "" if tid is None else str(tid)
-    elif "id" in raw and not isinstance(raw["id"], (str, type(None))):
-        raise InvalidTask(where + "id", "expected a string")
-    # ID_RE is anchored with ``$``, which also matches before a trailing newline.
-    if raw.get("id") and not ID_RE.fullmatch(raw["id"]):
-        raise InvalidTask(where + "task_id", "1-128 characters of letters, digits and ._:@- "
-                          "starting with a letter or digit")
-    return raw
-
-
-def _depth_ok(value: Any, limit: int) -> bool:
-    """True when ``value`` nests lists/objects at most ``limit`` deep (iterative)."""
-    stack = [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        if isinstance(v, (list, dict)):
-            if d > limit:
-                return False
-            stack.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
-    return True
-
 
 def _host_name(netloc: str) -> str | None:
     """The host name of a ``Host`` header or an origin's ``host[:port]``: lower case,
@@ -646,7 +588,7 @@ class Handler(BaseHTTPRequestHandler):
             raise InvalidTask("body", f"nested deeper than {MAX_DEPTH} levels") from None
         except ValueError as exc:
             raise InvalidTask("body", f"not valid JSON: {exc}") from None
-        if not _depth_ok(body, MAX_DEPTH):
+        if not depth_ok(body, MAX_DEPTH):
             raise InvalidTask("body", f"nested deeper than {MAX_DEPTH} levels")
         return body
 
@@ -712,11 +654,6 @@ class Handler(BaseHTTPRequestHandler):
                         headers={"Retry-After": "1"} if exc.code == 429 else None)
         except _RequestTimeout:
             self._request_timed_out()
-        except BadTicket as exc:
-            self._error(401, str(exc), "ticket")
-        except TooManyStreams as exc:  # too many open waits
-            self._error(429, str(exc),
-                        headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
         except _TooLarge:
             self.close_connection = True
             self._error(413, f"request body larger than {MAX_BODY} bytes", "body")
@@ -724,21 +661,6 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._error(411, "send the body with a Content-Length (chunked bodies are not "
                         "accepted)", "body")
-        except InvalidTask as exc:
-            self._error(400, str(exc), exc.field)
-        except NotFound as exc:
-            self._error(404, str(exc))
-        except Unavailable as exc:
-            self._error(503, str(exc))
-        except Unauthenticated as exc:
-            self._error(401, str(exc), "Authorization", headers={"WWW-Authenticate": "Bearer"})
-        except (RateLimited, Overloaded) as exc:
-            retry = max(1, round(exc.retry_after_s + 0.5))
-            self._error(429, str(exc), headers={"Retry-After": str(retry)})
-        except TaskAndGoError as exc:  # a call forwarded to another node failed
-            code = GRPC_TO_HTTP.get(exc.code, 503)
-            field = exc.message.split(":", 1)[0] if code == 400 and ":" in exc.message else ""
-            self._error(code, exc.message, field)
         except _NoRoute:
             self._error(404, f"no such endpoint: {method} {url.path}")
         except _BadMethod as exc:
@@ -748,9 +670,16 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         except Exception as exc:  # never let a request kill the thread silently
-            log.exception("HTTP %s %s failed", method, url.path)
-            self.close_connection = True
-            self._error(500, f"internal error: {type(exc).__name__}")
+            # The one error table of both servers (bad input, not found, no leader,
+            # tokens, rate limits, a forwarded call's failure); else 500.
+            err = api_error(exc)
+            if err is not None:
+                self._error(err.http_status, err.message, err.field,
+                            headers=err.http_headers() or None)
+            else:
+                log.exception("HTTP %s %s failed", method, url.path)
+                self.close_connection = True
+                self._error(500, f"internal error: {type(exc).__name__}")
         try:
             self._drain_unread_body()
         except (OSError, _RequestTimeout):
@@ -808,22 +737,19 @@ class Handler(BaseHTTPRequestHandler):
         self._token: str | None = None
         if name in PAGES:
             return
-        if auth.enabled and not (auth.open_read_only and name in READ_ONLY):
-            token = TokenAuth.parse_header(self.headers.get("Authorization"))
-            if token is None and name == "events":
-                tickets, values = query.get("ticket"), query.get("access_token")
-                if tickets:
-                    self.limiter.take(client_ip(str(self.client_address[0])))
-                    self.tickets.redeem(tickets[-1])
-                    return
-                if values:
-                    token = values[-1]
-                    self._warn_access_token()
-            if token is None and name == "events":
+        token = TokenAuth.parse_header(self.headers.get("Authorization"))
+        if name == "events" and token is None and token_required(auth, False):
+            tickets, values = query.get("ticket"), query.get("access_token")
+            if tickets:
+                self.limiter.take(client_ip(str(self.client_address[0])))
+                self.tickets.redeem(tickets[-1])
+                return
+            if not values:
                 raise Unauthenticated("missing bearer token or stream ticket: open the stream "
                                       "with ?ticket= from POST /api/v1/events/ticket")
-            auth.check(token)
-            self._token = token
+            token = values[-1]
+            self._warn_access_token()
+        self._token = check_bearer(auth, token, name in READ_ONLY)
         if name not in READ_ONLY:
             self.limiter.take(client_ip(str(self.client_address[0])))
 
@@ -843,7 +769,7 @@ class Handler(BaseHTTPRequestHandler):
         self._submit_one(self._body())
 
     def _submit_one(self, body: Any) -> None:
-        out = self.app.submit([spec_from_json(body)])[0]
+        out = self.app.submit([TaskSpec.from_json(body, self.app.cfg.strategy)])[0]
         self._send(201 if out["created"] else 200, out)
 
     def h_create_tasks(self, params: dict[str, str], q: dict[str, str],
@@ -856,11 +782,16 @@ class Handler(BaseHTTPRequestHandler):
             raise InvalidTask(min(set(body) - {"tasks"}), "unknown field next to tasks")
         if not isinstance(body["tasks"], list) or not body["tasks"]:
             raise InvalidTask("tasks", "expected a non-empty list")
-        specs = [spec_from_json(b, f"tasks[{i}].") for i, b in enumerate(body["tasks"])]
+        # Every body's JSON form first, then every spec's fields, each error naming
+        # tasks[i] (the node's default strategy where a task names none).
+        raws = [request_from_json(b, f"tasks[{i}].") for i, b in enumerate(body["tasks"])]
+        specs = [TaskSpec.check(r, self.app.cfg.strategy, f"tasks[{i}].")
+                 for i, r in enumerate(raws)]
         try:
             results = self.app.submit(specs)
         except InvalidTask as exc:
-            # NodeApp names tasks[i] only when there are several; always name it here.
+            # The node's call policy names tasks[i] only when there are several; always
+            # name it here.
             if exc.field.startswith("tasks["):
                 raise
             raise InvalidTask(f"tasks[0].{exc.field}", exc.message) from None
@@ -873,7 +804,8 @@ class Handler(BaseHTTPRequestHandler):
         for item in labels:
             if "=" not in item:
                 raise InvalidTask("label", f"{item!r}: expected key=value")
-        self._send(200, self.app.list(q.get("status", ""), labels, limit, q.get("page_token", "")))
+        self._send(200, self.app.list_tasks(q.get("status", ""), labels, limit,
+                                            q.get("page_token", "")))
 
     def h_get_task(self, params: dict[str, str], q: dict[str, str],
                    query: dict[str, list[str]]) -> None:
@@ -976,8 +908,9 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 slot.enter_context(self.streams.hold(client_ip(str(self.client_address[0]))))
             except TooManyStreams as exc:
-                self._error(429, str(exc),
-                            headers={"Retry-After": str(max(1, round(exc.retry_after_s)))})
+                err = api_error(exc)
+                assert err is not None
+                self._error(err.http_status, err.message, headers=err.http_headers())
                 return
             if self.command == "HEAD":
                 self._start_stream()
@@ -1069,13 +1002,13 @@ class Handler(BaseHTTPRequestHandler):
                 refused = upstream_refused(stream)
                 if refused is not None:
                     code = refused[0].name
-                    status = 429 if code == "RESOURCE_EXHAUSTED" else GRPC_TO_HTTP.get(code, 503)
+                    status = http_status_of(code)
                     self._error(status, f"the voter refused the event stream: {refused[1]}",
                                 headers={"Retry-After": "1"} if status == 429 else None)
                     return
                 self._start_stream()
                 for msg in stream:
-                    ev = _to_dict(msg)
+                    ev = dict_from_message(msg)
                     self.wfile.write(_sse(ev, ev["seq"]))
                     self.wfile.flush()
             except grpc.RpcError:

@@ -29,6 +29,7 @@ from taskandgo.consensus.state import FINAL, SchedulerState, priority_name
 from taskandgo.node.config import NodeConfig, Voter
 from taskandgo.node.events import EventBus
 from taskandgo.node.tasks import InvalidTask, check_status
+from taskandgo.node.vocabulary import spec_to_api
 
 log = logging.getLogger("taskandgo.node")
 
@@ -372,26 +373,6 @@ def dumps(obj: Any) -> str:
     import json
 
     return json.dumps(obj, separators=(",", ":"))
-
-
-def spec_to_api(spec: dict[str, Any]) -> dict[str, Any]:
-    """Stored spec -> the API's TaskSpec shape."""
-    out: dict[str, Any] = {"id": spec["id"], "priority": str(spec.get("priority", ""))}
-    for k in ("data", "call", "strategy"):
-        if spec.get(k):
-            out[k] = spec[k]
-    if spec.get("argv"):
-        out["argv"] = list(spec["argv"])
-    if "args" in spec:
-        out["args_json"] = dumps(spec["args"])
-    if "items" in spec:
-        out["items_json"] = dumps(spec["items"])
-    for k in ("shards", "timeout_s", "retries"):
-        if spec.get(k):
-            out[k] = spec[k]
-    if spec.get("labels"):
-        out["labels"] = dict(spec["labels"])
-    return out
 
 
 def task_to_api(t: dict[str, Any]) -> dict[str, Any]:

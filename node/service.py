@@ -1,10 +1,12 @@
 """gRPC layer: the public ``taskandgo.v1.Scheduler`` and the peer ``Peer`` services,
-standard health checking and reflection. The only node module (with the client)
-that imports generated protobuf code.
+standard health checking and reflection. The only node module (with the client and
+the vocabulary's codecs) that imports generated protobuf code.
 
-Errors map one way: InvalidTask -> INVALID_ARGUMENT (message names the field),
-NotFound -> NOT_FOUND, Unavailable -> UNAVAILABLE; anything unexpected is logged
-and answered INTERNAL, never allowed to take the node down.
+Errors map through the one table both servers use
+(:func:`taskandgo.node.vocabulary.api_error`): InvalidTask -> INVALID_ARGUMENT
+(message names the field), NotFound -> NOT_FOUND, Unavailable -> UNAVAILABLE, ...;
+anything unexpected is logged and answered INTERNAL, never allowed to take the node
+down.
 """
 
 from __future__ import annotations
@@ -13,20 +15,41 @@ import contextlib
 import functools
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
-from taskandgo.node.app import NodeApp, NotFound, Unavailable
-from taskandgo.node.client import TaskAndGoError
-from taskandgo.node.security import Overloaded, PeerIdentity, PermissionDenied, RateLimited, \
-    RateLimiter, TokenAuth, Unauthenticated, client_ip
-from taskandgo.node.streams import DEFAULT_PER_CLIENT, DEFAULT_TOTAL, STREAM_ACCEPTED, \
-    StreamLimiter, TooManyStreams, upstream_refused, wait_limiter
+from taskandgo.node.app import NodeApp
+from taskandgo.node.security import (
+    PeerIdentity,
+    RateLimited,
+    RateLimiter,
+    TokenAuth,
+    Unauthenticated,
+    client_ip,
+)
+from taskandgo.node.streams import (
+    DEFAULT_PER_CLIENT,
+    DEFAULT_TOTAL,
+    STREAM_ACCEPTED,
+    StreamLimiter,
+    TooManyStreams,
+    upstream_refused,
+    wait_limiter,
+)
 from taskandgo.node.tasks import InvalidTask
+from taskandgo.node.vocabulary import (
+    TaskSpec,
+    api_error,
+    check_bearer,
+    check_many,
+    message_from_dict,
+    request_from_proto,
+    token_required,
+)
 from taskandgo.protos import peer_pb2, peer_pb2_grpc, taskandgo_pb2, taskandgo_pb2_grpc
 
 log = logging.getLogger("taskandgo.grpc")
@@ -36,60 +59,33 @@ MAX_MESSAGE = 16 * 1024 * 1024
 #: with a leader (readiness); "" is SERVING while the process is up (liveness).
 READINESS_SERVICE = "taskandgo.v1.Scheduler"
 
-
-def to_msg(cls: Any, d: dict[str, Any]) -> Any:
-    from taskandgo.node.client import _to_msg
-
-    return _to_msg(cls, d)
-
-
-def to_dict(msg: Any) -> dict[str, Any]:
-    from taskandgo.node.client import _to_dict
-
-    return _to_dict(msg)
-
-
-def spec_from_msg(m: taskandgo_pb2.TaskSpec) -> dict[str, Any]:
-    """TaskSpec message -> the raw dict :func:`taskandgo.node.tasks.normalize` checks."""
-    return {
-        "id": m.id, "priority": m.priority, "data": m.data, "argv": list(m.argv),
-        "call": m.call, "args_json": m.args_json, "strategy": m.strategy, "shards": m.shards,
-        "items_json": m.items_json, "timeout_s": m.timeout_s, "retries": m.retries,
-        "labels": dict(m.labels),
-    }
-
-
 def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A unary method whose exceptions are answered through the one error table
+    (:func:`api_error`; retry hint as trailing ``retry-after-ms``)."""
     @functools.wraps(fn)
     def wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, request, context)
-        except InvalidTask as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except NotFound as exc:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
-        except Unavailable as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except Unauthenticated as exc:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        except PermissionDenied as exc:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
-        except (Overloaded, RateLimited) as exc:
-            context.set_trailing_metadata(
-                (("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except TaskAndGoError as exc:  # a call this node forwarded failed: pass it on
-            context.abort(getattr(grpc.StatusCode, exc.code, grpc.StatusCode.UNAVAILABLE),
-                          exc.message)
-        except grpc.RpcError as exc:  # a forwarded call failed: pass its status on
-            code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNAVAILABLE
-            context.abort(code, exc.details() if hasattr(exc, "details") else str(exc))
-        except Exception as exc:  # noqa: BLE001
-            if isinstance(exc, Exception) and type(exc).__name__ == "_AbortError":
+        except Exception as exc:
+            if type(exc).__name__ == "_AbortError":  # context.abort() inside fn
                 raise
-            log.exception("%s failed", fn.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            if api_error(exc) is None:
+                log.exception("%s failed", fn.__name__)
+            _abort(context, exc)
     return wrapper
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    """End the call with the answer for ``exc`` (:func:`api_error`; INTERNAL for an
+    unexpected one). Raises, as ``context.abort`` does."""
+    err = api_error(exc)
+    if err is None:
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return
+    trailers = err.grpc_trailers()
+    if trailers:
+        context.set_trailing_metadata(trailers)
+    context.abort(err.grpc_code, err.message)
 
 
 class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
@@ -98,34 +94,38 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
 
     @_errors
     def SubmitTask(self, request: Any, context: Any) -> Any:
-        out = self.app.submit([spec_from_msg(request.task)], timeout_s=_left(context))
-        return to_msg(taskandgo_pb2.SubmitTaskResponse, out[0])
+        spec = TaskSpec.from_proto(request.task, self.app.cfg.strategy)
+        out = self.app.submit([spec], timeout_s=_left(context))
+        return message_from_dict(taskandgo_pb2.SubmitTaskResponse, out[0])
 
     @_errors
     def SubmitTasks(self, request: Any, context: Any) -> Any:
         if not request.tasks:
             raise InvalidTask("tasks", "at least one task")
-        out = self.app.submit([spec_from_msg(t) for t in request.tasks], timeout_s=_left(context))
+        specs = check_many([request_from_proto(t) for t in request.tasks], self.app.cfg.strategy)
+        out = self.app.submit(specs, timeout_s=_left(context))
         return taskandgo_pb2.SubmitTasksResponse(
-            results=[to_msg(taskandgo_pb2.SubmitTaskResponse, r) for r in out])
+            results=[message_from_dict(taskandgo_pb2.SubmitTaskResponse, r) for r in out])
 
     @_errors
     def GetTask(self, request: Any, context: Any) -> Any:
         if not request.task_id:
             raise InvalidTask("task_id", "required")
-        return taskandgo_pb2.GetTaskResponse(task=to_msg(taskandgo_pb2.Task,
-                                                         self.app.get(request.task_id)))
+        return taskandgo_pb2.GetTaskResponse(
+            task=message_from_dict(taskandgo_pb2.Task, self.app.get(request.task_id)))
 
     @_errors
     def ListTasks(self, request: Any, context: Any) -> Any:
-        out = self.app.list(request.status, list(request.labels), request.limit, request.page_token)
-        return to_msg(taskandgo_pb2.ListTasksResponse, out)
+        out = self.app.list_tasks(request.status, list(request.labels), request.limit,
+                                  request.page_token)
+        return message_from_dict(taskandgo_pb2.ListTasksResponse, out)
 
     @_errors
     def CancelTask(self, request: Any, context: Any) -> Any:
         if not request.task_id:
             raise InvalidTask("task_id", "required")
-        return to_msg(taskandgo_pb2.CancelTaskResponse, self.app.cancel(request.task_id))
+        return message_from_dict(taskandgo_pb2.CancelTaskResponse,
+                                 self.app.cancel(request.task_id))
 
     @_errors
     def WaitTasks(self, request: Any, context: Any) -> Any:
@@ -138,14 +138,10 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
         # A wait holds a unary thread for up to 600 s: bounded per client address and
         # in total (--max-waits-per-client, --max-waits), so waits alone can never
         # take the threads other calls and the peers need. RESOURCE_EXHAUSTED beyond.
-        # (Overloaded: _errors answers RESOURCE_EXHAUSTED with retry-after-ms.)
-        with contextlib.ExitStack() as slot:
-            try:
-                slot.enter_context(wait_limiter(self.app, "grpc").hold(client_ip(context.peer())))
-            except TooManyStreams as exc:
-                raise Overloaded(str(exc)) from None
-            return to_msg(taskandgo_pb2.WaitTasksResponse,
-                          self.app.wait(list(request.task_ids), timeout))
+        # (TooManyStreams: _errors answers RESOURCE_EXHAUSTED with retry-after-ms.)
+        with wait_limiter(self.app, "grpc").hold(client_ip(context.peer())):
+            return message_from_dict(taskandgo_pb2.WaitTasksResponse,
+                                     self.app.wait(list(request.task_ids), timeout))
 
     def WatchTasks(self, request: Any, context: Any) -> Iterator[Any]:
         """Stream task events. Sends :data:`STREAM_ACCEPTED` as initial metadata once
@@ -180,18 +176,20 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
                 seq = e["seq"]
                 if ids and e["task_id"] not in ids:
                     continue
-                yield to_msg(taskandgo_pb2.TaskEvent, e)
+                yield message_from_dict(taskandgo_pb2.TaskEvent, e)
 
     @_errors
     def GetNodeStatus(self, request: Any, context: Any) -> Any:
-        return to_msg(taskandgo_pb2.NodeStatus, self.app.node_status(request.include_digest))
+        return message_from_dict(taskandgo_pb2.NodeStatus,
+                                 self.app.node_status(request.include_digest))
 
     @_errors
     def GetClusterStatus(self, request: Any, context: Any) -> Any:
         if self.app.replicated is None:
             with self.app.forward_client() as c:
-                return to_msg(taskandgo_pb2.ClusterStatusResponse, c.cluster_status())
-        return to_msg(taskandgo_pb2.ClusterStatusResponse, self.app.cluster_status())
+                return message_from_dict(taskandgo_pb2.ClusterStatusResponse,
+                                         c.cluster_status())
+        return message_from_dict(taskandgo_pb2.ClusterStatusResponse, self.app.cluster_status())
 
 
 #: Rate-limit cost of a peer call: a Hold makes the leader wait for dispatches and
@@ -296,11 +294,12 @@ class GuardInterceptor(grpc.ServerInterceptor):
         method = details.method or ""
         if method.startswith(PEER_PREFIX):
             return continuation(details)
-        if self.auth.enabled and not (self.auth.open_read_only
-                                      and method.startswith(READ_ONLY_PREFIXES)):
+        read_only = method.startswith(READ_ONLY_PREFIXES)
+        if token_required(self.auth, read_only):
             md = dict(details.invocation_metadata or ())
             try:
-                self.auth.check(TokenAuth.parse_header(md.get("authorization")))
+                check_bearer(self.auth, TokenAuth.parse_header(md.get("authorization")),
+                             read_only)
             except Unauthenticated as exc:
                 return _deny(continuation(details), grpc.StatusCode.UNAUTHENTICATED, str(exc))
         if self.limiter.rate > 0 and method.startswith(PUBLIC_PREFIX):
@@ -330,9 +329,7 @@ def _rate_limited(handler: Any, limiter: RateLimiter) -> Any:
         try:
             limiter.take(client_ip(context.peer()))
         except RateLimited as exc:
-            context.set_trailing_metadata(
-                (("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+            _abort(context, exc)
 
     if handler.unary_stream:
         inner = handler.unary_stream
@@ -404,9 +401,7 @@ class StreamInterceptor(grpc.ServerInterceptor):
                 try:
                     slot.enter_context(limiter.hold(client_ip(context.peer())))
                 except TooManyStreams as exc:
-                    context.set_trailing_metadata(
-                        (("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                    _abort(context, exc)
                 yield from inner(request, context)
 
         bounded.experimental_thread_pool = self.pool  # type: ignore[attr-defined]
@@ -425,23 +420,23 @@ def create_server(app: NodeApp, address: str, max_workers: int | None = None,
     bench/streams.py: with one shared pool, 40 open streams made every unary call
     time out."""
     cfg = app.cfg
-    max_workers = max_workers or getattr(cfg, "grpc_threads", 32)
-    total = max_streams or getattr(cfg, "max_streams", DEFAULT_TOTAL)
-    per_client = max_streams_per_client or getattr(cfg, "max_streams_per_client",
-                                                   DEFAULT_PER_CLIENT)
+    workers: int = max_workers or int(getattr(cfg, "grpc_threads", 32))
+    total: int = max_streams or int(getattr(cfg, "max_streams", DEFAULT_TOTAL))
+    per_client: int = max_streams_per_client or int(getattr(cfg, "max_streams_per_client",
+                                                            DEFAULT_PER_CLIENT))
     # Spare threads beyond the bound answer refusals at once, however many streams
     # are open; refused attempts hold one only for the refusal.
     stream_pool = futures.ThreadPoolExecutor(max_workers=total + max(4, total // 4),
                                              thread_name_prefix="grpc-stream")
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
         options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                  ("grpc.max_send_message_length", MAX_MESSAGE),
                  ("grpc.so_reuseport", 0)],
         # Calls queued or running at once, both pools: beyond it gRPC itself answers
         # RESOURCE_EXHAUSTED. Room for a burst of refused stream attempts on top of
         # a full unary queue.
-        maximum_concurrent_rpcs=(max_workers + total) * 8 + 1024,
+        maximum_concurrent_rpcs=(workers + total) * 8 + 1024,
         interceptors=[StreamInterceptor(StreamLimiter(per_client, total, "streams"),
                                         stream_pool),
                       GuardInterceptor(app.cfg.auth, RateLimiter(app.cfg.rate_limit))],

@@ -1,21 +1,23 @@
-"""Validation of task specs, shared by gRPC, HTTP and the CLI.
+"""Task spec limits and helpers, shared by gRPC, HTTP and the CLI.
 
 Nothing reaches the replicated state machine without passing :func:`normalize`,
 which returns a plain dict in the one shape the state machine stores, or raises
-:class:`InvalidTask` naming the field that was wrong.
+:class:`InvalidTask` naming the field that was wrong. The checks themselves are
+:meth:`taskandgo.node.vocabulary.TaskSpec.check`; this module holds the limits and
+the parsing helpers they use.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
-import uuid
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from taskandgo.consensus.state import PRIORITY_LEVELS, STATUSES
-from taskandgo.node.callworker import CALL_RE, CALL_SHAPE
-from taskandgo.strategies import STRATEGIES
+
+if TYPE_CHECKING:
+    from taskandgo.node.vocabulary import TaskSpec
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
@@ -140,101 +142,14 @@ def _depth(value: Any, limit: int = 1000) -> int:
     return deepest
 
 
-def normalize(raw: dict[str, Any], default_strategy: str) -> dict[str, Any]:
-    """Check a spec and return it in stored form (see module docstring)."""
-    if not isinstance(raw, dict):
-        raise InvalidTask("task", "expected an object")
-    spec: dict[str, Any] = {}
-    tid = raw.get("id")
-    if tid is None or tid == "":
-        tid = uuid.uuid4().hex
-    if not isinstance(tid, str) or not ID_RE.fullmatch(tid):
-        raise InvalidTask("task_id", "1-128 characters of letters, digits and ._:@- "
-                          "starting with a letter or digit")
-    spec["id"] = tid
-    spec["priority"] = parse_priority(raw.get("priority"))
-
-    data, argv, call = raw.get("data") or "", raw.get("argv") or [], raw.get("call") or ""
-    kinds = [k for k, v in (("data", data), ("argv", argv), ("call", call)) if v]
-    if not kinds:
-        raise InvalidTask("data", "a task needs data, argv or call")
-    if len(kinds) > 1:
-        raise InvalidTask(kinds[1], f"give only one of data, argv, call (got {', '.join(kinds)})")
-    if data:
-        if not isinstance(data, str):
-            raise InvalidTask("data", "expected a string")
-        check_size("data", data, MAX_PAYLOAD)
-        spec["data"] = data
-    if argv:
-        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
-            raise InvalidTask("argv", "expected a list of strings")
-        check_size("argv", argv, MAX_PAYLOAD)
-        spec["argv"] = list(argv)
-    # Errors name the field as the caller spelled it: ``args`` (a JSON value, HTTP)
-    # or ``args_json`` (JSON text, gRPC and the CLI); the same for items.
-    args_field = "args" if raw.get("args") is not None else "args_json"
-    if call:
-        if not isinstance(call, str) or not CALL_RE.fullmatch(call):
-            raise InvalidTask("call", CALL_SHAPE)  # the allow-list's rules: node/callworker.py
-        check_size("call", call, MAX_CALL)
-        spec["call"] = call
-        args = _json_field(args_field, raw.get("args", raw.get("args_json")), MAX_PAYLOAD)
-        if args is not None and not isinstance(args, (list, dict)):
-            raise InvalidTask(args_field, "expected a JSON list or object")
-        if args is not None:
-            spec["args"] = args
-    elif raw.get("args") or raw.get("args_json"):
-        raise InvalidTask(args_field, "arguments are only for call tasks")
-
-    strategy = raw.get("strategy") or default_strategy
-    if strategy not in STRATEGIES:
-        raise InvalidTask("strategy", f"{strategy!r}: expected split or batch")
-    spec["strategy"] = strategy
-
-    shards = raw.get("shards") or 0
-    if isinstance(shards, bool) or not isinstance(shards, int) or not 0 <= shards <= MAX_SHARDS:
-        raise InvalidTask("shards", f"expected an integer 0..{MAX_SHARDS}")
-    items_field = "items" if raw.get("items") is not None else "items_json"
-    items = _json_field(items_field, raw.get("items", raw.get("items_json")), MAX_ITEMS_BYTES)
-    if items is not None:
-        if not isinstance(items, list):
-            raise InvalidTask(items_field, "expected a JSON list")
-        if len(items) > MAX_ITEMS:
-            raise InvalidTask(items_field, f"more than {MAX_ITEMS} items")
-        if items:
-            spec["items"] = items
-    if shards and items and shards > len(items):
-        shards = len(items)
-    if (shards or items) and strategy != "split":
-        raise InvalidTask("strategy", "shards and items need the split strategy")
-    if items and not shards:
-        shards = min(len(items), MAX_SHARDS)
-    if shards:
-        spec["shards"] = shards
-
-    timeout = raw.get("timeout_s") or 0
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
-            or not math.isfinite(timeout) or not 0 <= timeout <= MAX_TIMEOUT_S:
-        raise InvalidTask("timeout_s", f"expected seconds 0..{MAX_TIMEOUT_S:g}")
-    if timeout:
-        spec["timeout_s"] = float(timeout)
-    retries = raw.get("retries") or 0
-    if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= MAX_RETRIES:
-        raise InvalidTask("retries", f"expected an integer 0..{MAX_RETRIES}")
-    if retries:
-        spec["retries"] = retries
-
-    labels = raw.get("labels") or {}
-    if not isinstance(labels, dict) or len(labels) > MAX_LABELS:
-        raise InvalidTask("labels", f"expected at most {MAX_LABELS} key=value pairs")
-    for k, v in labels.items():
-        if not isinstance(k, str) or not LABEL_KEY_RE.fullmatch(k):
-            raise InvalidTask("labels", f"bad label key {k!r}")
-        if not isinstance(v, str) or len(v) > 255:
-            raise InvalidTask("labels", f"label {k}: value must be a string of at most 255 chars")
-    if labels:
-        spec["labels"] = dict(labels)
-    return spec
+def normalize(raw: Mapping[str, Any] | TaskSpec, default_strategy: str) -> dict[str, Any]:
+    """Check a spec and return it in stored form (see module docstring). ``raw`` is a
+    request mapping (checked here by :meth:`TaskSpec.check`) or a spec the servers
+    checked already (given the node's default strategy if it names none)."""
+    spec_type = _vocabulary.TaskSpec
+    if isinstance(raw, spec_type):
+        return raw.resolved(default_strategy).to_stored()
+    return spec_type.check(raw, default_strategy).to_stored()
 
 
 def check_status(status: str) -> str:
@@ -260,3 +175,8 @@ def payload_for(spec: dict[str, Any], chunk: int, count: int) -> dict[str, Any]:
     if chunk >= 0:
         p["items"] = chunk_items(spec.get("items"), chunk, count)
     return p
+
+
+# At the end: vocabulary imports this module's names, so it can be imported only once
+# they exist (whichever of the two is imported first); normalize looks it up per call.
+import taskandgo.node.vocabulary as _vocabulary
