@@ -23,6 +23,17 @@ from typing import Any, TypeVar
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, SyncObjConsumer, replicated
 from pysyncobj.journal import FIRST_RECORD_OFFSET
 from pysyncobj.pipe_notifier import PipeNotifier
+from taskandgo.consensus.commands import (
+    COMMAND_IDS,  # noqa: F401 (re-exported: tests/cluster/test_upgrade.py pins it)
+    Assign,
+    AssignEntry,
+    Cancel,
+    Compact,
+    Complete,
+    Requeue,
+    StateCommand,
+    Submit,
+)
 from taskandgo.consensus.durability import DurableJournal, install_durable_replace
 from taskandgo.consensus.state import SchedulerState
 from taskandgo.consensus.transport import BoundedTCPTransport
@@ -39,11 +50,10 @@ MAYBE_COMMITTED = {FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME}
 SNAPSHOT_FORMAT = "taskandgo.snapshot"
 SNAPSHOT_VERSION = 1
 
-#: Replicated methods in the order PySyncObj numbers them (sorted by name within a
-#: code version). Journals store these numbers, so a new command must sort after the
-#: last one here or every journal on disk would replay the wrong methods;
-#: tests/cluster/test_upgrade.py pins this list.
-COMMAND_IDS = ("assign", "cancel", "compact", "complete", "requeue", "submit", "verify")
+# COMMAND_IDS (consensus/commands.py): replicated methods in the order PySyncObj
+# numbers them (sorted by name within a code version). Journals store these numbers,
+# so a new command must sort after the last one there or every journal on disk would
+# replay the wrong methods; tests/cluster/test_upgrade.py pins the list.
 
 #: What this release's state machine understands, reported in heartbeats. The leader
 #: uses a feature only once every voter has reported at least its level, so during a
@@ -168,12 +178,12 @@ class ReplicatedState(SyncObjConsumer):
         with self._lock:
             return self._last_audit
 
-    def _run(self, name: str, *args: Any) -> Any:
+    def _run(self, command: StateCommand) -> Any:
         with self._lock:
             try:
-                result, events = getattr(self.state, name)(*args)
+                result, events = command.apply(self.state)
             except Exception:
-                log.exception("replicated %s raised; recorded as rejected", name)
+                log.exception("replicated %s raised; recorded as rejected", command.NAME)
                 self.state.rejected_commands += 1
                 return None
         if events and self._listener is not None:
@@ -185,27 +195,27 @@ class ReplicatedState(SyncObjConsumer):
 
     @replicated
     def submit(self, specs: list, now: float) -> Any:
-        return self._run("apply_submit", specs, now)
+        return self._run(Submit(tuple(specs), now))
 
     @replicated
     def assign(self, assignments: list, now: float, lease_s: float) -> Any:
-        return self._run("apply_assign", assignments, now, lease_s)
+        return self._run(Assign(tuple(AssignEntry(*a) for a in assignments), now, lease_s))
 
     @replicated
     def complete(self, results: list, now: float) -> Any:
-        return self._run("apply_complete", results, now)
+        return self._run(Complete(tuple(results), now))
 
     @replicated
     def cancel(self, task_ids: list, now: float) -> Any:
-        return self._run("apply_cancel", task_ids, now)
+        return self._run(Cancel(tuple(task_ids), now))
 
     @replicated
     def requeue(self, units: list, now: float, reason: str) -> Any:
-        return self._run("apply_requeue", units, now, reason)
+        return self._run(Requeue(tuple(units), now, reason))
 
     @replicated
     def compact(self, now: float, retention_s: float, max_finished: int) -> Any:
-        return self._run("apply_compact", now, retention_s, max_finished)
+        return self._run(Compact(now, retention_s, max_finished))
 
     @replicated
     def verify(self, cluster_id: str, prev_index: int, prev_window: str,

@@ -268,10 +268,6 @@ class NodeApp:
     def leader_grpc(self) -> str | None:
         return self.worker.leader_grpc()
 
-    def propose(self, command: str, *args: Any, callback: Callable[[Any, int], None],
-                timeout_s: float = 2.0) -> None:
-        self.replica.propose(command, *args, callback=callback, timeout_s=timeout_s)
-
     def read(self, fn: Callable[[SchedulerState], Any]) -> Any:
         return self.replica.read(fn)
 

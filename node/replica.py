@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from taskandgo.consensus.commands import Command, Verify
 from taskandgo.consensus.identity import (
     ClusterIdentity,
     check_data_dir,
@@ -181,7 +182,7 @@ class Replica:
 
     # ------------------------------------------------------------------ proposals
 
-    def propose(self, command: str, *args: Any, callback: Callable[[Any, int], None],
+    def propose(self, command: Command, *, callback: Callable[[Any, int], None],
                 timeout_s: float = 2.0) -> None:
         """Propose a replicated command; callback(result, err) is called exactly once:
         when it applies, when PySyncObj reports failure, or with LEADER_CHANGED after
@@ -200,14 +201,18 @@ class Replica:
             if entry is not None:
                 entry[1](result, err)
 
-        getattr(self.replicated, command)(*args, callback=once)
+        self._call(command, callback=once)
         if self.raft is not None:
             self.raft.wake()
 
-    def send(self, command: str, *args: Any) -> None:
+    def send(self, command: Command) -> None:
         """Propose a command whose outcome nobody waits for (requeue, compact)."""
+        self._call(command)
+
+    def _call(self, command: Command, **kw: Any) -> None:
+        """The replicated method that carries the command, with its log form."""
         assert self.replicated is not None
-        getattr(self.replicated, command)(*args)
+        getattr(self.replicated, command.NAME)(*command.args(), **kw)
 
     def release_proposals(self, everything: bool) -> None:
         """Fail pending proposals that are past their deadline (or all of them)."""
@@ -260,7 +265,7 @@ class Replica:
         if index and self.raft.applied_index() <= index:
             return  # nothing applied since: an idle cluster writes nothing
         proposal = self.replicated.cluster_id or uuid.uuid4().hex
-        self.replicated.verify(proposal, index, window, summary)
+        self.send(Verify(proposal, index, window, tuple(summary)))
         if self.raft is not None:
             self.raft.wake()
 

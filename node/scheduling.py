@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
+from taskandgo.consensus.commands import Assign, AssignEntry, Compact, Complete, Requeue
 from taskandgo.consensus.state import SchedulerState, priority_name
 from taskandgo.node import decisions as d
 from taskandgo.node.config import NodeConfig
@@ -144,8 +145,8 @@ class Scheduler:
             self.replica.maybe_verify(now)
             if now - self._last_compact > 10.0:
                 self._last_compact = now
-                self.replica.send("compact", time.time(), self.cfg.retention_s,
-                                  self.cfg.max_finished)
+                self.replica.send(Compact(time.time(), self.cfg.retention_s,
+                                          self.cfg.max_finished))
 
     def _become_leader(self, now: float) -> None:
         """A new leader: forget the old view of workers (they get a full lease to
@@ -169,7 +170,7 @@ class Scheduler:
             self._wake.set()
 
         self.ready = False
-        self.replica.propose("requeue", [], time.time(), "", callback=ready)
+        self.replica.propose(Requeue((), time.time()), callback=ready)
 
     def _heartbeat_self(self) -> None:
         now = time.monotonic()
@@ -253,10 +254,10 @@ class Scheduler:
         # ones it has seen), once every voter knows them (RAFT_PROTOCOL 2): an
         # earlier release would count tokens itself and diverge.
         random_tokens = self.replica.voters_at(2)
-        self.replica.propose("assign", [(a.task_id, a.chunk, a.chunk_count, a.worker)
-                                        + ((secrets.randbits(63) or 1,) if random_tokens else ())
-                                        for a in assignments],
-                             time.time(), self.cfg.lease_s, callback=done)
+        self.replica.propose(Assign(tuple(
+            AssignEntry(a.task_id, a.chunk, a.chunk_count, a.worker,
+                        (secrets.randbits(63) or 1) if random_tokens else None)
+            for a in assignments), time.time(), self.cfg.lease_s), callback=done)
 
     # ------------------------------------------------------------------ leases
 
@@ -271,7 +272,7 @@ class Scheduler:
         if tick is not None and tick > replicated_now:
             # A retry is due by this leader's clock but not yet by the replicated
             # one (this node's wall clock is behind it): move the replicated clock.
-            self.replica.send("requeue", [], max(tick, wall), "")
+            self.replica.send(Requeue((), max(tick, wall)))
         with self._lock:
             workers = tuple(w.view() for w in self.workers.values())
         actions = d.expired_leases(d.LeaseView(
@@ -296,10 +297,10 @@ class Scheduler:
         tail = self.replica.requeue_tail()
         started = {(u[0], u[1], u[2], u[3]): (u[4], u[5]) for u in units}
         lost = [(r.key, *started.get(r.key, ("", 0.0))) for r in actions.requeue]
-        self.replica.send("requeue", [list(r.key) + tail for r in actions.requeue]
-                          + self._deaths(lost), wall, reason)
+        self.replica.send(Requeue(tuple((*r.key, *tail) for r in actions.requeue)
+                                  + self._deaths(lost), wall, reason))
 
-    def _deaths(self, lost: list[tuple[d.AttemptKey, str, float]]) -> list[list]:
+    def _deaths(self, lost: list[tuple[d.AttemptKey, str, float]]) -> tuple[tuple, ...]:
         """Requeued attempts ``(key, worker, attempt start)``: confirm-death entries for
         those whose worker already runs as a newer process than the attempt (it died
         running it and is back), and remember the others until their worker is heard
@@ -308,16 +309,16 @@ class Scheduler:
         tail = self.replica.requeue_tail()
         if not tail:
             return []
-        out = []
+        out: list[tuple] = []
         with self._lock:
             for key, worker, started in lost:
                 w = self.workers.get(worker)
                 if w is not None and w.started_at > started:
-                    out.append([*key, tail[0], w.started_at, started])
+                    out.append((*key, tail[0], w.started_at, started))
                 elif worker:
                     self._lost_on.setdefault(worker, []).append((key, started))
                     del self._lost_on[worker][:-1000]  # bounded: oldest forgotten
-        return out
+        return tuple(out)
 
     def _heard_again(self, worker: str) -> None:
         """Under self._lock: a heartbeat from a worker with attempts requeued from it.
@@ -327,12 +328,12 @@ class Scheduler:
         lost = self._lost_on.pop(worker, [])
         tail = self.replica.requeue_tail()
         w = self.workers[worker]
-        entries = [[*key, tail[0], w.started_at, started] for key, started in lost
-                   if tail and started < w.started_at]
+        entries = tuple((*key, tail[0], w.started_at, started) for key, started in lost
+                        if tail and started < w.started_at)
         if entries:
             log.warning("node %s: %s restarted while running %d unit(s): counted for the "
                         "poison rule", self.node_id, worker, len(entries))
-            self.replica.send("requeue", entries, time.time(), f"worker {worker} died")
+            self.replica.send(Requeue(entries, time.time(), f"worker {worker} died"))
 
     def worker_gone(self, node_id: str, reason: str) -> int:
         """A worker is known to be gone (its pod was deleted or evicted): on the
@@ -352,8 +353,8 @@ class Scheduler:
             started = {(u[0], u[1], u[2], u[3]): (u[4], u[5])
                        for u in self.replica.read(lambda s: s.running_units())}
             lost = [(tuple(u), *started.get(tuple(u), (node_id, 0.0))) for u in units]
-            self.replica.send("requeue", [list(u) + tail for u in units] + self._deaths(lost),
-                              time.time(), f"worker {node_id}: {reason}")
+            self.replica.send(Requeue(tuple((*u, *tail) for u in units) + self._deaths(lost),
+                                      time.time(), f"worker {node_id}: {reason}"))
         return len(units)
 
     # ------------------------------------------------------------------ results
@@ -386,7 +387,7 @@ class Scheduler:
                         fut.set_result(False)
             self._wake.set()
 
-        self.replica.propose("complete", results, time.time(), callback=done, timeout_s=3.0)
+        self.replica.propose(Complete(tuple(results), time.time()), callback=done, timeout_s=3.0)
 
     def accept_peer_results(self, results: list[dict[str, Any]],
                             peer: PeerIdentity) -> tuple[bool, int]:

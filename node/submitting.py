@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
+from taskandgo.consensus.commands import Cancel, Submit
 from taskandgo.consensus.raft import MAYBE_COMMITTED, fail_reason_name
 from taskandgo.node.config import NodeConfig
 from taskandgo.node.replica import NotFound, Replica, Unavailable, spec_to_api
@@ -113,7 +114,7 @@ class Submitter:
         deadline = time.monotonic() + min(timeout_s, SUBMIT_RETRY_S)
 
         def propose() -> None:
-            self.replica.propose("cancel", [task_id], time.time(), callback=done)
+            self.replica.propose(Cancel((task_id,), time.time()), callback=done)
 
         def done(result: Any, err: int) -> None:
             if err == 0 and result:
@@ -193,7 +194,7 @@ class Submitter:
                 threading.Timer(0.05 if err not in MAYBE_COMMITTED else 0.0,
                                 lambda: [self._q.put(it) for it in retry]).start()
 
-        self.replica.propose("submit", specs, time.time(), callback=done)
+        self.replica.propose(Submit(tuple(specs), time.time()), callback=done)
 
 
 __all__ = ["MAX_SUBMIT_BATCH", "MAX_SUBMIT_BYTES", "SUBMIT_RETRY_S", "Submitter"]

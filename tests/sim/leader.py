@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from taskandgo.consensus.commands import Assign, AssignEntry, Compact, Complete, Requeue
 from taskandgo.node import decisions as d
 from taskandgo.strategies import QueuedUnit
 
@@ -85,7 +86,7 @@ class LeaderSide:
             if err == 0 and self.leader_since == now:
                 self.leader_ready = True
 
-        self.propose("requeue", [], self.wall(), "", callback=ready)
+        self.propose(Requeue((), self.wall()), callback=ready)
 
     def step_down(self) -> None:
         self.leading_term = None
@@ -117,8 +118,7 @@ class LeaderSide:
             # Also what releases due retries (apply_* advance the state's clock) when
             # nothing else is proposed.
             self.last_compact = now
-            self.propose("compact", self.wall(), 24 * 3600.0, 100_000,
-                         callback=lambda *_: None)
+            self.propose(Compact(self.wall(), 24 * 3600.0, 100_000), callback=lambda *_: None)
 
     def plan_and_assign(self) -> None:
         """Scheduler._plan_and_assign: the view from the replica and the worker table,
@@ -185,9 +185,9 @@ class LeaderSide:
                 self.dispatch(result)
             self.assigning.pop(cid, None)
 
-        self.propose("assign", [(a.task_id, a.chunk, a.chunk_count, a.worker, tok)
-                                for a, tok in zip(assignments, tokens)],
-                     self.wall(), self.world.cfg.lease_s, callback=done)
+        self.propose(Assign(tuple(AssignEntry(a.task_id, a.chunk, a.chunk_count, a.worker, tok)
+                                  for a, tok in zip(assignments, tokens)),
+                            self.wall(), self.world.cfg.lease_s), callback=done)
 
     def dispatch(self, batch: list) -> None:
         """_dispatch_loop for one committed assign: one Dispatch per worker."""
@@ -227,7 +227,7 @@ class LeaderSide:
         tick, self.retry_seen = d.due_retry_tick(s.delayed, s.now, self.retry_seen, now)
         if tick is not None and tick > s.now:
             self.world.trace(f"{self.id} moves the replicated clock to {tick:.2f} (a retry is due)")
-            self.propose("requeue", [], max(tick, self.wall()), "", callback=lambda *_: None)
+            self.propose(Requeue((), max(tick, self.wall())), callback=lambda *_: None)
         actions = d.expired_leases(d.LeaseView(
             now, cfg.lease_s, max(2.5, 4 * cfg.heartbeat_s), self.leader_since,
             tuple(w.view() for w in self.workers.values()),
@@ -243,8 +243,8 @@ class LeaderSide:
         reason = actions.requeue[0].reason
         self.world.trace(f"{self.id} requeues "
                          f"{[f'{r.key[0]}/{r.key[1]}' for r in actions.requeue]}: {reason}")
-        self.propose("requeue", [list(r.key) + [self.started_wall] for r in actions.requeue],
-                     self.wall(), reason, callback=lambda *_: None)
+        self.propose(Requeue(tuple((*r.key, self.started_wall) for r in actions.requeue),
+                             self.wall(), reason), callback=lambda *_: None)
 
     def record_heartbeat(self, req: dict[str, Any]) -> list[UnitKey]:
         """_record_heartbeat: update the worker table; return units to kill."""
@@ -354,7 +354,7 @@ class LeaderSide:
                     elif not self.is_leader():
                         fut.value = False
 
-        self.propose("complete", results, self.wall(), callback=done, timeout_s=3.0)
+        self.propose(Complete(tuple(results), self.wall()), callback=done, timeout_s=3.0)
 
     # ------------------------------------------------------------------ holds
 

@@ -17,11 +17,20 @@ import pickle
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from taskandgo.consensus.commands import Cancel, Command, Submit, Verify, from_args
 from taskandgo.consensus.state import SchedulerState
 from taskandgo.node import decisions as d
 
 from .leader import HoldOp, LeaderSide, WorkerInfo
 from .worker import Pending, Run, UnitKey, Work, WorkerSide
+
+
+def apply(state: SchedulerState, name: str, args: Any) -> Any:
+    """A log entry applied to a replica as ReplicatedState does: the typed command
+    rebuilt from its log form, applied to the state (result, events)."""
+    command = from_args(name, args)
+    assert not isinstance(command, Verify)  # the simulated log carries no audits
+    return command.apply(state)
 
 if TYPE_CHECKING:
     from .world import ClientCall, Msg, World
@@ -160,14 +169,14 @@ class SimNode(WorkerSide, LeaderSide):
 
     # ------------------------------------------------------------------ replica
 
-    def propose(self, name: str, *args: Any, callback: Callable[[Any, int], None],
+    def propose(self, command: Command, *, callback: Callable[[Any, int], None],
                 timeout_s: float = 2.0) -> None:
-        """app.propose: callback(result, err) exactly once: when the command applies
+        """Replica.propose: callback(result, err) exactly once: when the command applies
         here, at once when no leader can be reached, or LEADER_CHANGED at timeout_s
         or when this node stops leading (it may still commit)."""
         pid = self.world.pid()
         self.proposals[pid] = (self.world.now + timeout_s, callback)
-        outcome = self.world.log.propose(self, pid, name, args)
+        outcome = self.world.log.propose(self, pid, command.NAME, command.args())
         if outcome == "refused":
             self.refused.append(pid)
 
@@ -175,7 +184,7 @@ class SimNode(WorkerSide, LeaderSide):
         assert self.replica is not None
         while self.applied < index:
             e = self.world.log.entries[self.applied]
-            result, _ = getattr(self.replica, "apply_" + e.name)(*pickle.loads(e.blob))
+            result, _ = apply(self.replica, e.name, pickle.loads(e.blob))
             self.applied += 1
             self.world.checker.on_apply(self)
             if e.proposer == self.id and e.pid in self.proposals:
@@ -312,14 +321,14 @@ class SimNode(WorkerSide, LeaderSide):
                 else:
                     self.world.on_submit_done(*item[1], False)
 
-        self.propose("submit", specs, self.wall(), callback=done)
+        self.propose(Submit(tuple(specs), self.wall()), callback=done)
 
     def client_cancel(self, tid: str) -> None:
         deadline = self.world.now + SUBMIT_RETRY_S
 
         def done(result: Any, err: int) -> None:
             if err and self.world.now < deadline and self.up:
-                self.propose("cancel", [tid], self.wall(), callback=done)
+                self.propose(Cancel((tid,), self.wall()), callback=done)
 
-        self.propose("cancel", [tid], self.wall(), callback=done)
+        self.propose(Cancel((tid,), self.wall()), callback=done)
 

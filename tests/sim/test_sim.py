@@ -256,7 +256,10 @@ PLANTED: dict[str, list[tuple[Any, str, Callable[[Any], Any]]]] = {
     "replicas diverged": [(sim_node.SimNode, "apply_to", skip_completes)],
     "lost unit not requeued": [(decisions, "expired_leases", lambda f: lambda view: f(
         replace(view, lease_s=1e9, grace_s=1e9)))],
-    "ran twice at once": [(sim_node.SimNode, "dispatch", to_two_workers)],
+    # (a worker's kills and its own lease bound a stray run to a lease: disabled too)
+    "ran twice at once": [(sim_node.SimNode, "dispatch", to_two_workers),
+                          (sim_node.SimNode, "kill", lambda f: lambda self, keys: None),
+                          (sim_node.SimNode, "check_lease", lambda f: lambda self: None)],
     "bounded queues": [(decisions, "free_slots", lambda f: lambda view: tuple(
         replace(w, free_slots=w.free_slots + 3) for w in f(view)))],
 }

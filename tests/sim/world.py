@@ -26,9 +26,10 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from taskandgo.consensus.state import FINAL, SchedulerState
+from taskandgo.node.decisions import RETRY_CAP_S
 
 from .invariants import Checker, Violation
-from .node import SimNode
+from .node import SimNode, apply
 
 PRIORITIES = (0, 10, 20, 30)
 
@@ -45,7 +46,9 @@ class SimConfig:
     heartbeat_s: float = 0.3
     steps: int = 100
     drain_s: float = 600.0  # at most this long without faults for every task to end
-    stall_s: float = 30.0  # ... and never this long without a unit ending
+    # ... and never this long without a unit ending: longer than the longest retry
+    # backoff (a task whose retry waits for it has nothing else to do meanwhile)
+    stall_s: float = RETRY_CAP_S * 1.5 + 10.0
     p_fault: float = 0.05  # per step
     p_submit: float = 0.3
     p_cancel: float = 0.02
@@ -272,7 +275,7 @@ class World:
     def on_commit(self, index: int, e: Entry) -> None:
         args = pickle.loads(e.blob)
         self.checker.before_commit(e.name, args)
-        _, events = getattr(self.truth, "apply_" + e.name)(*args)
+        _, events = apply(self.truth, e.name, args)
         self.checker.after_commit(index, e.name, args, events)
 
     # ------------------------------------------------------------------ the schedule

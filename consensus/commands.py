@@ -1,0 +1,188 @@
+"""The replicated commands, as typed values.
+
+Every change to the replicated state is one of these commands, proposed by a node
+through :meth:`taskandgo.node.replica.Replica.propose` (or ``send``) and applied, in
+log order, by every replica's :class:`taskandgo.consensus.raft.ReplicatedState`
+through :meth:`apply` on its :class:`~taskandgo.consensus.state.SchedulerState`.
+
+A command is frozen; ``NAME`` is the replicated method that carries it (pinned in
+``COMMAND_IDS``: the log refers to methods by their sorted position) and
+:meth:`args` is exactly what goes into the log entry. That form is the replicated
+format: entries written by earlier releases carry it, and a replica of an earlier
+release in a rolling upgrade reads it, so :meth:`args` yields plain lists, tuples,
+dicts and numbers (no class of this module ever reaches the log) and each command
+rebuilds from it (:func:`from_args`).
+
+``now`` is the proposing node's wall clock; the state's clock takes the largest
+``now`` applied (it never goes back), which releases retries and stamps times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+if TYPE_CHECKING:
+    from taskandgo.consensus.state import Event, SchedulerState
+
+#: The replicated methods, in the order PySyncObj numbers them (sorted by name).
+COMMAND_IDS = ("assign", "cancel", "compact", "complete", "requeue", "submit", "verify")
+
+
+class AssignEntry(NamedTuple):
+    """One unit given to a worker: chunk -1 is a whole task, or the first chunk of a
+    split task not yet cut into ``chunk_count`` chunks. ``token``: the fencing token
+    the leader drew (None: the replicas count tokens, RAFT_PROTOCOL below 2)."""
+
+    task_id: str
+    chunk: int
+    chunk_count: int
+    worker: str
+    token: int | None = None
+
+    def wire(self) -> tuple[Any, ...]:
+        head = (self.task_id, self.chunk, self.chunk_count, self.worker)
+        return head if self.token is None else (*head, self.token)
+
+
+@dataclass(frozen=True, slots=True)
+class Submit:
+    """Accept tasks (specs in stored form, checked by taskandgo.node.tasks)."""
+
+    NAME: ClassVar[str] = "submit"
+    specs: tuple[Mapping[str, Any], ...]
+    now: float
+
+    def args(self) -> tuple[Any, ...]:
+        return list(self.specs), self.now
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_submit(list(self.specs), self.now)
+
+
+@dataclass(frozen=True, slots=True)
+class Assign:
+    """Give units to workers for ``lease_s`` (each gets an attempt and a token)."""
+
+    NAME: ClassVar[str] = "assign"
+    entries: tuple[AssignEntry, ...]
+    now: float
+    lease_s: float
+
+    def args(self) -> tuple[Any, ...]:
+        return [e.wire() for e in self.entries], self.now, self.lease_s
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_assign([e.wire() for e in self.entries], self.now, self.lease_s)
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    """Record units' results (dicts as workers report them; a failed one carries
+    its retry backoff)."""
+
+    NAME: ClassVar[str] = "complete"
+    results: tuple[Mapping[str, Any], ...]
+    now: float
+
+    def args(self) -> tuple[Any, ...]:
+        return list(self.results), self.now
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_complete(list(self.results), self.now)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    """End tasks as cancelled (and their running units)."""
+
+    NAME: ClassVar[str] = "cancel"
+    task_ids: tuple[str, ...]
+    now: float
+
+    def args(self) -> tuple[Any, ...]:
+        return list(self.task_ids), self.now
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_cancel(list(self.task_ids), self.now)
+
+
+@dataclass(frozen=True, slots=True)
+class Requeue:
+    """Hand attempts back to the queue, with why. Each unit is
+    ``[task_id, chunk, attempt, token, *tail]`` (see consensus/state.py
+    apply_requeue: the requeuing leader's start time; confirm-death entries carry
+    the worker's and the attempt's start times). No units: a clock tick (it moves
+    the replicated clock, releasing due retries; a new leader's first entry)."""
+
+    NAME: ClassVar[str] = "requeue"
+    units: tuple[tuple[Any, ...], ...]
+    now: float
+    reason: str = ""
+
+    def args(self) -> tuple[Any, ...]:
+        return [list(u) for u in self.units], self.now, self.reason
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_requeue([list(u) for u in self.units], self.now, self.reason)
+
+
+@dataclass(frozen=True, slots=True)
+class Compact:
+    """Forget finished tasks older than ``retention_s`` beyond ``max_finished``."""
+
+    NAME: ClassVar[str] = "compact"
+    now: float
+    retention_s: float
+    max_finished: int
+
+    def args(self) -> tuple[Any, ...]:
+        return self.now, self.retention_s, self.max_finished
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_compact(self.now, self.retention_s, self.max_finished)
+
+
+@dataclass(frozen=True, slots=True)
+class Verify:
+    """Audit point (see ReplicatedState.verify): applied by the replication layer
+    itself, not by the scheduler state."""
+
+    NAME: ClassVar[str] = "verify"
+    cluster_id: str
+    prev_index: int
+    prev_window: str
+    prev_summary: tuple[Any, ...]
+
+    def args(self) -> tuple[Any, ...]:
+        return self.cluster_id, self.prev_index, self.prev_window, list(self.prev_summary)
+
+
+#: A command the scheduler state applies.
+StateCommand = Submit | Assign | Complete | Cancel | Requeue | Compact
+Command = StateCommand | Verify
+
+
+def from_args(name: str, args: Sequence[Any]) -> Command:
+    """The command a log entry of replicated method ``name`` carries (its
+    :meth:`args`, as an earlier release may also have written them)."""
+    if name == "submit":
+        return Submit(tuple(args[0]), args[1])
+    if name == "assign":
+        return Assign(tuple(AssignEntry(*e) for e in args[0]), args[1], args[2])
+    if name == "complete":
+        return Complete(tuple(args[0]), args[1])
+    if name == "cancel":
+        return Cancel(tuple(args[0]), args[1])
+    if name == "requeue":
+        return Requeue(tuple(tuple(u) for u in args[0]), args[1], args[2])
+    if name == "compact":
+        return Compact(args[0], args[1], args[2])
+    if name == "verify":
+        return Verify(args[0], args[1], args[2], tuple(args[3]))
+    raise ValueError(f"unknown replicated command {name!r}")
+
+
+__all__ = ["COMMAND_IDS", "Assign", "AssignEntry", "Cancel", "Command", "Compact", "Complete",
+           "Requeue", "StateCommand", "Submit", "Verify", "from_args"]
