@@ -283,6 +283,10 @@ class SafeSyncObj(SyncObj):
       term); only entries beyond that, never acknowledged in this term, may go.
     """
 
+    # SyncObj's private log (its ``__raftLog``), replaced below by the durable journal;
+    # declared because PySyncObj has no types for mypy to find it by.
+    _SyncObj__raftLog: Any
+
     def __init__(self, *args: Any, journal_mode: str = "always", dump_path: str = "",
                  journal_path: str = "", replicated_state: ReplicatedState | None = None,
                  cluster_id: str = "", **kwargs: Any) -> None:
@@ -334,7 +338,8 @@ class SafeSyncObj(SyncObj):
         self._tg_sync()  # before the leader counts its own log towards a commit
         SyncObj._onTick(self, timeToWait)
 
-    def _SyncObj__sendNextNodeIdx(self, node, reset=False, nextNodeIdx=None, success=False):
+    def _SyncObj__sendNextNodeIdx(self, node: Any, reset: bool = False,
+                                  nextNodeIdx: int | None = None, success: bool = False) -> Any:
         if success:
             self._tg_sync()  # acknowledge only what is on stable storage
         if success and nextNodeIdx is not None:
@@ -359,14 +364,14 @@ class SafeSyncObj(SyncObj):
             except Exception:
                 log.exception("fail-stop handler failed")
 
-    def _SyncObj__doApplyCommand(self, command):
+    def _SyncObj__doApplyCommand(self, command: Any) -> Any:
         if self._tg_fatal is not None:
             raise RuntimeError("replica stopped: " + self._tg_fatal)
         if self._tg_state is not None:
             self._tg_state.note_entry(command)
         return SyncObj._SyncObj__doApplyCommand(self, command)
 
-    def _SyncObj__loadDumpFile(self, clearJournal):
+    def _SyncObj__loadDumpFile(self, clearJournal: bool) -> Any:
         try:
             data = self._SyncObj__serializer.deserialize()
         except Exception as exc:  # noqa: BLE001
@@ -407,7 +412,7 @@ class SafeSyncObj(SyncObj):
 
     # ---- messages
 
-    def _SyncObj__onMessageReceived(self, node, message):
+    def _SyncObj__onMessageReceived(self, node: Any, message: Any) -> Any:
         if self._tg_fatal is not None:
             return None
         if isinstance(message, dict):

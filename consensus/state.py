@@ -531,7 +531,7 @@ class SchedulerState:
         """Cancel tasks. Returns ``(task_id, status, running_units)`` per id, where
         running_units are ``(task_id, chunk, attempt, token, worker)`` to kill."""
         events = self._advance(now)
-        out = []
+        out: list[tuple[str, str, list[Any]]] = []
         for tid in task_ids if isinstance(task_ids, list) else []:
             task = self.tasks.get(str(tid))
             if task is None:
@@ -620,7 +620,7 @@ class SchedulerState:
         excess = len(self.finished) - max(0, int(max_finished))
         # finished is in finish order: walk only the head that goes (copying all of
         # it, up to --max-finished entries, stalled every replica's tick thread).
-        doomed = []
+        doomed: list[str] = []
         for tid, at in self.finished.items():
             if excess - len(doomed) <= 0 and at > now - retention_s:
                 break
@@ -768,7 +768,7 @@ class SchedulerState:
                          "exit_code", "node"):
                 setattr(t, name, d[name])
             st.tasks[t.id] = t
-        st.heap = [tuple(e) for e in data.get("heap", [])]  # type: ignore[misc]
+        st.heap = [tuple(e) for e in data.get("heap", [])]
         heapq.heapify(st.heap)
         st.delayed = {(k0, k1): v for k0, k1, v in data.get("delayed", [])}
         st.running = {(k0, k1): v for k0, k1, v in data.get("running", [])}

@@ -57,7 +57,7 @@ log = logging.getLogger("taskandgo.raft.transport")
 #: PySyncObj's frame header: a native signed 32-bit length (struct format "i").
 _HEADER = struct.Struct("i")
 _MAX_HEADER = 2**31 - 1
-_read_once = TcpConnection._TcpConnection__processRead  # type: ignore[attr-defined]
+_read_once = TcpConnection._TcpConnection__processRead
 #: accept() errors that say nothing about the listening socket: keep listening.
 _TRANSIENT_ACCEPT = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM,
                      errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
