@@ -14,8 +14,9 @@ import ipaddress
 import os
 import re
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from taskandgo.node.security import ExecPolicy, TokenAuth, parse_cert_names
 from taskandgo.strategies import STRATEGIES
@@ -365,14 +366,22 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    "interfaces but loopback (TASKANDGO_SANDBOX_NETWORK; on)")
 
 
-def _pick(flag: object, env: dict[str, str], name: str, default: object, cast: type) -> object:
+_T = TypeVar("_T")
+_D = TypeVar("_D")
+
+
+def _pick(flag: Any, env: dict[str, str], name: str, default: _D,
+          cast: Callable[[str], _T]) -> _T | _D:
+    """The command-line flag when given (argparse has already cast it), else the environment
+    variable `name` through `cast`, else `default`. A variable `cast` refuses is a ConfigError."""
     if flag is not None:
         return flag
     if env.get(name, "") != "":
         try:
             return cast(env[name])
         except ValueError:
-            raise ConfigError(f"{name}={env[name]!r} is not a valid {cast.__name__}") from None
+            kind = getattr(cast, "__name__", "value")
+            raise ConfigError(f"{name}={env[name]!r} is not a valid {kind}") from None
     return default
 
 
@@ -517,7 +526,11 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} / TASKANDGO_{name.upper()}: "
                               "need at least 1")
-    cfg = dataclasses.replace(cfg, **streams)
+    cfg = dataclasses.replace(
+        cfg, max_streams=streams["max_streams"],
+        max_streams_per_client=streams["max_streams_per_client"],
+        grpc_threads=streams["grpc_threads"], max_waits=streams["max_waits"],
+        max_waits_per_client=streams["max_waits_per_client"])
     request_timeout_s = float(_pick(getattr(args, "http_request_timeout_s", None), env,
                                     "TASKANDGO_HTTP_REQUEST_TIMEOUT_S", 10.0, float))
     if not 0 < request_timeout_s <= 3600:

@@ -572,7 +572,8 @@ class Executor:
         """Take back every unit still waiting to start whose priority is below
         min_priority (a higher-priority task arrived); the caller hands them back."""
         with self._lock:
-            keep, out = [], []
+            keep: list[tuple[int, int, Work]] = []
+            out: list[tuple[int, int, Work]] = []
             for entry in self._ready:
                 (out if entry[2].priority < min_priority else keep).append(entry)
             if not out:
@@ -623,6 +624,7 @@ class Executor:
     def _run(self, w: Work) -> None:
         cancel = self._active.get(w.key) or threading.Event()
         started = time.time()
+        out: dict[str, Any]
         try:
             if cancel.is_set():  # killed before it started
                 out = {"ok": False, "result": "", "error": "cancelled", "exit_code": -9}

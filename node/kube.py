@@ -46,7 +46,7 @@ class PodWatcher:
     that worker's units if it is the leader (and ignores the call otherwise).
     Reconnects with backoff after any API error; stops with :meth:`stop`."""
 
-    def __init__(self, namespace: str, selector: str, on_gone: Callable[[str, str], None],
+    def __init__(self, namespace: str, selector: str, on_gone: Callable[[str, str], object],
                  api: Any = None) -> None:
         self.namespace = namespace
         self.selector = selector

@@ -332,7 +332,7 @@ class Replica:
             "foreign_peers": [f"{p} (cluster {c})"
                               for p, c in sorted(raft.foreign_peers().items())]}
         rs = raft.status()
-        st["role"] = {0: "follower", 1: "candidate", 2: "leader"}.get(rs.get("state"), "follower")
+        st["role"] = {0: "follower", 1: "candidate", 2: "leader"}.get(rs.get("state", -1), "follower")
         st["raft_term"] = rs.get("raft_term", 0)
         st["commit_index"] = rs.get("commit_idx", 0)
         st["applied_index"] = rs.get("last_applied", 0)

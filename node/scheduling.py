@@ -308,7 +308,7 @@ class Scheduler:
         times; the poison rule needs every voter at RAFT_PROTOCOL 3."""
         tail = self.replica.requeue_tail()
         if not tail:
-            return []
+            return ()
         out: list[tuple] = []
         with self._lock:
             for key, worker, started in lost:

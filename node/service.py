@@ -15,7 +15,7 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from typing import Any
 
@@ -222,7 +222,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         (and, with --peer-cert-names, a node's client certificate), within its rate.
         Raises Unauthenticated, PermissionDenied (a client's API token or
         certificate) or RateLimited."""
-        md = dict(context.invocation_metadata() or ())
+        # Values are str but for binary ("-bin") keys, none of which is read here.
+        md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         auth = self.app.peer_auth
         token = TokenAuth.parse_header(md.get("authorization"))
         api_token = False
@@ -234,7 +235,8 @@ class PeerService(peer_pb2_grpc.PeerServicer):
                 pass
         peer = auth.check(md, has_api_token=api_token)
         if auth.cert_names:
-            ac = context.auth_context() or {}
+            # The stubs say Mapping[str, bytes]; gRPC gives a list of bytes per property.
+            ac: Mapping[str, list[bytes]] = context.auth_context() or {}  # type: ignore[assignment]
             names = [v.decode(errors="replace") for k in ("x509_subject_alternative_name",
                                                           "x509_common_name")
                      for v in ac.get(k, [])]
@@ -354,14 +356,14 @@ def server_credentials(cfg: Any) -> grpc.ServerCredentials | None:
     if not cfg.tls:
         return None
 
-    def read(path: str | None) -> bytes | None:
-        if not path:
-            return None
+    def read(path: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
 
+    # cfg.tls: both the key and the certificate are set.
     return grpc.ssl_server_credentials(
-        [(read(cfg.tls_key), read(cfg.tls_cert))], root_certificates=read(cfg.tls_ca),
+        [(read(cfg.tls_key), read(cfg.tls_cert))],
+        root_certificates=read(cfg.tls_ca) if cfg.tls_ca else None,
         require_client_auth=bool(cfg.tls_client_auth))
 
 

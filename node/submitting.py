@@ -191,8 +191,11 @@ class Submitter:
                     item[1].set_exception(Unavailable(
                         f"no leader: submit not committed ({fail_reason_name(err)})"))
             if retry:
-                threading.Timer(0.05 if err not in MAYBE_COMMITTED else 0.0,
-                                lambda: [self._q.put(it) for it in retry]).start()
+                def resubmit() -> None:
+                    for it in retry:
+                        self._q.put(it)
+
+                threading.Timer(0.05 if err not in MAYBE_COMMITTED else 0.0, resubmit).start()
 
         self.replica.propose(Submit(tuple(specs), time.time()), callback=done)
 

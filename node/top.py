@@ -62,12 +62,12 @@ def fetch(client: Client, max_running: int = 200) -> Snapshot:
     queue = dict(node["queue_by_priority"]) if node else None
     if node and not node.get("voter"):
         # A worker holds no replica of the queue: count the queued tasks instead.
-        queued = attempt("queue", lambda: client.list("queued", limit=10_000)) or []
+        queued = attempt("queue", lambda: client.list_tasks("queued", limit=10_000)) or []
         queue = {}
         for t in queued:
             name = str(t.get("priority_name") or t["priority"])
             queue[name] = queue.get(name, 0) + 1
-    running = attempt("tasks", lambda: client.list("running", limit=max_running))
+    running = attempt("tasks", lambda: client.list_tasks("running", limit=max_running))
     return Snapshot(time.time(), cluster, node, queue, running, tuple(errors))
 
 

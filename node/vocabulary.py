@@ -554,8 +554,8 @@ def api_error(exc: BaseException) -> ApiError | None:
     elif isinstance(exc, grpc.RpcError):
         status_code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNAVAILABLE
         code = status_code.name
-        message = exc.details() if hasattr(exc, "details") else str(exc)
-        message = message or ""
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        message = details or ""
     else:
         return None
     status = http_status_of(code)
