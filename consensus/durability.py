@@ -88,7 +88,7 @@ def _durable_atomic_replace(old_path: str, new_path: str) -> Any:
 
 def install_durable_replace(on: bool) -> None:
     """Make PySyncObj's snapshot writer durable (process-wide: one node per process)."""
-    global _durable_replace_on
+    global _durable_replace_on  # noqa: PLW0603 - PySyncObj's serializer is module state too
     _durable_replace_on = on
     _pso_serializer.atomicReplace = _durable_atomic_replace
 

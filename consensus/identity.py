@@ -116,7 +116,7 @@ def record_cluster_id(data_dir: str, ident: ClusterIdentity, cluster_id: str) ->
 
 def record_divergence(data_dir: str, reason: str) -> None:
     try:
-        write_durably(os.path.join(data_dir, DIVERGED_FILE),
-                      (time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + reason + "\n").encode())
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime())
+        write_durably(os.path.join(data_dir, DIVERGED_FILE), (stamp + reason + "\n").encode())
     except OSError:
         pass  # the process is stopping anyway; the log says why

@@ -377,7 +377,7 @@ class SafeSyncObj(SyncObj):
         except Exception as exc:  # noqa: BLE001
             # PySyncObj would log and carry on with an empty state and a cut journal.
             self.tg_fail_stop(f"snapshot {self._tg_dump_name()} is unreadable ({exc!r})")
-            return
+            return None
         if not clearJournal:
             self._tg_align_journal(data[2], data[1])
         return SyncObj._SyncObj__loadDumpFile(self, clearJournal)

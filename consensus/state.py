@@ -20,7 +20,8 @@ from __future__ import annotations
 import heapq
 import json
 import sys
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 QUEUED = "queued"
 RUNNING = "running"
@@ -63,7 +64,8 @@ def priority_name(value: int) -> str:
 class Unit:
     """One schedulable piece: a whole task or one chunk of a split task."""
 
-    __slots__ = (
+    # The order is the snapshot and fingerprint format (__getstate__): never sort it.
+    __slots__ = (  # noqa: RUF023
         "status", "attempt", "token", "node", "exit_code", "result", "error",
         "started_at", "finished_at", "qseq", "deadline", "lost", "deaths",
     )
@@ -118,7 +120,8 @@ class Task:
     still at its defaults back into the int, so replicas that materialised at
     different moments have equal snapshots and fingerprints."""
 
-    __slots__ = (
+    # The order is the snapshot and fingerprint format (__getstate__): never sort it.
+    __slots__ = (  # noqa: RUF023
         "id", "spec", "priority", "strategy", "status", "created_at", "finished_at",
         "retries", "_u", "chunks", "chunk_count", "chunks_done", "key", "result",
         "error", "exit_code", "node",
@@ -333,7 +336,8 @@ class SchedulerState:
             events.append(("task", tid, QUEUED, WHOLE, "", now))
         return out, events
 
-    def apply_assign(self, assignments: list, now: float, lease_s: float) -> tuple[list, list[Event]]:
+    def apply_assign(self, assignments: list, now: float,
+                     lease_s: float) -> tuple[list, list[Event]]:
         """Hand queued units to workers.
 
         Each assignment is ``(task_id, chunk, chunk_count, worker[, token])``.
@@ -613,7 +617,8 @@ class SchedulerState:
             events.append(("task", tid, "requeued", chunk, unit.node, now))
         return n, events
 
-    def apply_compact(self, now: float, retention_s: float, max_finished: int) -> tuple[int, list[Event]]:
+    def apply_compact(self, now: float, retention_s: float,
+                      max_finished: int) -> tuple[int, list[Event]]:
         """Forget finished tasks older than retention_s or beyond the newest max_finished."""
         events = self._advance(now)
         removed = 0
@@ -691,7 +696,7 @@ class SchedulerState:
         return out
 
     def counts_by_status(self) -> dict[str, int]:
-        counts = {s: 0 for s in STATUSES}
+        counts = dict.fromkeys(STATUSES, 0)
         for t in self.tasks.values():
             counts[t.status] = counts.get(t.status, 0) + 1
         return counts
@@ -772,8 +777,8 @@ class SchedulerState:
         heapq.heapify(st.heap)
         st.delayed = {(k0, k1): v for k0, k1, v in data.get("delayed", [])}
         st.running = {(k0, k1): v for k0, k1, v in data.get("running", [])}
-        st.finished = {k: v for k, v in data.get("finished", [])}
-        st.queued_by_priority = {k: v for k, v in data.get("queued_by_priority", [])}
+        st.finished = dict(data.get("finished", []))
+        st.queued_by_priority = dict(data.get("queued_by_priority", []))
         for name in ("seq", "next_token", "dropped_results", "committed_results",
                      "rejected_commands", "now"):
             setattr(st, name, data.get(name, getattr(st, name)))

@@ -9,7 +9,7 @@ from typing import Any
 
 def noop(*args: Any, **kwargs: Any) -> None:
     """Does nothing: measures the scheduler's own overhead per task."""
-    return None
+    return
 
 
 def echo(*args: Any, **kwargs: Any) -> Any:

@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as exc:
             req, bad = None, f"not JSON: {exc}"
         if not isinstance(req, dict):
-            out.write(json.dumps({"ok": False, "result": "", "error": f"bad request: {bad}"}) + "\n")
+            refused = {"ok": False, "result": "", "error": f"bad request: {bad}"}
+            out.write(json.dumps(refused) + "\n")
             continue
         reply = runner.run(req)
         out.write(json.dumps(reply) + "\n")

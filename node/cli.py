@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--slots", type=int, default=None)
 
     sp = sub.add_parser("submit", help="submit a task",
-                        usage="taskandgo submit [options] [-- 'python: CODE' | 'sh: CODE' | ARGV...]")
+                        usage="taskandgo submit [options] "
+                        "[-- 'python: CODE' | 'sh: CODE' | ARGV...]")
     client_args(sp)
     sp.add_argument("--priority", default="medium", help="low|medium|high|critical|INT")
     sp.add_argument("--id", default=None, help="task id; doubles as idempotency key")
@@ -284,7 +285,9 @@ def _print_task(t: dict[str, Any], brief: bool = False) -> None:
 
 
 def _ts(x: float) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(x)) + f".{int(x * 1000) % 1000:03d}" if x else "-"
+    if not x:
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(x)) + f".{int(x * 1000) % 1000:03d}"
 
 
 def cmd_get(c: Any, args: argparse.Namespace) -> int:

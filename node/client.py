@@ -153,7 +153,7 @@ class Client:
                     request, timeout=max(0.2, min(left, attempt_s)), metadata=self._metadata)
             except grpc.RpcError as exc:
                 last = exc
-                if exc.code() not in RETRYABLE or node is not None and attempt >= 2:
+                if exc.code() not in RETRYABLE or (node is not None and attempt >= 2):
                     raise TaskAndGoError(exc.code().name, exc.details() or "") from None
             attempt += 1
             if node is None:
@@ -260,7 +260,8 @@ class Client:
         return self._stub(self.nodes[self._current % len(self.nodes)]).WatchTasks(
             req, metadata=self._metadata)
 
-    def watch(self, task_ids: list[str] | None = None, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+    def watch(self, task_ids: list[str] | None = None,
+              after_seq: int = 0) -> Iterator[dict[str, Any]]:
         """Follow events (task state changes, leader changes, nodes up/down). A stream
         the node refuses (RESOURCE_EXHAUSTED: too many open streams) or that fails
         raises TaskAndGoError with the node's code and message."""

@@ -77,8 +77,8 @@ class NodeConfig:
     kube_api: bool = False
     namespace: str = "default"
     pod_selector: str = ""
-    auth: TokenAuth = TokenAuth()
-    policy: ExecPolicy = ExecPolicy()
+    auth: TokenAuth = field(default_factory=TokenAuth)
+    policy: ExecPolicy = field(default_factory=ExecPolicy)
     rate_limit: float = 0.0
     max_queued: int = 1_000_000
     prefetch: int = 128
@@ -437,7 +437,8 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     if slots < 1:
         raise ConfigError("--slots / TASKANDGO_SLOTS must be at least 1")
     cfg = NodeConfig(
-        node_id=str(_pick(args.node_id, env, "TASKANDGO_NODE_ID", pod or socket.gethostname(), str)),
+        node_id=str(_pick(args.node_id, env, "TASKANDGO_NODE_ID", pod or socket.gethostname(),
+                          str)),
         bind=bind,
         advertise=str(advertise),
         grpc_port=grpc_port,
@@ -449,7 +450,8 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         strategy=strategy,
         raft_password=password,
         lease_s=float(_pick(args.lease_s, env, "TASKANDGO_LEASE_S", 3.0, float)),
-        default_runner=str(_pick(args.default_runner, env, "TASKANDGO_DEFAULT_RUNNER", "echo", str)),
+        default_runner=str(_pick(args.default_runner, env, "TASKANDGO_DEFAULT_RUNNER", "echo",
+                                 str)),
         interpreters=interpreters,
         retention_s=float(_pick(args.retention_s, env, "TASKANDGO_RETENTION_S", 86400.0, float)),
         max_finished=int(_pick(args.max_finished, env, "TASKANDGO_MAX_FINISHED", 100_000, int)),
@@ -482,7 +484,8 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
             with open(token_file, encoding="utf-8") as f:
                 tokens += "\n" + f.read()
         except OSError as exc:
-            raise ConfigError(f"TASKANDGO_API_TOKEN_FILE: cannot read {token_file}: {exc}") from None
+            raise ConfigError(
+                f"TASKANDGO_API_TOKEN_FILE: cannot read {token_file}: {exc}") from None
     auth = TokenAuth.from_text(tokens, open_read_only=env.get(
         "TASKANDGO_AUTH_READ_ONLY", "open").strip().lower() != "token")
     try:
@@ -504,7 +507,8 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         raise ConfigError("--tls-client-auth needs --tls-cert, --tls-key and --tls-ca")
     cfg = dataclasses.replace(
         cfg, election_min_s=lo, election_max_s=hi, append_entries_s=append_s,
-        snapshot_interval_s=snapshot_s, fsync=fsync, kube_api=kube_api, namespace=namespace, pod_selector=env.get("TASKANDGO_POD_SELECTOR", ""),
+        snapshot_interval_s=snapshot_s, fsync=fsync, kube_api=kube_api, namespace=namespace,
+        pod_selector=env.get("TASKANDGO_POD_SELECTOR", ""),
         auth=auth, policy=policy,
         rate_limit=float(_pick(getattr(args, "rate_limit", None), env, "TASKANDGO_RATE_LIMIT",
                                0.0, float)),

@@ -191,7 +191,8 @@ class LeaseActions:
 # ---------------------------------------------------------------------- planning
 
 
-def live_workers(workers: Iterable[WorkerView], now: float, lease_s: float) -> tuple[WorkerView, ...]:
+def live_workers(workers: Iterable[WorkerView], now: float,
+                 lease_s: float) -> tuple[WorkerView, ...]:
     """Workers heard from within the lease (strictly) that accept work."""
     return tuple(w for w in workers if now - w.last_seen < lease_s and w.accepting)
 
@@ -459,14 +460,16 @@ def run_time_s(result: Mapping[str, object]) -> float:
     return max(0.0, _float(result.get("finished_at")) - _float(result.get("started_at")))
 
 
-def update_run_ewma(run_ewma: float | None, results: Iterable[Mapping[str, object]]) -> float | None:
+def update_run_ewma(run_ewma: float | None,
+                    results: Iterable[Mapping[str, object]]) -> float | None:
     """The moving average of run times after these committed results (handed-back
     units do not count: they did not run)."""
     for r in results:
         if r.get("requeue"):
             continue
         rt = run_time_s(r)
-        run_ewma = rt if run_ewma is None else (1 - RUN_EWMA_WEIGHT) * run_ewma + RUN_EWMA_WEIGHT * rt
+        run_ewma = rt if run_ewma is None \
+            else (1 - RUN_EWMA_WEIGHT) * run_ewma + RUN_EWMA_WEIGHT * rt
     return run_ewma
 
 

@@ -139,17 +139,18 @@ class Sandbox:
         hidden = tuple(dict.fromkeys(os.path.abspath(h) for h in hide if h))
         binds: list[str] = []
         roots = [d for d in SYSTEM_DIRS if os.path.isdir(d)]
-        candidates = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))]
+        candidates = [sys.prefix, sys.base_prefix,
+                      os.path.dirname(os.path.realpath(sys.executable))]
         for var in ("PATH", "PYTHONPATH", "VIRTUAL_ENV"):
             candidates += os.environ.get(var, "").split(os.pathsep)
         candidates += list(extra_binds)
-        for c in candidates:
+        for candidate in candidates:
             # Only absolute, existing directories; never one that holds (or is
             # inside) a hidden path's directory tree such as the data dir, the
             # node's working directory or /tmp (tasks get their own).
-            if not c or not os.path.isabs(c) or not os.path.isdir(c):
+            if not candidate or not os.path.isabs(candidate) or not os.path.isdir(candidate):
                 continue
-            c = os.path.realpath(c)
+            c = os.path.realpath(candidate)
             if c == "/" or _under(c, "/tmp") or _under(c, "/proc") or _under(c, "/dev") \
                     or any(_under(h, c) or _under(c, h) for h in hidden) \
                     or any(_under(c, r) for r in roots + binds):
@@ -429,7 +430,8 @@ class CallPool:
         proc._buf = rest  # type: ignore[attr-defined]
         return line
 
-    def call(self, request: dict[str, Any], timeout_s: float, cancel: threading.Event) -> dict[str, Any]:
+    def call(self, request: dict[str, Any], timeout_s: float,
+             cancel: threading.Event) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         reply = self._call_once(request, timeout_s, deadline, cancel)
         if reply.pop("fresh", False):
@@ -463,7 +465,8 @@ class CallPool:
         except Cancelled:
             return {"ok": False, "result": "", "error": "cancelled", "exit_code": -9}
         except (OSError, EOFError, ValueError) as exc:
-            return {"ok": False, "result": "", "error": f"call worker failed: {exc}", "exit_code": -1}
+            return {"ok": False, "result": "", "error": f"call worker failed: {exc}",
+                    "exit_code": -1}
         finally:
             if healthy:
                 self._idle.put(proc)
@@ -756,7 +759,8 @@ class Executor:
                 # Cancelled, or the task's main process is done: end its whole group
                 # so a leftover grandchild cannot hold the pipes open.
                 _killpg(proc)
-            ready, _, _ = select.select(open_fds, [], [], max(0.0, min(left, 0.1)) if left > 0 else 0.1)
+            wait_s = max(0.0, min(left, 0.1)) if left > 0 else 0.1
+            ready, _, _ = select.select(open_fds, [], [], wait_s)
             for fd in ready:
                 data = os.read(fd, 65536)
                 if not data:

@@ -17,7 +17,8 @@ import logging
 import select
 import socket
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 log = logging.getLogger("taskandgo.kube")
 

@@ -58,8 +58,9 @@ def run_local(nodes: int, base_port: int, voters: int, data_dir: str, fresh: boo
     print(f"{'node':8} {'role':6} {'gRPC':16} {'HTTP':22} {'Raft':16}")
     for n in plan:
         os.makedirs(n.data_dir, exist_ok=True)
-        log = open(os.path.join(n.data_dir, "node.log"), "ab")
-        procs.append(subprocess.Popen(node_argv(n, plan, extra), stdout=log, stderr=log))
+        # The node holds its own copy of the log's descriptor.
+        with open(os.path.join(n.data_dir, "node.log"), "ab") as log:
+            procs.append(subprocess.Popen(node_argv(n, plan, extra), stdout=log, stderr=log))
         print(f"{n.node_id:8} {'voter' if n.voter else 'worker':6} {n.grpc:16} "
               f"http://127.0.0.1:{n.http_port:<6} 127.0.0.1:{n.raft_port}")
     print(f"\nSubmit:  taskandgo submit --node {plan[0].grpc} --wait -- 'python: print(6*7)'")

@@ -297,7 +297,8 @@ class Replica:
         ids = list(dict.fromkeys(task_ids))
 
         def unfinished(among: set[str]) -> Callable[[SchedulerState], set[str]]:
-            return lambda s: {t for t in among if t not in s.tasks or s.tasks[t].status not in FINAL}
+            return lambda s: {t for t in among
+                              if t not in s.tasks or s.tasks[t].status not in FINAL}
 
         # Check every id once, then only the ids that events name (a full check
         # again whenever events may have been missed), not every id on every event.
@@ -332,7 +333,8 @@ class Replica:
             "foreign_peers": [f"{p} (cluster {c})"
                               for p, c in sorted(raft.foreign_peers().items())]}
         rs = raft.status()
-        st["role"] = {0: "follower", 1: "candidate", 2: "leader"}.get(rs.get("state", -1), "follower")
+        st["role"] = {0: "follower", 1: "candidate", 2: "leader"}.get(rs.get("state", -1),
+                                                                      "follower")
         st["raft_term"] = rs.get("raft_term", 0)
         st["commit_index"] = rs.get("commit_idx", 0)
         st["applied_index"] = rs.get("last_applied", 0)

@@ -75,8 +75,8 @@ class TokenAuth:
     def from_text(cls, text: str | None, open_read_only: bool = True) -> TokenAuth:
         """Tokens one per line (or comma separated); blank lines and # comments skipped."""
         out = []
-        for line in (text or "").replace(",", "\n").splitlines():
-            line = line.strip()
+        for raw in (text or "").replace(",", "\n").splitlines():
+            line = raw.strip()
             if line and not line.startswith("#"):
                 out.append(line.encode())
         return cls(tuple(out), open_read_only)
@@ -162,8 +162,8 @@ class PeerAuth:
         configured peer name (no-op without configured names)."""
         if not self.cert_names:
             return
-        for name in names:
-            name = name.lower().rstrip(".")
+        for presented in names:
+            name = presented.lower().rstrip(".")
             for want in self.cert_names:
                 if name == want or (want.startswith("*.") and "." in name
                                     and name.split(".", 1)[1] == want[2:]

@@ -179,4 +179,4 @@ def payload_for(spec: dict[str, Any], chunk: int, count: int) -> dict[str, Any]:
 
 # At the end: vocabulary imports this module's names, so it can be imported only once
 # they exist (whichever of the two is imported first); normalize looks it up per call.
-import taskandgo.node.vocabulary as _vocabulary
+import taskandgo.node.vocabulary as _vocabulary  # noqa: E402

@@ -101,8 +101,7 @@ def render(snap: Snapshot, width: int = 100, height: int = 40, interval_s: float
         counts = "  ".join(f"{k} {by_status[k]}" for k in STATUSES if k in by_status)
         lines.append(f"tasks: {counts}   committed results {cluster.get('committed_results', 0)}"
                      f"   dropped {cluster.get('dropped_results', 0)}")
-    for err in snap.errors:
-        lines.append(f"! {err} (retrying)")
+    lines.extend(f"! {err} (retrying)" for err in snap.errors)
     lines.append("")
 
     lines.append(f"{'NODE':12} {'ROLE':11} {'HEALTH':11} {'CPU':>5} {'MEM':>5} {'RSS':>8} "

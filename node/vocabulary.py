@@ -539,10 +539,9 @@ def api_error(exc: BaseException) -> ApiError | None:
     A call this node forwarded to another (``TaskAndGoError`` from the client, or a
     ``grpc.RpcError``) is answered with that node's code and message; over HTTP a
     400 names the field its message starts with."""
-    for cls, code, status, fld, pad in error_table():
+    for cls, code, status, table_field, pad in error_table():
         if isinstance(exc, cls):
-            if isinstance(exc, InvalidTask):
-                fld = exc.field
+            fld = exc.field if isinstance(exc, InvalidTask) else table_field
             retry = getattr(exc, "retry_after_s", None) if status == 429 else None
             return ApiError(code, status, str(exc), fld, retry, pad)
     from taskandgo.node.client import TaskAndGoError

@@ -164,11 +164,10 @@ class WorkerTable:
         # A voter not heard from: unreachable once every live node has had a full
         # lease to report to this leader; until then, not known yet.
         settled = leader_since is not None and now - leader_since > self.cfg.lease_s
-        for v in self.cfg.voters:
-            if v.raft not in seen_raft:
-                nodes.append({"id": v.grpc, "role": "unreachable" if settled else "unknown",
-                              "voter": True,
-                              "grpc_address": v.grpc, "raft_address": v.raft, "ready": False})
+        nodes.extend({"id": v.grpc, "role": "unreachable" if settled else "unknown",
+                      "voter": True, "grpc_address": v.grpc, "raft_address": v.raft,
+                      "ready": False}
+                     for v in self.cfg.voters if v.raft not in seen_raft)
         return nodes
 
 
