@@ -38,18 +38,20 @@ def task_spec(
     args: Any = None, id: str | None = None, priority: str | int = "medium",
     strategy: str = "", shards: int = 0, items: list | None = None,
     timeout_s: float = 0.0, retries: int = 0, labels: Mapping[str, str] | None = None,
-) -> TaskSpec:
-    """A checked TaskSpec (what :meth:`Client.submit_many` takes), by the node's own
-    checks: a bad field raises TaskAndGoError ``INVALID_ARGUMENT`` naming it, as the
-    node would answer. An id is chosen here when none is given; a strategy left out
-    is the node's default (``SCHEDULER_STRATEGY``)."""
+) -> dict[str, Any]:
+    """A TaskSpec dict (the fields of ``taskandgo.v1.TaskSpec``: what
+    :meth:`Client.submit_many` takes, as in earlier releases), checked here by the
+    node's own checks: a bad field raises TaskAndGoError ``INVALID_ARGUMENT`` naming
+    it, as the node would answer. An id is chosen here when none is given; a
+    strategy left out is the node's default (``SCHEDULER_STRATEGY``)."""
     raw = {"id": id, "priority": priority, "data": data, "argv": argv, "call": call,
            "args": args, "strategy": strategy, "shards": shards, "items": items,
            "timeout_s": timeout_s, "retries": retries, "labels": labels}
     try:
-        return TaskSpec.check(raw, default_strategy="")
+        spec = TaskSpec.check(raw, default_strategy="")
     except InvalidTask as exc:
         raise TaskAndGoError("INVALID_ARGUMENT", str(exc)) from None
+    return dict_from_message(spec.to_proto())
 
 
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 * 1024 * 1024),

@@ -138,7 +138,7 @@ def test_stored_form_is_exactly_the_replicated_format() -> None:
 
 def test_a_spec_without_a_strategy_takes_the_nodes() -> None:
     spec = task_spec(items=[1, 2], data="python: print(1)")
-    assert spec.strategy == "" and spec.shards == 2
+    assert spec["strategy"] == "" and spec["shards"] == 2 and spec["items_json"] == "[1,2]"
     assert normalize(spec, "split")["strategy"] == "split"
     with pytest.raises(InvalidTask) as err:
         normalize(spec, "batch")
