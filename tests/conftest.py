@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
-from harness import Cluster, serve  # noqa: E402
+from harness import Cluster, serve
 
 
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)

@@ -37,7 +37,8 @@ ALLOW = ("taskandgo.node.builtins", "calltarget", "callpkg")
 SECRET = "s3cret-raft-password-7f1c"
 
 TARGET = textwrap.dedent('''
-    """An allowed module with every shape a call path can reach (tests/cluster/test_call_policy.py)."""
+    """An allowed module with every shape a call path can reach
+    (tests/cluster/test_call_policy.py)."""
     import functools
     import importlib
     import subprocess
@@ -357,7 +358,8 @@ def test_worker_with_no_calls_allowed_runs_nothing(target: Path) -> None:
         pool.close()
 
 
-@pytest.mark.parametrize("entry", ["os:system", "_private", "pkg..mod", "taskandgo.node.builtins:echo"])
+@pytest.mark.parametrize("entry", ["os:system", "_private", "pkg..mod",
+                                   "taskandgo.node.builtins:echo"])
 def test_an_allow_calls_entry_that_is_no_module_name_refuses_to_start(tmp_path, entry) -> None:
     """A typo in --allow-calls could never match a call: the node says so at start
     instead of silently allowing nothing the operator meant."""

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from harness import Cluster, wait_for
-
 from taskandgo.node.client import TaskAndGoError, task_spec
 
 pytestmark = pytest.mark.cluster
@@ -66,7 +65,7 @@ def test_chaos_rounds_lose_nothing_and_commit_nothing_twice(tmp_path: Path) -> N
             else:
                 cluster.kill(victim, signal.SIGSTOP)
                 counts["stops"] += 1
-            wait_for(lambda: len(accepted) >= before + 20, 60,
+            wait_for(lambda: len(accepted) >= before + 20, 60,  # noqa: B023 - polled right here
                      f"the others to accept work with node-{victim} down")
             if fault == "kill":
                 cluster.start(victim)
@@ -80,7 +79,7 @@ def test_chaos_rounds_lose_nothing_and_commit_nothing_twice(tmp_path: Path) -> N
         cluster.check_invariants(accepted, timeout_s=120)
         with cluster.client() as c:
             status = c.cluster_status()
-            tasks = c.list(limit=10**6)
+            tasks = c.list_tasks(limit=10**6)
         # No task has retries, so every committed result is one unit's only one:
         # committed results == units that succeeded means nothing committed twice.
         units = sum(t["chunk_count"] or 1 for t in tasks if t["status"] == "succeeded")

@@ -351,7 +351,7 @@ def test_pdb_keeps_a_strict_majority_of_voters(helm, voters, pods, sets):
     pdb = one(docs, "PodDisruptionBudget")
     down = _pdb_tolerates(pdb, pods)
     # Worst case every pod taken is a voter.
-    assert 0 < down and voters - down > voters / 2, pdb["spec"]
+    assert down > 0 and voters - down > voters / 2, pdb["spec"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -23,23 +23,22 @@ ACCEPTED: dict[str, tuple[str, ...]] = {}  # task id -> allowed final states
 def cli(cluster: Cluster, *args: str, node: int = 0) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "taskandgo", *args[:1], "--node",
                            cluster.addr(node), *args[1:]], capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, check=False)
 
 
 def test_submits_through_every_node_run_on_more_than_one_node(cluster3: Cluster) -> None:
     ids = []
     for i in range(3):
         with cluster3.client(i) as c:
-            for k in range(4):
-                ids.append(c.submit("python: import time; time.sleep(0.4); print('ok')",
-                                    strategy="batch", labels={"test": "spread"}))
+            ids += [c.submit("python: import time; time.sleep(0.4); print('ok')",
+                             strategy="batch", labels={"test": "spread"}) for _ in range(4)]
     with cluster3.client() as c:
         tasks = c.wait(ids, timeout_s=60)
     assert [t["status"] for t in tasks] == ["succeeded"] * 12
     assert all(t["result"] == "ok" for t in tasks)
     nodes = {t["node"] for t in tasks}
     assert len(nodes) > 1, f"all tasks ran on {nodes}"
-    ACCEPTED.update({i: ("succeeded",) for i in ids})
+    ACCEPTED.update(dict.fromkeys(ids, ("succeeded",)))
 
 
 def test_split_task_with_six_shards_runs_on_all_nodes_and_gathers_in_order(
@@ -131,7 +130,7 @@ def test_duplicate_id_creates_one_task(cluster3: Cluster) -> None:
     with cluster3.client() as c:
         task = c.wait("dup-1", timeout_s=60)[0]
         assert task["result"] == "once"
-        assert [t["id"] for t in c.list(limit=100000)].count("dup-1") == 1
+        assert [t["id"] for t in c.list_tasks(limit=100000)].count("dup-1") == 1
     ACCEPTED["dup-1"] = ("succeeded",)
 
 
@@ -210,7 +209,7 @@ def test_seed_http_submit_on_a_follower(cluster3: Cluster) -> None:
 
 
 def test_zz_invariants_hold_after_the_module(cluster3: Cluster) -> None:
-    for allowed in {v for v in ACCEPTED.values()}:
+    for allowed in set(ACCEPTED.values()):
         ids = [k for k, v in ACCEPTED.items() if v == allowed]
         cluster3.check_invariants(ids, allow=allowed)
 
@@ -224,8 +223,9 @@ def test_grpc_health_and_reflection_on_every_node(cluster3: Cluster) -> None:
         with grpc.insecure_channel(cluster3.addr(i)) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             for service in ("", "taskandgo.v1.Scheduler"):
-                wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(service=service),
-                                              timeout=5).status
+                # The lambda is polled within this iteration: the loop variables are current.
+                wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(  # noqa: B023
+                    service=service), timeout=5).status  # noqa: B023
                          == health_pb2.HealthCheckResponse.SERVING, 10, f"{service!r} serving")
             refl = reflection_pb2_grpc.ServerReflectionStub(ch)
             resp = next(refl.ServerReflectionInfo(iter([

@@ -138,7 +138,7 @@ def test_task_submitted_through_the_form_reaches_succeeded_without_a_reload(
     # Free slots and running sets come with the workers' heartbeats, after the
     # results: the page catches up without a reload too.
     page.wait_for_function("[...document.querySelectorAll('#nodes td.runs')]"
-                           ".every(td => td.textContent === '–')")
+                           ".every(td => td.textContent === '–')")  # noqa: RUF001
     page.click(f"{row} button.toggle")
     page.wait_for_selector(f'#tasks tr[data-chunks-of="{task_id}"] tr[data-chunk="5"]')
     _screenshot(page, "dashboard.png")

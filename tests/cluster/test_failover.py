@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from harness import Cluster, wait_for
-
 from taskandgo.node.client import TaskAndGoError, task_spec
 
 pytestmark = pytest.mark.cluster
@@ -147,7 +146,7 @@ def test_sigterm_on_the_leader_hands_over_and_loses_nothing(cluster: Cluster) ->
     with cluster.client(others[0]) as c:
         running = c.submit_many([task_spec("sh: sleep 1; echo done", strategy="batch")
                                  for _ in range(6)])
-        wait_for(lambda: c.list(status="running"), 20, "tasks running")
+        wait_for(lambda: c.list_tasks(status="running"), 20, "tasks running")
         proc = cluster.procs[leader]
         assert proc is not None
         t0 = time.monotonic()

@@ -14,16 +14,14 @@ import json
 import os
 import urllib.error
 import urllib.request
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import grpc
 import pytest
-from harness import Cluster
 from conftest import _cluster
+from harness import Cluster
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from taskandgo.protos import taskandgo_pb2 as pb
 from taskandgo.protos import taskandgo_pb2_grpc as pb_grpc
 

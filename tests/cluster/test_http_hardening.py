@@ -289,7 +289,8 @@ def test_a_browser_must_send_json_as_application_json(node: Cluster) -> None:
     # a charset from anyone.
     for i, headers in enumerate([{"Content-Type": "application/x-www-form-urlencoded"},
                                  {"Content-Type": "text/plain"}, {},
-                                 {"Origin": same, "Content-Type": "application/json; charset=utf-8"}]):
+                                 {"Origin": same,
+                                  "Content-Type": "application/json; charset=utf-8"}]):
         status, _, body = post(port, "/submit-task", {"task_id": f"plain-ok-{i}", "data": "x"},
                                headers)
         assert status == 201, (headers, status, body)

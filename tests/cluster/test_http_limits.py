@@ -85,7 +85,7 @@ def read_response(s: socket.socket, timeout_s: float = 10.0) -> Response:
         if b"\r\n\r\n" in data:
             r = Response(data)
             length = int(r.headers.get("content-length", "-1"))
-            if length >= 0 and len(r.body) >= length or "text/event-stream" in data.decode(
+            if (length >= 0 and len(r.body) >= length) or "text/event-stream" in data.decode(
                     errors="replace"):
                 return r
         ready, _, _ = select.select([s], [], [], max(0.0, deadline - time.monotonic()))

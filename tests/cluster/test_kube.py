@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from harness import Cluster, wait_for
 from kube_standin import KubeStandIn, pod
-
 from taskandgo.node.kube import pod_gone, status_all_via_api
 
 pytestmark = pytest.mark.cluster
@@ -80,9 +79,9 @@ def test_which_pod_events_mean_gone() -> None:
     from kubernetes.client import V1ObjectMeta, V1Pod, V1PodStatus
 
     def p(phase: str = "Running", reason: str | None = None, deleting: bool = False) -> V1Pod:
-        return V1Pod(metadata=V1ObjectMeta(name="x", deletion_timestamp="2026-11-27T00:00:00Z" if deleting
-                                           else None), status=V1PodStatus(phase=phase,
-                                                                          reason=reason))
+        deleted_at = "2026-11-27T00:00:00Z" if deleting else None
+        return V1Pod(metadata=V1ObjectMeta(name="x", deletion_timestamp=deleted_at),
+                     status=V1PodStatus(phase=phase, reason=reason))
 
     assert pod_gone("DELETED", p()) == "pod deleted"
     assert pod_gone("MODIFIED", p("Failed", "Evicted")) == "pod evicted"

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from harness import Cluster, wait_for
-
 from taskandgo import Client
 
 pytestmark = pytest.mark.cluster
@@ -67,17 +66,18 @@ def test_local_starts_a_cluster_and_stops_every_node(tmp_path: Path) -> None:
             assert c.wait(tid, timeout_s=30)[0]["result"] == "42"
             ids = [json.loads(subprocess.run(
                 [sys.executable, "-m", "taskandgo", "status", "--json", "--node",
-                 f"127.0.0.1:{base + i}"], capture_output=True, text=True, timeout=30).stdout)["id"]
+                 f"127.0.0.1:{base + i}"], capture_output=True, text=True, timeout=30,
+                check=False).stdout)["id"]
                 for i in range(3)]
             assert ids == ["node-0", "node-1", "node-2"]
         local.send_signal(signal.SIGTERM)
         out, _ = local.communicate(timeout=30)
         assert local.returncode == 0, out
-        for i, port in enumerate((base, base + 100 + 1, base + 1000 + 2)):
+        for port in (base, base + 100 + 1, base + 1000 + 2):
             assert f"127.0.0.1:{port}" in out
         assert "stopped." in out
         node_lines = subprocess.run(["pgrep", "-f", f"--grpc-port {base}"], capture_output=True,
-                                    text=True).stdout.split()
+                                    text=True, check=False).stdout.split()
         assert not node_lines, "a node outlived taskandgo local"
     finally:
         if local.poll() is None:
@@ -96,5 +96,5 @@ def test_bad_settings_are_refused_with_the_setting_named(env: dict, flag: list, 
 
     res = subprocess.run([sys.executable, "-m", "taskandgo", "node", "--data-dir",
                           str(tmp_path), *flag], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, **env})
+                         env={**os.environ, **env}, check=False)
     assert res.returncode == 2 and message in res.stderr, res.stderr

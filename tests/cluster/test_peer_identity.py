@@ -17,14 +17,13 @@ import hmac
 import json
 import signal
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from harness import Cluster, wait_for
-
 from taskandgo import Client
 from taskandgo.protos import peer_pb2, peer_pb2_grpc
 

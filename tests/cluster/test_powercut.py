@@ -64,7 +64,7 @@ def _present(c: Cluster) -> set[str]:
         return leader + 1
     leader = wait_for(settled, 60, "every replica to apply the leader's log", every_s=0.2) - 1
     with c.client(leader, timeout_s=20) as cl:
-        return {t["id"] for t in cl.list(limit=10**7)}
+        return {t["id"] for t in cl.list_tasks(limit=10**7)}
 
 
 def _wait_serving(c: Cluster, mnt: Path, mode: str, stopped: list[str]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 from conftest import _cluster
@@ -57,7 +57,7 @@ def test_prefetched_low_units_never_start_after_a_high_one_is_accepted(
         lows = c.submit_many([{"call": sleep, "args": [0.01], "priority": "low",
                                "strategy": "batch"} for _ in range(400)])
         low_ids = [x["task_id"] for x in lows]
-        wait_for(lambda: len(c.list(status="running", limit=1000)) > 3,
+        wait_for(lambda: len(c.list_tasks(status="running", limit=1000)) > 3,
                  20, "low units to fill the prefetch windows")
         highs = c.submit_many([{"call": sleep, "args": [0.01], "priority": "high",
                                 "strategy": "batch"} for _ in range(20)])

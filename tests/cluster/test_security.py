@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from harness import Cluster, wait_for
-
+from harness import Cluster
 from taskandgo import Client
 from taskandgo.node.client import TaskAndGoError, task_spec
 
@@ -42,7 +41,7 @@ def test_tokens_guard_the_grpc_api_and_the_cluster_still_works(tmp_path: Path) -
         addr = c.addr(1)
         with Client([addr], timeout_s=3, token="") as anon:
             assert _codes(lambda: anon.submit("python: 1")) == "UNAUTHENTICATED"
-            assert _codes(lambda: anon.list()) == "UNAUTHENTICATED"
+            assert _codes(lambda: anon.list_tasks()) == "UNAUTHENTICATED"
         with Client([addr], timeout_s=3, token="wrong") as bad:
             assert _codes(lambda: bad.node_status(addr)) == "UNAUTHENTICATED"
         import grpc
@@ -59,25 +58,27 @@ def test_tokens_guard_the_grpc_api_and_the_cluster_still_works(tmp_path: Path) -
         assert {ch["node"] for ch in task["chunks"]} == {"node-0", "node-1", "node-2"}
         res = subprocess.run([sys.executable, "-m", "taskandgo", "get", tid, "--node", addr],
                              capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "TASKANDGO_TOKEN": TOKEN})
+                             env={**os.environ, "TASKANDGO_TOKEN": TOKEN}, check=False)
         assert res.returncode == 0 and "succeeded" in res.stdout, res.stderr
         res = subprocess.run([sys.executable, "-m", "taskandgo", "get", tid, "--node", addr,
-                              "--timeout", "2"], capture_output=True, text=True, timeout=60)
+                              "--timeout", "2"], capture_output=True, text=True, timeout=60,
+                             check=False)
         assert res.returncode == 2 and "UNAUTHENTICATED" in res.stderr
     finally:
         c.stop()
 
 
 def _cert(name: str, issuer_key=None, issuer_name=None, ca: bool = False):
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(subject)
                .issuer_name(issuer_name or subject).public_key(key.public_key())
                .serial_number(x509.random_serial_number())
@@ -127,7 +128,7 @@ def test_mtls_between_nodes_and_for_clients(tmp_path: Path) -> None:
         res = subprocess.run([sys.executable, "-m", "taskandgo", "status", "--node", addr,
                               "--tls-ca", pki["ca"], "--tls-cert", pki["client"],
                               "--tls-key", pki["client_key"], "--json"],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, check=False)
         assert res.returncode == 0, res.stderr
     finally:
         c.stop()

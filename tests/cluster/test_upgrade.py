@@ -61,7 +61,7 @@ def test_data_dir_of_release_0_1_0_restores(tmp_path: Path) -> None:
             assert got["legacy-b"]["result"] == "42"
             assert got["legacy-split"]["result"] == '["chunk 0", "chunk 1", "chunk 2"]'
             assert len(got["legacy-split"]["chunks"]) == 3
-            assert [t["id"] for t in cl.list(labels=["team=x"])] == ["legacy-d"]
+            assert [t["id"] for t in cl.list_tasks(labels=["team=x"])] == ["legacy-d"]
             new = cl.submit("sh: echo after-upgrade", strategy="batch")
             assert cl.wait(new, 30)[0]["result"] == "after-upgrade"
         assert (data / "cluster.json").exists()

@@ -6,7 +6,6 @@ from collections import Counter
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from taskandgo.strategies import QueuedUnit, Worker, chunk_count_for, plan
 
 units = st.lists(

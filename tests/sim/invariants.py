@@ -284,7 +284,8 @@ class Checker:
                 if w.now - lost[key] > within:
                     self.fail("lost unit not requeued", f"{tid}/{chunk} attempt {attempt} is "
                               f"running on {node} in the committed state, but {node} has not "
-                              f"held it for {w.now - lost[key]:.1f}s; {self.why_kept(node, started)}")
+                              f"held it for {w.now - lost[key]:.1f}s; "
+                              f"{self.why_kept(node, started)}")
         self.lost_since = lost
 
     def why_full(self, node: SimNode) -> str:

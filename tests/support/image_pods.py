@@ -623,7 +623,7 @@ class Pods:
 
     @property
     def token(self) -> str:
-        items = {p: k for p, k in self.tmpl["secret_items"].items()}
+        items = dict(self.tmpl["secret_items"])
         key = items.get("api-token", "api-token")
         return self.tmpl["secret"].get(key, "")
 
@@ -710,8 +710,8 @@ class Pods:
             text = path.read_text(errors="replace") if path.exists() else ""
             res = self.podman("logs", self.container(i), check=False, timeout_s=30)
             if res.returncode == 0:
-                text += f"===== container {self.container(i)} (current) =====\n" \
-                        f"{res.stdout}{res.stderr}"
+                text += (f"===== container {self.container(i)} (current) =====\n"
+                         f"{res.stdout}{res.stderr}")
             out.append(f"----- {self.pod(i)} -----\n{text[-8000:]}")
         return "\n".join(out)
 

@@ -474,7 +474,7 @@ class NetCluster:
     # -------------------------------------------------------------- teardown
 
     def _stop_nodes(self) -> None:
-        from cluster import stop_processes
+        from harness import stop_processes
 
         stop_processes(self.procs)
 
@@ -556,4 +556,5 @@ class NetCluster:
 if __name__ == "__main__":
     if sys.argv[1:] == ["agent"]:
         raise SystemExit(agent_main())
-    raise SystemExit("usage: netns.py agent  (run by tests/cluster/test_netns.py inside a namespace)")
+    raise SystemExit("usage: netns.py agent  "
+                     "(run by tests/cluster/test_netns.py inside a namespace)")

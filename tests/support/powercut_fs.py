@@ -35,7 +35,8 @@ Layout: :class:`OverlayOps` is the filesystem (plain Python, the FUSE callbacks 
 running this file as a script serves it (``serve BACKING MOUNTPOINT``) in its own process, so a
 FUSE request never waits on the test process's GIL; :class:`PowerCutFS` is the test-side handle
 that starts that process, talks to it over its stdin/stdout (one JSON line per request), cuts
-power and always unmounts. ``python tests/support/powercut_fs.py bench [DIR]`` prints fsyncs/s and MB/s.
+power and always unmounts. ``python tests/support/powercut_fs.py bench [DIR]`` prints fsyncs/s
+and MB/s.
 
 Needs Linux, root, ``/dev/fuse``, libfuse3 (Debian ``fuse3``) and the ``mfusepy`` package;
 :func:`unavailable_reason` says which is missing (and installs ``fuse3`` with apt-get when it

@@ -8,7 +8,6 @@ import pickle
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from taskandgo.consensus.state import POISON_AFTER_NODE_LOSSES, SchedulerState, Unit
 
 ids = st.sampled_from([f"t{i}" for i in range(8)])
@@ -126,8 +125,9 @@ def test_at_most_one_result_committed_per_unit_and_books_balance(cmds) -> None:
             assert t.chunks_done <= len(units)
         assert s.queued_count() == sum(
             1 for t in s.tasks.values()
-            for u in ([t.unit] if t.chunks is None else t.chunks) if u.status == "queued" and u.qseq)
-        for (tid, chunk), w in s.running.items():
+            for u in ([t.unit] if t.chunks is None else t.chunks)
+            if u.status == "queued" and u.qseq)
+        for tid, chunk in s.running:
             assert s.tasks[tid].unit_at(chunk).status == "running"
 
 

@@ -308,7 +308,7 @@ def _http_get(base: str, task_id: str,
 
 def test_grpc_and_http_answer_each_exception_the_same_way(servers: tuple[str, str]) -> None:
     target, base = servers
-    for task_id, (exc, code, status) in FAULTS.items():
+    for task_id, (_exc, code, status) in FAULTS.items():
         got_code, details, grpc_retry = _grpc_get(target, task_id)
         got_status, body, headers = _http_get(base, task_id)
         assert (got_code, got_status) == (code, status), task_id
