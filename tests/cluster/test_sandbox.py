@@ -272,7 +272,6 @@ def test_a_task_that_kills_its_node_fails_after_two_node_losses(tmp_path: Path) 
                     deaths.append(f"node-{i}")
                     assert len(deaths) <= 2, f"a third node was killed: {deaths}"
                     c.procs[i] = None
-                    c._reap_pool(p.pid)
                     c.start(i)
             with c.client(timeout_s=3) as cl2:
                 t = cl2.get(tid)
@@ -343,8 +342,8 @@ def test_a_node_in_a_virtualenv_beside_its_checkout_gets_the_sandbox() -> None:
                         "--system-site-packages", str(venv)], check=True, timeout=120)
         res = subprocess.run(
             [str(venv / "bin" / "python"), "-c",
-             "from taskandgo.node.executor import Sandbox; "
-             "print(Sandbox.probe('auto').describe())"],
+             ("from taskandgo.node.executor import Sandbox; "
+              "print(Sandbox.probe('auto').describe())")],
             capture_output=True, text=True, timeout=60, check=False)
         assert res.returncode == 0, res.stderr
         assert res.stdout.strip() == "bwrap", res.stdout

@@ -13,8 +13,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from taskandgo import Client
 from taskandgo.node.client import TaskAndGoError
@@ -50,9 +51,10 @@ def wait_for(cond: Callable[[], Any], timeout_s: float, what: str, every_s: floa
                          + (f" (last error: {last_exc})" if last_exc else ""))
 
 
-def stop_processes(procs: list, on_kill: Callable[[int], None] | None = None) -> None:
-    """SIGCONT + SIGTERM every live process, wait up to 8 s in all, SIGKILL the rest
-    (then on_kill(pid)); the list's entries become None."""
+def stop_processes(procs: list) -> None:
+    """SIGCONT + SIGTERM every live process, wait up to 8 s in all, SIGKILL the rest; the
+    list's entries become None. A node's processes (call workers, tasks) end with it: its
+    lifeline (node/executor.py) ends them even after a kill -9."""
     for p in procs:
         if p is not None and p.poll() is None:
             try:
@@ -69,8 +71,6 @@ def stop_processes(procs: list, on_kill: Callable[[int], None] | None = None) ->
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=10)
-            if on_kill is not None:
-                on_kill(p.pid)
         procs[i] = None
 
 
@@ -108,12 +108,13 @@ class Cluster:
     def start(self, i: int | None = None) -> Cluster:
         for j in ([i] if i is not None else range(self.n)):
             (self.root / f"node-{j}").mkdir(parents=True, exist_ok=True)
-            log = open(self.root / f"node-{j}.log", "ab")
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [str(Path(__file__).resolve().parent), os.environ.get("PYTHONPATH", "")]),
                 **self.env}
-            self.procs[j] = subprocess.Popen(self.argvs[j], stdout=log, stderr=log, env=env,
-                                             cwd=self.root)
+            # The node holds its own copy of the log's descriptor.
+            with open(self.root / f"node-{j}.log", "ab") as log:
+                self.procs[j] = subprocess.Popen(self.argvs[j], stdout=log, stderr=log,
+                                                 env=env, cwd=self.root)
         return self
 
     def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
@@ -122,27 +123,10 @@ class Cluster:
             os.kill(p.pid, sig)
             if sig == signal.SIGKILL:
                 p.wait(timeout=10)
-                self._reap_pool(p.pid)
                 self.procs[i] = None
 
-    def _reap_pool(self, pid: int) -> None:
-        """Warm-pool processes of a kill -9'd node live on in their own groups."""
-        try:
-            out = subprocess.run(["pgrep", "-f", "taskandgo.node.callworker"], capture_output=True,
-                                 text=True, timeout=5).stdout.split()
-        except (OSError, subprocess.TimeoutExpired):
-            return
-        for other in out:
-            try:
-                with open(f"/proc/{other}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                if ppid in (pid, 1):
-                    os.killpg(int(other), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-
     def stop(self) -> None:
-        stop_processes(self.procs, on_kill=self._reap_pool)
+        stop_processes(self.procs)
 
     def logs(self) -> str:
         out = []
@@ -216,7 +200,7 @@ class Cluster:
             tasks = c.wait(accepted, timeout_s=timeout_s) if accepted else []
             for t in tasks:
                 assert t["status"] in allow, f"task {t['id']} ended {t['status']}: {t['error']}"
-            listed = c.list(limit=10**6)
+            listed = c.list_tasks(limit=10**6)
         ids = [t["id"] for t in listed]
         assert len(ids) == len(set(ids)), "a task id is listed twice"
         missing = set(accepted) - set(ids)
