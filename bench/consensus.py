@@ -142,7 +142,7 @@ def main() -> int:
     try:
         with open(out, "w") as fh:
             for i in range(3):
-                procs.append(subprocess.Popen(
+                procs.append(subprocess.Popen(  # noqa: PERF401 (one start per node, in order)
                     [sys.executable, __file__, "--node", str(i), "--ports",
                      ",".join(map(str, ports)), "--data", data,
                      "--commands", str(args.commands), "--batch", str(args.batch),

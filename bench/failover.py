@@ -22,10 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cluster import BenchCluster  # noqa: E402
-
-from taskandgo import Client  # noqa: E402
-from taskandgo.node.client import TaskAndGoError, task_spec  # noqa: E402
+from _cluster import BenchCluster
+from taskandgo import Client
+from taskandgo.node.client import TaskAndGoError, task_spec
 
 NOOP = "taskandgo.node.builtins:noop"
 

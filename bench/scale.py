@@ -6,10 +6,11 @@ Starts a 3-node cluster whose workers accept nothing (every node runs with
 --slots 1 and one long blocker per node keeps the slots busy), fills the queue with
 no-op callable tasks through submit_many, and prints the resident memory growth per
 queued task on each node and the submit rate at the start and at the end of the fill
-(medians of the first and of the last five 10k-task windows). The nodes snapshot every --snapshot-interval seconds (20 by
-default, instead of 600) so that snapshots of the full queue are written during the
-fill; the script reports how many were written, whether any election happened (Raft
-terms before and after) and the longest single submit call (a stall would show there).
+(medians of the first and of the last five 10k-task windows). The nodes snapshot
+every --snapshot-interval seconds (20 by default, instead of 600) so that snapshots
+of the full queue are written during the fill; the script reports how many were
+written, whether any election happened (Raft terms before and after) and the longest
+single submit call (a stall would show there).
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cluster import BenchCluster  # noqa: E402
-
-from taskandgo import Client  # noqa: E402
-from taskandgo.node.client import task_spec  # noqa: E402
+from _cluster import BenchCluster
+from taskandgo import Client
+from taskandgo.node.client import task_spec
 
 
 def rss(c: Client, addrs: list[str]) -> list[int]:
@@ -87,11 +87,12 @@ def main() -> int:
               + f"; submit {statistics.median(rates[:5]):.0f} tasks/s at the start, "
               f"{statistics.median(rates[-5:]):.0f} tasks/s at "
               f"the end ({args.queued / total:.0f} tasks/s overall)")
-        print(f"scale: snapshots written during the fill: "
+        print("scale: snapshots written during the fill: "
               + ", ".join(f"node-{i} {len(d)}" for i, d in enumerate(seen_dumps))
               + f"; Raft term {max(terms)} before, {max(terms_after)} after "
               f"({'no election' if max(terms_after) == max(terms) else 'ELECTION'}); "
-              f"submit calls of {args.batch} tasks: median {sorted(calls)[len(calls) // 2] * 1000:.0f} ms, "
+              f"submit calls of {args.batch} tasks: "
+              f"median {sorted(calls)[len(calls) // 2] * 1000:.0f} ms, "
               f"longest {max(calls) * 1000:.0f} ms")
     finally:
         cluster.stop()

@@ -69,8 +69,8 @@ def measure(addr: str, calls: int) -> dict[str, object]:
         tasks=[pb.TaskSpec(data="bench")]), timeout=DEADLINE_S)) for _ in range(calls)]
     try:
         nodes = stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=DEADLINE_S).nodes
-        heard = f"{sum(n.ready for n in nodes)}/{len(nodes)} ready, max last_seen " \
-                f"{max(n.last_seen_s for n in nodes):.2f} s"
+        heard = (f"{sum(n.ready for n in nodes)}/{len(nodes)} ready, max last_seen "
+                 f"{max(n.last_seen_s for n in nodes):.2f} s")
     except grpc.RpcError as exc:
         heard = exc.code().name
     ch.close()

@@ -42,7 +42,7 @@ def simulate(first: int, count: int, addrs: list[str], seconds: float) -> None:
     leader = addrs[0]
     names = [f"sim-{i:03d}" for i in range(first, first + count)]
     last_ack = {n: time.monotonic() for n in names}
-    max_gap = {n: 0.0 for n in names}
+    max_gap = dict.fromkeys(names, 0.0)
     rtts: list[float] = []
     lock = threading.Lock()
     sent = acked = 0

@@ -389,7 +389,10 @@ def main() -> int:
         st.stop_all()
 
     c, t = res["celery"], res["tg"]
-    ratio = lambda a, b: a / b if b else float("nan")
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
     mode = f"{runs} run(s), medians; Celery: Redis + 2 prefork; TaskAndGo: 3 Raft nodes"
     print(f"# {mode}")
     print(f"throughput ({tasks} no-op tasks): TaskAndGo {t['tps']:.0f} tasks/s, Celery "
