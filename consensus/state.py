@@ -68,6 +68,7 @@ class Unit:
     __slots__ = (  # noqa: RUF023
         "status", "attempt", "token", "node", "exit_code", "result", "error",
         "started_at", "finished_at", "qseq", "deadline", "lost", "deaths",
+        "stderr", "truncated", "output_bytes",
     )
 
     def __init__(self) -> None:
@@ -84,12 +85,17 @@ class Unit:
         self.deadline = 0.0  # lease deadline of the current assignment
         self.lost = 0  # attempts lost with their worker (not the task's fault)
         self.deaths = 0  # of those, lost with a worker presumed dead (apply_requeue)
+        self.stderr = ""  # the tail of the last committed attempt's stderr
+        self.truncated = False  # its result holds only the head of its output
+        self.output_bytes = 0  # bytes it wrote to stdout in all
 
     def __getstate__(self) -> tuple:
         return tuple(getattr(self, s) for s in self.__slots__)
 
     def __setstate__(self, st: tuple) -> None:
-        self.deaths = 0  # absent from states pickled before it existed
+        # Absent from states pickled before they existed.
+        self.deaths = 0
+        self.stderr, self.truncated, self.output_bytes = "", False, 0
         for s, v in zip(self.__slots__, st):
             setattr(self, s, v)
 
@@ -102,7 +108,8 @@ class Unit:
         if self.status == QUEUED and self.attempt == 0 and self.token == 0 \
                 and self.node == "" and self.exit_code == 0 and self.result == "" \
                 and self.error == "" and self.started_at == 0.0 and self.finished_at == 0.0 \
-                and self.deadline == 0.0 and self.lost == 0 and self.deaths == 0:
+                and self.deadline == 0.0 and self.lost == 0 and self.deaths == 0 \
+                and self.stderr == "" and not self.truncated and self.output_bytes == 0:
             return self.qseq
         return None
 
@@ -200,6 +207,16 @@ class Task:
 
     def as_dict(self) -> dict[str, Any]:
         u = self.peek_unit()
+        chunks = self.chunks or []
+        if self.chunks is None:
+            stderr, truncated, output_bytes = u.stderr, u.truncated, u.output_bytes
+        else:
+            # The failing chunk's stderr says why a split task failed; a succeeded
+            # one shows each chunk's in its chunk.
+            failed = [c.stderr for c in chunks if c.status == FAILED]
+            stderr = failed[0] if failed else ""
+            truncated = any(c.truncated for c in chunks)
+            output_bytes = sum(c.output_bytes for c in chunks)
         return {
             "id": self.id,
             "spec": self.spec,
@@ -222,9 +239,11 @@ class Task:
             "chunks": [
                 {"index": i, "status": c.status, "attempts": c.attempt, "node": c.node,
                  "exit_code": c.exit_code, "result": c.result, "error": c.error,
-                 "started_at": c.started_at, "finished_at": c.finished_at}
-                for i, c in enumerate(self.chunks or [])
+                 "started_at": c.started_at, "finished_at": c.finished_at,
+                 "stderr": c.stderr, "truncated": c.truncated, "output_bytes": c.output_bytes}
+                for i, c in enumerate(chunks)
             ],
+            "stderr": stderr, "truncated": truncated, "output_bytes": output_bytes,
         }
 
 
@@ -461,6 +480,13 @@ class SchedulerState:
             unit.result = str(r.get("result", "") or "")
             unit.error = str(r.get("error", "") or "")
             unit.node = str(r.get("node", "") or unit.node)
+            # Read by key with defaults: a result from an earlier release has none.
+            unit.stderr = str(r.get("stderr", "") or "")
+            unit.truncated = r.get("truncated") is True
+            try:
+                unit.output_bytes = max(0, int(r.get("output_bytes", 0) or 0))
+            except (TypeError, ValueError, OverflowError):
+                unit.output_bytes = 0
             unit.finished_at = now
             if ok:
                 unit.status = SUCCEEDED

@@ -257,8 +257,12 @@ def _print_task(t: dict[str, Any], brief: bool = False) -> None:
         print(f"{t['id']} {t['status']}" + (f" (exit {t['exit_code']})" if t["exit_code"] else ""))
         if t.get("result"):
             print(t["result"])
+        if t.get("truncated"):
+            print(_cut_note(t), file=sys.stderr)
         if t.get("error") and t["status"] != "succeeded":
             print(f"error: {t['error']}", file=sys.stderr)
+        elif t.get("stderr"):
+            print(f"stderr (tail):\n{t['stderr']}", file=sys.stderr)
         return
     spec = t.get("spec", {})
     payload = spec.get("data") or " ".join(spec.get("argv", [])) or spec.get("call", "")
@@ -280,8 +284,19 @@ def _print_task(t: dict[str, Any], brief: bool = False) -> None:
     if t.get("result"):
         print("result:")
         print(t["result"])
+    if t.get("truncated"):
+        print(_cut_note(t))
+    if t.get("stderr"):
+        print("stderr (tail):")
+        print(t["stderr"])
     if t.get("error"):
         print(f"error: {t['error']}")
+
+
+def _cut_note(t: dict[str, Any]) -> str:
+    """The line saying a task's result is only the head of its output."""
+    return (f"[output truncated: {t.get('output_bytes', 0)} bytes written; "
+            f"`taskandgo output {t['id']}` fetches the full output if the node kept it]")
 
 
 def _ts(x: float) -> str:

@@ -285,6 +285,9 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interpreter", action="append", default=None, metavar="PREFIX=CMD",
                    help="add or override a payload prefix, e.g. 'node=node -e' "
                    "(TASKANDGO_INTERPRETERS='p1=cmd;p2=cmd')")
+    p.add_argument("--output-limit", type=int, help="bytes of a unit's stdout kept in its "
+                   "result; beyond that the result is marked truncated with the byte count "
+                   "(TASKANDGO_OUTPUT_LIMIT; 65536)")
     p.add_argument("--retention", type=float, dest="retention_s",
                    help="seconds finished tasks are kept (TASKANDGO_RETENTION_S; 86400)")
     p.add_argument("--max-finished", type=int,
@@ -455,6 +458,8 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         interpreters=interpreters,
         retention_s=float(_pick(args.retention_s, env, "TASKANDGO_RETENTION_S", 86400.0, float)),
         max_finished=int(_pick(args.max_finished, env, "TASKANDGO_MAX_FINISHED", 100_000, int)),
+        output_limit=int(_pick(getattr(args, "output_limit", None), env,
+                               "TASKANDGO_OUTPUT_LIMIT", 64 * 1024, int)),
     )
     election = str(_pick(getattr(args, "election_timeout", None), env,
                          "TASKANDGO_ELECTION_TIMEOUT", "0.3-0.6", str))

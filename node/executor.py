@@ -57,6 +57,22 @@ class Work:
         return (self.task_id, self.chunk, self.attempt, self.token)
 
 
+#: How much of the end of a unit's stderr its result keeps (bytes), on success too.
+STDERR_TAIL = 4096
+
+
+@dataclass(frozen=True)
+class Collected:
+    """What a subprocess wrote: the head of stdout (up to the output cap), the tail
+    of stderr (STDERR_TAIL bytes) and the byte counts of both streams in all."""
+
+    out: bytes
+    err: bytes
+    out_bytes: int
+    err_bytes: int
+    timed_out: bool
+
+
 class Cancelled(Exception):
     pass
 
@@ -643,12 +659,18 @@ class Executor:
             killed = cancel.is_set()
         if killed and out.get("ok"):
             out = {"ok": False, "result": "", "error": "cancelled", "exit_code": -9}
+        result, cut, total = _bounded(str(out.get("result", "")), self.output_limit)
+        # output_bytes is what the task wrote to stdout in all (a callable: its JSON
+        # result), whether or not it was all kept; truncated says the result is cut.
+        total = int(out.get("output_bytes", total) or 0)
         self.on_result({
             "task_id": w.task_id, "chunk": w.chunk, "attempt": w.attempt, "token": w.token,
             "ok": bool(out.get("ok")), "exit_code": int(out.get("exit_code", 0) or 0),
-            "result": str(out.get("result", ""))[: self.output_limit],
+            "result": result,
             "error": str(out.get("error", ""))[-4000:], "node": self.node_id,
             "started_at": started, "finished_at": finished,
+            "stderr": str(out.get("stderr", ""))[-STDERR_TAIL:],
+            "truncated": bool(cut or out.get("truncated")), "output_bytes": total,
         })
 
     def _execute(self, w: Work, cancel: threading.Event) -> dict[str, Any]:
@@ -723,30 +745,39 @@ class Executor:
                     _killpg(proc)
             # Killing the group kills bwrap; --die-with-parent takes down the
             # sandbox's PID 1 with it, and with that every process in its namespace.
-            out, err, timed_out = self._collect(proc, timeout_s, cancel)
+            got = self._collect(proc, timeout_s, cancel)
             code = proc.returncode
-            text = out.decode("utf-8", "replace").rstrip("\n")
-            if timed_out:
-                return {"ok": False, "result": text, "exit_code": code,
-                        "error": f"timed out after {timeout_s:g} s"}
+            cut = got.out_bytes > len(got.out)
+            # A cut result may end inside a UTF-8 sequence: drop the partial character.
+            text = got.out.decode("utf-8", "ignore" if cut else "replace")
+            if not cut:
+                text = text.rstrip("\n")
+            err = _decode_tail(got.err)
+            # Kept on success too: a warning from a passing task is not lost.
+            common = {"result": text, "exit_code": code, "stderr": err,
+                      "truncated": cut, "output_bytes": got.out_bytes}
+            if got.timed_out:
+                return {"ok": False, **common, "error": f"timed out after {timeout_s:g} s"}
             if cancel.is_set():
-                return {"ok": False, "result": text, "exit_code": code, "error": "cancelled"}
+                return {"ok": False, **common, "error": "cancelled"}
             if code != 0:
-                tail = err.decode("utf-8", "replace")[-2000:]
-                return {"ok": False, "result": text, "exit_code": code,
-                        "error": f"exit code {code}: {tail}".strip()}
-            return {"ok": True, "result": text, "exit_code": 0}
+                return {"ok": False, **common,
+                        "error": f"exit code {code}: {err[-2000:]}".strip()}
+            return {"ok": True, **common, "exit_code": 0}
         finally:
             shutil.rmtree(rundir, ignore_errors=True)
 
     def _collect(self, proc: subprocess.Popen, timeout_s: float,
-                 cancel: threading.Event) -> tuple[bytes, bytes, bool]:
-        """Read stdout/stderr up to the output cap (the rest is drained and dropped)
-        until the process exits; kill its group on timeout or cancel."""
+                 cancel: threading.Event) -> Collected:
+        """Read stdout and stderr until the process exits: the head of stdout up to
+        the output cap, the last STDERR_TAIL bytes of stderr, and how many bytes
+        each stream carried in all (the rest is drained and dropped). Kill the
+        process group on timeout or cancel."""
         assert proc.stdout is not None and proc.stderr is not None
         limit = self.output_limit
         out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
-        bufs = {out_fd: bytearray(), err_fd: bytearray()}
+        out, err = bytearray(), bytearray()
+        totals = {out_fd: 0, err_fd: 0}
         open_fds = [out_fd, err_fd]
         deadline = time.monotonic() + timeout_s
         timed_out = False
@@ -766,9 +797,14 @@ class Executor:
                 if not data:
                     open_fds.remove(fd)
                     continue
-                buf = bufs[fd]
-                if len(buf) < limit:
-                    buf += data[: limit - len(buf)]
+                totals[fd] += len(data)
+                if fd == out_fd:
+                    if len(out) < limit:
+                        out += data[: limit - len(out)]
+                else:
+                    err += data
+                    if len(err) > 2 * STDERR_TAIL:  # trim now and then, not per read
+                        del err[: len(err) - STDERR_TAIL]
         try:
             proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -780,7 +816,23 @@ class Executor:
         _killpg(proc)
         proc.stdout.close()
         proc.stderr.close()
-        return bytes(bufs[out_fd]), bytes(bufs[err_fd]), timed_out
+        return Collected(bytes(out), bytes(err[-STDERR_TAIL:]), totals[out_fd],
+                         totals[err_fd], timed_out)
+
+
+def _bounded(text: str, limit: int) -> tuple[str, bool, int]:
+    """(text cut to at most ``limit`` UTF-8 bytes on a character boundary, whether
+    it was cut, its length in bytes)."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= limit:
+        return text, False, len(raw)
+    return raw[:limit].decode("utf-8", "ignore"), True, len(raw)
+
+
+def _decode_tail(raw: bytes) -> str:
+    """The tail of a stream as text; a tail may start inside a UTF-8 sequence."""
+    text = raw.decode("utf-8", "replace")
+    return text.lstrip("\ufffd") if raw and (raw[0] & 0xC0) == 0x80 else text
 
 
 def _killpg(proc: subprocess.Popen) -> None:

@@ -386,7 +386,8 @@ def task_to_api(t: dict[str, Any]) -> dict[str, Any]:
     """State's task dict -> the API's Task shape (same for gRPC and HTTP)."""
     out = {k: t[k] for k in ("id", "priority", "strategy", "status", "attempts", "node",
                              "exit_code", "result", "error", "created_at", "started_at",
-                             "finished_at", "chunk_count", "chunks_done", "chunks")}
+                             "finished_at", "chunk_count", "chunks_done", "chunks",
+                             "stderr", "truncated", "output_bytes")}
     out["spec"] = spec_to_api(t["spec"])
     out["priority_name"] = t.get("priority_name", "")
     return out

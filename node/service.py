@@ -256,7 +256,9 @@ class PeerService(peer_pb2_grpc.PeerServicer):
         results = [{"task_id": r.task_id, "chunk": r.chunk, "attempt": r.attempt,
                     "token": r.token, "ok": r.ok, "exit_code": r.exit_code, "result": r.result,
                     "error": r.error, "node": r.node, "started_at": r.started_at,
-                    "finished_at": r.finished_at, "requeue": r.requeue, "held": r.held}
+                    "finished_at": r.finished_at, "requeue": r.requeue, "held": r.held,
+                    "stderr": r.stderr, "truncated": r.truncated,
+                    "output_bytes": r.output_bytes}
                    for r in request.results]
         ok, refused = self.app.accept_peer_results(results, peer)
         return peer_pb2.ReportResultsResponse(accepted=ok, refused=refused,

@@ -41,7 +41,7 @@ class DispatchResponse(_message.Message):
     def __init__(self, accepted: _Optional[int] = ..., refused: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("task_id", "chunk", "attempt", "token", "ok", "exit_code", "result", "error", "node", "started_at", "finished_at", "requeue", "held")
+    __slots__ = ("task_id", "chunk", "attempt", "token", "ok", "exit_code", "result", "error", "node", "started_at", "finished_at", "requeue", "held", "stderr", "truncated", "output_bytes")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,9 @@ class Result(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     REQUEUE_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
+    STDERR_FIELD_NUMBER: _ClassVar[int]
+    TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     chunk: int
     attempt: int
@@ -68,7 +71,10 @@ class Result(_message.Message):
     finished_at: float
     requeue: bool
     held: bool
-    def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ..., ok: _Optional[bool] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., node: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., requeue: _Optional[bool] = ..., held: _Optional[bool] = ...) -> None: ...
+    stderr: str
+    truncated: bool
+    output_bytes: int
+    def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ..., ok: _Optional[bool] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., node: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., requeue: _Optional[bool] = ..., held: _Optional[bool] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., output_bytes: _Optional[int] = ...) -> None: ...
 
 class ReportResultsRequest(_message.Message):
     __slots__ = ("results",)
@@ -147,12 +153,14 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., leader_grpc: _Optional[str] = ..., kill: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., leader_id: _Optional[str] = ...) -> None: ...
 
 class HoldRequest(_message.Message):
-    __slots__ = ("min_priority", "fan_out")
+    __slots__ = ("min_priority", "fan_out", "task_ids")
     MIN_PRIORITY_FIELD_NUMBER: _ClassVar[int]
     FAN_OUT_FIELD_NUMBER: _ClassVar[int]
+    TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     min_priority: int
     fan_out: bool
-    def __init__(self, min_priority: _Optional[int] = ..., fan_out: _Optional[bool] = ...) -> None: ...
+    task_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, min_priority: _Optional[int] = ..., fan_out: _Optional[bool] = ..., task_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class HoldResponse(_message.Message):
     __slots__ = ("handed_back", "accepted")
