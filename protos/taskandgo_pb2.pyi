@@ -240,7 +240,7 @@ class NodeStatusRequest(_message.Message):
     def __init__(self, include_digest: _Optional[bool] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "role", "raft_term", "commit_index", "applied_index", "leader_id", "queue_by_priority", "queued", "running", "slots", "free_slots", "cpu_percent", "memory_percent", "memory_rss", "grpc_address", "http_address", "raft_address", "voter", "strategy", "ready", "last_seen_s", "state_digest", "prefetch", "held_back", "fatal", "cluster_id", "fsync", "foreign_peers", "raft_syncs", "sandbox")
+    __slots__ = ("id", "role", "raft_term", "commit_index", "applied_index", "leader_id", "queue_by_priority", "queued", "running", "slots", "free_slots", "cpu_percent", "memory_percent", "memory_rss", "grpc_address", "http_address", "raft_address", "voter", "strategy", "ready", "last_seen_s", "state_digest", "prefetch", "held_back", "fatal", "cluster_id", "fsync", "foreign_peers", "raft_syncs", "sandbox", "resources_source", "cpu_limit_cores", "memory_used", "memory_limit", "cgroup")
     class QueueByPriorityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,11 @@ class NodeStatus(_message.Message):
     FOREIGN_PEERS_FIELD_NUMBER: _ClassVar[int]
     RAFT_SYNCS_FIELD_NUMBER: _ClassVar[int]
     SANDBOX_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CPU_LIMIT_CORES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     raft_term: int
@@ -308,7 +313,12 @@ class NodeStatus(_message.Message):
     foreign_peers: _containers.RepeatedScalarFieldContainer[str]
     raft_syncs: int
     sandbox: str
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_id: _Optional[str] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ..., queued: _Optional[int] = ..., running: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., strategy: _Optional[str] = ..., ready: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., state_digest: _Optional[str] = ..., prefetch: _Optional[int] = ..., held_back: _Optional[int] = ..., fatal: _Optional[str] = ..., cluster_id: _Optional[str] = ..., fsync: _Optional[str] = ..., foreign_peers: _Optional[_Iterable[str]] = ..., raft_syncs: _Optional[int] = ..., sandbox: _Optional[str] = ...) -> None: ...
+    resources_source: str
+    cpu_limit_cores: float
+    memory_used: int
+    memory_limit: int
+    cgroup: str
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_id: _Optional[str] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ..., queued: _Optional[int] = ..., running: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., strategy: _Optional[str] = ..., ready: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., state_digest: _Optional[str] = ..., prefetch: _Optional[int] = ..., held_back: _Optional[int] = ..., fatal: _Optional[str] = ..., cluster_id: _Optional[str] = ..., fsync: _Optional[str] = ..., foreign_peers: _Optional[_Iterable[str]] = ..., raft_syncs: _Optional[int] = ..., sandbox: _Optional[str] = ..., resources_source: _Optional[str] = ..., cpu_limit_cores: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., cgroup: _Optional[str] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
