@@ -305,7 +305,11 @@ class Lifeline:
         self._lock = threading.Lock()
         self._read, self._write = os.pipe()  # non-inheritable: only pass_fds hands it on
         self._closed = False
-        self._watcher = self._start_watcher()
+        self._watcher: subprocess.Popen | None = None  # started by start() or fd
+
+    def start(self) -> None:
+        """Start the watcher (the constructor starts nothing)."""
+        self.fd  # noqa: B018 (the property starts it)
 
     @property
     def fd(self) -> int:
@@ -315,7 +319,9 @@ class Lifeline:
         with self._lock:
             if self._closed:
                 raise OSError("the node's lifeline is closed (shutting down)")
-            if self._watcher.poll() is not None:
+            if self._watcher is None:
+                self._watcher = self._start_watcher()
+            elif self._watcher.poll() is not None:
                 log.warning("lifeline watcher %d exited (%s); restarting it",
                             self._watcher.pid, self._watcher.returncode)
                 self._watcher = self._start_watcher()
@@ -337,6 +343,8 @@ class Lifeline:
             self._closed = True
             os.close(self._read)  # first: this process must not be a holder
             os.close(self._write)
+        if self._watcher is None:
+            return
         try:
             self._watcher.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -404,13 +412,17 @@ class CallPool:
     def __init__(self, size: int, allowed: tuple[str, ...] | None = None,
                  lifeline: Lifeline | None = None) -> None:
         self._allowed = allowed
+        self._size = size
         self._own_lifeline = lifeline is None
         self._lifeline = lifeline if lifeline is not None else Lifeline()
         self._idle: queue.LifoQueue[subprocess.Popen] = queue.LifoQueue()
         self._all: list[subprocess.Popen] = []
         self._lock = threading.Lock()
         self._closed = False
-        for _ in range(size):
+
+    def start(self) -> None:
+        """Start the warm processes (the constructor starts nothing)."""
+        for _ in range(self._size):
             self._idle.put(self._spawn())
 
     def _spawn(self) -> subprocess.Popen:
@@ -554,8 +566,15 @@ class Executor:
         self._active: dict[UnitKey, threading.Event] = {}
         self._procs: dict[UnitKey, subprocess.Popen] = {}
         self._closed = False
+        self._runners: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start the lifeline watcher, the warm call pool and one runner thread per
+        slot (the constructor starts nothing)."""
+        self._lifeline.start()
+        self._calls.start()
         self._runners = [threading.Thread(target=self._runner, name=f"unit-{i}", daemon=True)
-                         for i in range(slots)]
+                         for i in range(self.slots)]
         for t in self._runners:
             t.start()
 

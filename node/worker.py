@@ -81,6 +81,7 @@ class WorkerSide:
         psutil.cpu_percent(None)
 
     def start(self) -> None:
+        self.executor.start()
         for name, target in (("heartbeat", self._heartbeat_loop),
                              ("reporter", self._reporter_loop)):
             threading.Thread(target=self._guard(target), name=name, daemon=True).start()

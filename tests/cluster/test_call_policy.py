@@ -333,6 +333,7 @@ def test_worker_process_refuses_a_call_forged_past_submit(target: Path) -> None:
     from taskandgo.node.executor import CallPool
 
     pool = CallPool(1, ALLOW)
+    pool.start()
     try:
         never = threading.Event()
         for call, args in ATTACKS:
@@ -350,6 +351,7 @@ def test_worker_with_no_calls_allowed_runs_nothing(target: Path) -> None:
     from taskandgo.node.executor import CallPool
 
     pool = CallPool(1, ())
+    pool.start()
     try:
         reply = pool.call({"call": "taskandgo.node.builtins:echo", "args": [1]}, 20.0,
                           threading.Event())
