@@ -24,3 +24,27 @@ def test_requeue_entries_while_a_voter_runs_an_earlier_release(tmp_path: Path) -
         assert entries == (key,)
     finally:
         app.stop()
+
+
+def test_building_a_node_starts_no_thread_and_no_process(tmp_path: Path) -> None:
+    """Given a node's configuration, when NodeApp is built (and not started), then no
+    thread and no child process exists that did not before: every part starts its
+    threads and processes in start() (the executor's runners, warm call processes
+    and lifeline watcher used to start in the constructor)."""
+    import threading
+
+    import psutil
+
+    cfg = NodeConfig(node_id="n0", bind="127.0.0.1", advertise="127.0.0.1", grpc_port=1,
+                     raft_port=2, http_port=3, data_dir=str(tmp_path), slots=2,
+                     voters=parse_voters("127.0.0.1:1:2"))
+    threads = {t.ident for t in threading.enumerate()}
+    children = {p.pid for p in psutil.Process().children(recursive=True)}
+    app = NodeApp(cfg)
+    try:
+        new_threads = [t.name for t in threading.enumerate() if t.ident not in threads]
+        new_children = [p.cmdline() for p in psutil.Process().children(recursive=True)
+                        if p.pid not in children]
+        assert new_threads == [] and new_children == []
+    finally:
+        app.stop()
