@@ -34,7 +34,6 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
-import psutil
 from taskandgo.consensus.raft import RaftTimers, ReplicatedState
 from taskandgo.consensus.state import PRIORITY_LEVELS, SchedulerState
 from taskandgo.node.config import NodeConfig, Voter
@@ -331,8 +330,9 @@ class NodeApp:
             "prefetch": self.cfg.prefetch, "held_back": self.held_back,
             "running": [f"{k[0]}" + (f"#{k[1]}" if k[1] >= 0 else "")
                         for k in self.executor.active()],
-            "cpu_percent": psutil.cpu_percent(None),
-            "memory_percent": psutil.virtual_memory().percent,
+            # This node's container's CPU and memory (the host's when it has none;
+            # resources_source says which): node/resources.py.
+            **self.worker.resources.sample().as_status(),
             "memory_rss": self.worker.memory_rss(),
             "strategy": self.cfg.strategy, "ready": False, "leader_id": "",
             "queue_by_priority": {}, "queued": 0, "fatal": self.fatal or "",
@@ -345,8 +345,10 @@ class NodeApp:
             st["leader_id"] = self.scheduler.table.voter_node_id(lv) if lv else ""
             st["ready"] = lv is not None and has_quorum and self.fatal is None
         else:
-            st["leader_id"] = self.worker.leader_id_hint
-            st["ready"] = self.worker.leader_grpc_hint is not None
+            # Only a leader that accepted a heartbeat within the last lease: one that
+            # died is not shown (nor this node ready) until another answers.
+            st["leader_id"] = self.worker.followed_leader_id()
+            st["ready"] = bool(st["leader_id"])
         return st
 
     def cluster_status(self) -> dict[str, Any]:

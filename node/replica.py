@@ -121,10 +121,24 @@ class Replica:
         return self.raft.leader() if self.raft is not None else None
 
     def leader_voter(self) -> Voter | None:
+        """The leader this voter follows, while it is in contact with it (None on
+        non-voters, and when no leader is known or the Raft connection to it is down).
+
+        PySyncObj forgets a leader only when an election timeout passes while this
+        node is connected to some peer; a node cut off from every peer (the leader
+        and the other voters dead) would name a dead leader forever. A leader whose
+        connection is down cannot be sending this node entries, so it is not named."""
         if self.raft is None:
             return None
         addr = self.raft.leader()
-        return self._raft_to_voter.get(addr) if addr else None
+        if not addr:
+            return None
+        own = self.cfg.self_voter
+        # 2: connected (PySyncObj's CONNECTION_STATE); absent on the leader itself.
+        if (own is None or addr != own.raft) and \
+                self.raft.status().get(f"partner_node_status_server_{addr}", 2) != 2:
+            return None
+        return self._raft_to_voter.get(addr)
 
     def voter_at(self, raft_address: str | None) -> Voter | None:
         return self._raft_to_voter.get(raft_address) if raft_address else None

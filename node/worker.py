@@ -29,6 +29,7 @@ from taskandgo.node.dispatching import Peers
 from taskandgo.node.events import EventBus
 from taskandgo.node.executor import Executor, Work
 from taskandgo.node.replica import Replica
+from taskandgo.node.resources import ResourceMonitor
 from taskandgo.node.security import PEER_PROTOCOL, PeerIdentity, PermissionDenied
 from taskandgo.node.tasks import payload_for
 from taskandgo.protos import peer_pb2
@@ -77,8 +78,9 @@ class WorkerSide:
         self.lease_from = time.monotonic()
         self._voter_grpc = {v.grpc for v in cfg.voters}
         self._proc = psutil.Process()
-        self._proc.cpu_percent(None)
-        psutil.cpu_percent(None)
+        #: This node's CPU and memory (its container's when it has one): what
+        #: heartbeats and status report.
+        self.resources = ResourceMonitor()
 
     def start(self) -> None:
         self.executor.start()
@@ -95,6 +97,14 @@ class WorkerSide:
 
     def memory_rss(self) -> int:
         return int(self._proc.memory_info().rss)
+
+    def followed_leader_id(self) -> str:
+        """On a non-voter: the id of the leader that accepted this node's heartbeat
+        within the last lease, else "" (a leader silent for a lease is not shown as
+        the leader: it may be dead, and no other has answered yet)."""
+        if time.monotonic() - self.lease_from > self.cfg.lease_s:
+            return ""
+        return self.leader_id_hint
 
     # ------------------------------------------------------------------ the leader
 
@@ -152,6 +162,7 @@ class WorkerSide:
         running = set(self.executor.active()) | set(pending)
         cfg = self.cfg
         voter = cfg.self_voter is not None
+        res = self.resources.sample()
         return peer_pb2.HeartbeatRequest(
             node_id=self.node_id, grpc_address=cfg.grpc_address,
             http_address=cfg.http_address, raft_address=cfg.raft_address if voter else "",
@@ -159,7 +170,7 @@ class WorkerSide:
             free_slots=self.executor.free_slots(),
             running=[peer_pb2.RunningUnit(task_id=k[0], chunk=k[1], attempt=k[2], token=k[3])
                      for k in running],
-            cpu_percent=psutil.cpu_percent(None), memory_percent=psutil.virtual_memory().percent,
+            cpu_percent=res.cpu_percent, memory_percent=res.memory_percent,
             memory_rss=self.memory_rss(), accepting=self.accepting,
             raft_protocol=RAFT_PROTOCOL, peer_protocol=PEER_PROTOCOL,
             started_at=self.started_at)
