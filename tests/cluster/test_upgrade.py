@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from harness import Cluster, wait_for
 from pysyncobj import SyncObjConf
-from taskandgo.consensus.raft import COMMAND_IDS, SNAPSHOT_FORMAT, ReplicatedState, SafeSyncObj
+from taskandgo.consensus.commands import COMMAND_IDS
+from taskandgo.consensus.raft import SafeSyncObj
+from taskandgo.consensus.replicated import SNAPSHOT_FORMAT, ReplicatedState
 
 FIXTURE = Path(__file__).resolve().parents[1] / "support" / "fixtures" / "snapshot-v0.1.0"
 
