@@ -1,7 +1,7 @@
 """A warm pool process: runs Python callables by import path, one at a time, and the
 call allow-list that both this process and the node apply.
 
-Started by :class:`taskandgo.node.executor.CallPool` as
+Started by :class:`taskandgo.node.processes.CallPool` as
 ``python -m taskandgo.node.callworker --allow-calls MODULES``. Protocol: one JSON object
 per line on stdin (``{"call": "mod:fn", "args": [...] | {...}, "kwargs": {...}}``), one
 JSON object per line on the original stdout (``{"ok": bool, "result": str, "error": str}``
@@ -12,7 +12,7 @@ the callable prints goes to stderr, so it cannot corrupt the protocol.
 The process ends when its node does: an idle worker reads EOF on stdin and returns, and
 a busy one is killed with its process group (whatever the callable started) by the
 node's lifeline watcher, through the inherited fd of the lifeline pipe (see
-:class:`taskandgo.node.executor.Lifeline`; never close fds this process did not open).
+:class:`taskandgo.node.processes.Lifeline`; never close fds this process did not open).
 
 What may be called (checked here on every call, whatever the node checked before):
 
