@@ -114,7 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("task_ids", nargs="*")
     sp.add_argument("--max-events", type=int, default=0, help="stop after N events")
 
-    sp = sub.add_parser("status", help="node status (one node or every node)")
+    sp = sub.add_parser(
+        "status", help="node status (one node or every node)",
+        description="Exit status: 0 every node shown is reachable and ready; 1 some node is "
+        "unreachable, not ready or stopped; 2 no node names a leader, or the cluster "
+        "cannot be reached. With --json the output is the API's node status (a list "
+        "with --all) and a {\"summary\": ...} line goes to stderr.")
     client_args(sp)
     sp.add_argument("--all", action="store_true", help="every node in the cluster")
     sp.add_argument("--kube", action="store_true", help="with --all: find the pods through "
@@ -343,26 +348,78 @@ def cmd_watch(c: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``taskandgo status`` exit codes (scripts and probes rely on them; see README).
+STATUS_OK, STATUS_DEGRADED, STATUS_NO_LEADER = 0, 1, 2
+
+
 def cmd_status(c: Any, args: argparse.Namespace) -> int:
-    nodes = c.status_all() if args.all else [c.node_status(c.nodes[0])]
-    return print_status(nodes, args.json, args.all)
+    from taskandgo.node.client import TaskAndGoError
+
+    if not args.all:
+        return print_status([c.node_status(c.nodes[0])], args.json, False)
+    try:
+        nodes = c.status_all()
+    except TaskAndGoError as exc:
+        # No leader answers (or none is elected): show what each node given with
+        # --node says of itself, so the operator sees why.
+        print(f"error: cluster status: {exc.code}: {exc.message}", file=sys.stderr)
+        nodes = []
+        for addr in c.nodes:
+            try:
+                nodes.append(c.node_status(addr))
+            except TaskAndGoError as err:
+                nodes.append({"id": addr, "role": "unreachable", "grpc_address": addr,
+                              "error": err.message})
+    return print_status(nodes, args.json, True)
+
+
+def status_summary(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``status`` concludes from the nodes' own statuses, with its exit code:
+    0 every node reachable and ready; 2 no reachable node names a leader; 1 otherwise
+    (some node unreachable, not ready, or stopped because its replica diverged)."""
+    down = [str(n["id"]) for n in nodes if n.get("role") in ("unreachable", "unknown")]
+    up = [n for n in nodes if n.get("role") not in ("unreachable", "unknown")]
+    not_ready = [str(n["id"]) for n in up if not n.get("ready") or n.get("fatal")]
+    leaders = sorted({str(n["leader_id"]) for n in up if n.get("leader_id")})
+    if not leaders:
+        code = STATUS_NO_LEADER
+    elif down or not_ready:
+        code = STATUS_DEGRADED
+    else:
+        code = STATUS_OK
+    return {"nodes": len(nodes), "reachable": len(up), "ready": len(up) - len(not_ready),
+            "unreachable": down, "not_ready": not_ready, "leader": ",".join(leaders),
+            "exit_code": code}
+
+
+def _mib(n: Any) -> str:
+    return f"{(n or 0) / 2**20:.1f} MiB"
 
 
 def print_status(nodes: list[dict[str, Any]], as_json: bool, many: bool) -> int:
+    """Print the nodes' statuses (JSON: exactly as the API returns them, one object or,
+    with ``many``, a list; the summary goes to stderr as ``{"summary": ...}``) and
+    return the exit code of :func:`status_summary`."""
+    summary = status_summary(nodes)
     if as_json:
         print(json.dumps(nodes if many else nodes[0]))
-        return 0
+        print(json.dumps({"summary": summary}), file=sys.stderr)
+        return int(summary["exit_code"])
     for st in nodes:
         if st.get("role") == "unreachable":
             print(f"{st['id']}: unreachable ({st.get('error', '')})\n")
             continue
         queue = ", ".join(f"{k}={v}" for k, v in st.get("queue_by_priority", {}).items()) or "empty"
-        print(f"node {st['id']}  role={st['role']}  term={st.get('raft_term', 0)}  "
-              f"commit={st.get('commit_index', 0)}  leader={st.get('leader_id') or '-'}")
-        print(f"  queue: {queue}   running: {len(st.get('running', []))}   "
+        print(f"node {st['id']}  role={st['role']}  ready={'yes' if st.get('ready') else 'no'}  "
+              f"term={st.get('raft_term', 0)}  commit={st.get('commit_index', 0)}  "
+              f"leader={st.get('leader_id') or '-'}")
+        print(f"  queue: {queue}   running units: {len(st.get('running', []))}   "
               f"free slots: {st.get('free_slots', 0)}/{st.get('slots', 0)}")
-        print(f"  cpu {st.get('cpu_percent', 0):.0f}%  mem {st.get('memory_percent', 0):.0f}%  "
-              f"rss {st.get('memory_rss', 0) / 1e6:.0f} MB")
+        source = st.get("resources_source") or "host"
+        print(f"  cpu {st.get('cpu_percent', 0):.0f}% of {st.get('cpu_limit_cores', 0):g} CPUs  "
+              f"memory {st.get('memory_percent', 0):.0f}% ({_mib(st.get('memory_used'))} of "
+              f"{_mib(st.get('memory_limit'))})  [{source}]  "
+              f"node process rss {_mib(st.get('memory_rss'))}")
         print(f"  grpc {st.get('grpc_address')}  http {st.get('http_address')}  "
               f"raft {st.get('raft_address') or '-'}")
         if st.get("cluster_id") or st.get("fsync"):
@@ -373,7 +430,13 @@ def print_status(nodes: list[dict[str, Any]], as_json: bool, many: bool) -> int:
         if st.get("fatal"):
             print(f"  STOPPED, replica diverged: {st['fatal']}")
         print()
-    return 0 if not any(st.get("fatal") for st in nodes) else 1
+    if many:
+        problems = [f"{what}: {', '.join(summary[key])}"
+                    for key, what in (("unreachable", "unreachable"), ("not_ready", "not ready"))
+                    if summary[key]]
+        print(f"{summary['ready']}/{summary['nodes']} nodes ready, leader "
+              f"{summary['leader'] or 'none'}" + (f"; {'; '.join(problems)}" if problems else ""))
+    return int(summary["exit_code"])
 
 
 def cmd_top(c: Any, args: argparse.Namespace) -> int:

@@ -40,13 +40,29 @@ class _NodeCollector:
             ("taskandgo_raft_applied_index", "applied_index", "Raft last applied index"),
             ("taskandgo_slots", "slots", "Task slots on this node"),
             ("taskandgo_free_slots", "free_slots", "Free task slots on this node"),
-            ("taskandgo_cpu_percent", "cpu_percent", "Host CPU use, percent"),
-            ("taskandgo_memory_percent", "memory_percent", "Host memory use, percent"),
+            ("taskandgo_cpu_percent", "cpu_percent",
+             ("CPU use of this node's container (its cgroup; else the host), "
+             "percent of taskandgo_cpu_limit_cores")),
+            ("taskandgo_cpu_limit_cores", "cpu_limit_cores",
+             "CPUs this node may use: its cgroup's quota or cpuset, else the host's CPUs"),
+            ("taskandgo_memory_percent", "memory_percent",
+             "Memory in use, percent of taskandgo_memory_limit_bytes"),
+            ("taskandgo_memory_used_bytes", "memory_used",
+             ("Memory in use: the cgroup's working set (usage minus inactive file cache), "
+             "else the host's total - available")),
+            ("taskandgo_memory_limit_bytes", "memory_limit",
+             "Memory this node may use: its cgroup's limit, else the host's total"),
             ("taskandgo_memory_rss_bytes", "memory_rss", "Node process resident memory"),
         ):
             m = GaugeMetricFamily(name, doc, labels=["node"])
             m.add_metric([node], float(st.get(key, 0) or 0))
             yield m
+        src = GaugeMetricFamily("taskandgo_resources_source", "1 for where the CPU and "
+                                "memory figures come from: cgroup (this node's container) "
+                                "or host", labels=["node", "source"])
+        for source in ("cgroup", "host"):
+            src.add_metric([node, source], 1.0 if st.get("resources_source") == source else 0.0)
+        yield src
         m = GaugeMetricFamily("taskandgo_running_units", "Units running on this node",
                               labels=["node"])
         m.add_metric([node], len(st.get("running", [])))

@@ -187,7 +187,10 @@ def find_cgroup(proc_self: Path = Path("/proc/self")) -> CgroupPaths | None:
                 return ()
             _, root, point, _ = v1[ctrl]
             return _chain(point, root, by_ctrl[ctrl])
-        acct = chain("cpuacct")
+        # The usage counter must be that of the cgroup whose quota applies: with cpu
+        # and cpuacct mounted apart (rare) and the process in different groups of
+        # each, it is not, and the node's own process tree is counted instead.
+        acct = chain("cpuacct") if by_ctrl.get("cpuacct") == by_ctrl.get("cpu") else ()
         cpuset = chain("cpuset")
         return CgroupPaths(1, by_ctrl.get("memory") or by_ctrl.get("cpu") or "/",
                            chain("cpu"), acct[0] if acct else None, chain("memory"),
@@ -273,6 +276,12 @@ def read_memory_used(cg: CgroupPaths) -> int | None:
     return max(0, usage - (inactive or 0))
 
 
+def _process_tree_cpu_us() -> int:
+    """CPU time of this process and its waited-for children, microseconds."""
+    t = psutil.Process(os.getpid()).cpu_times()
+    return int((t.user + t.system + t.children_user + t.children_system) * 1e6)
+
+
 class ResourceMonitor:
     """This node's CPU and memory; see the module docstring for what each means.
 
@@ -291,20 +300,20 @@ class ResourceMonitor:
         self._host_memory_total = host_memory_total or (lambda: psutil.virtual_memory().total)
         self._lock = threading.Lock()
         self._cg: CgroupPaths | None = None
-        self._found = False
         self._prev: tuple[float, int] | None = None  # (clock, cgroup cpu usage µs)
         self._last: Resources | None = None
         self._last_at = -1e18
 
     def cgroup(self) -> CgroupPaths | None:
-        """The cgroup read (found once, on first use)."""
-        if not self._found:
-            self._found = True
-            try:
-                self._cg = find_cgroup(self._proc_self)
-            except (OSError, ValueError):
-                self._cg = None
-        return self._cg
+        """The cgroup read, found again at every sample (two small files): a node
+        moved to another cgroup reports that one's figures from its next sample."""
+        try:
+            cg = find_cgroup(self._proc_self)
+        except (OSError, ValueError):
+            cg = None
+        if cg != self._cg:
+            self._cg, self._prev = cg, None  # another counter: no delta across it
+        return cg
 
     def sample(self) -> Resources:
         """The current reading (the previous one if taken under min_interval_s ago)."""
@@ -327,6 +336,8 @@ class ResourceMonitor:
         cores = min(c for c in (limits.cpu_cores, limits.cpuset_cores, host_cpus)
                     if c is not None)
         usage = read_cpu_usage_us(cg)
+        if usage is None:
+            usage = _process_tree_cpu_us()
         cpu = 0.0
         if usage is not None:
             if self._prev is not None and now > self._prev[0] and usage >= self._prev[1]:

@@ -75,8 +75,8 @@ def _pct(x: float) -> str:
     return f"{x:.0f}%"
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.0f} MB" if n else "-"
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n else "-"
 
 
 def _cut(text: str, width: int) -> str:
@@ -104,22 +104,25 @@ def render(snap: Snapshot, width: int = 100, height: int = 40, interval_s: float
     lines.extend(f"! {err} (retrying)" for err in snap.errors)
     lines.append("")
 
-    lines.append(f"{'NODE':12} {'ROLE':11} {'HEALTH':11} {'CPU':>5} {'MEM':>5} {'RSS':>8} "
-                 f"{'SLOTS':>6}  RUNNING")
+    # CPU% and MEM% are of the node's own container's limits (its cgroup), or of the
+    # host's when it has none (see `taskandgo status`: resources_source); RSS is the
+    # node process's resident memory; SLOTS is free/total.
+    lines.append(f"{'NODE':12} {'ROLE':11} {'HEALTH':11} {'CPU%':>5} {'MEM%':>5} {'RSS':>8} "
+                 f"{'FREE/SLOTS':>10}  RUNNING UNITS")
     for n in sorted((cluster or {}).get("nodes", []), key=lambda n: str(n.get("id"))):
         if n.get("role") not in ("unreachable", "unknown"):
             names[n.get("grpc_address", "")] = n["id"]
         name = names.get(n.get("grpc_address", ""), n["id"])
         if n.get("role") in ("unreachable", "unknown"):
             lines.append(f"{name:12} {'unreachable':11} {'down':11} {'-':>5} {'-':>5} {'-':>8} "
-                         f"{'-':>6}  -")
+                         f"{'-':>10}  -")
             continue
         running = n.get("running", [])
         health = "ready" if n.get("ready") else "not ready"
         lines.append(
             f"{name:12} {n.get('role', ''):11} {health:11} {_pct(n.get('cpu_percent', 0)):>5} "
-            f"{_pct(n.get('memory_percent', 0)):>5} {_mb(n.get('memory_rss', 0)):>8} "
-            f"{n.get('free_slots', 0):>2}/{n.get('slots', 0):<3}  "
+            f"{_pct(n.get('memory_percent', 0)):>5} {_mib(n.get('memory_rss', 0)):>8} "
+            f"{str(n.get('free_slots', 0)) + '/' + str(n.get('slots', 0)):>10}  "
             f"{len(running)}" + (f": {' '.join(running)}" if running else ""))
     lines.append("")
 
