@@ -224,9 +224,10 @@ def read_limits(cg: CgroupPaths) -> _Limits:
                     except (ValueError, ZeroDivisionError):
                         pass
         else:
-            q, p = _read_int(d / "cpu.cfs_quota_us"), _read_int(d / "cpu.cfs_period_us")
-            if q is not None and q > 0 and p:
-                quotas.append(q / p)
+            quota = _read_int(d / "cpu.cfs_quota_us")
+            period = _read_int(d / "cpu.cfs_period_us")
+            if quota is not None and quota > 0 and period:  # -1: no quota
+                quotas.append(quota / period)
     mems: list[int] = []
     for d in cg.memory:
         text = _read(d / ("memory.max" if cg.version == 2 else "memory.limit_in_bytes"))
