@@ -56,7 +56,7 @@ async function api(path, options = {}) {
 // ------------------------------------------------------------------ formatting
 
 const pct = (x) => `${Math.round(x || 0)}%`;
-const mb = (b) => b ? `${Math.round(b / 1e6)} MB` : "";
+const mb = (b) => b ? `${Math.round(b / 1048576)} MiB` : "";
 const clock = (t) => t ? new Date(t * 1000).toLocaleTimeString() : "–";
 function secs(a, b) {
   if (!a) return "–";
