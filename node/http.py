@@ -41,34 +41,40 @@ from __future__ import annotations
 
 import contextlib
 import io
-import ipaddress
 import json
 import logging
-import select
 import signal
-import socket
 import ssl
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
-import grpc
-import psutil
 from taskandgo.node.app import NodeApp, NotFound
+from taskandgo.node.http_events import EventStream
+from taskandgo.node.http_guard import (
+    HostPolicy,
+    _BadMethod,
+    _DeadlineReader,
+    _float,
+    _int,
+    _LengthRequired,
+    _NoRoute,
+    _Refused,
+    _RequestTimeout,
+    _TooLarge,
+    tls_context,
+)
 from taskandgo.node.security import RateLimiter, TokenAuth, Unauthenticated, client_ip
 from taskandgo.node.streams import (
     DEFAULT_PER_CLIENT,
     DEFAULT_TOTAL,
     StreamLimiter,
     StreamTickets,
-    TooManyStreams,
-    upstream_refused,
     wait_limiter,
 )
 from taskandgo.node.tasks import InvalidTask
@@ -77,8 +83,6 @@ from taskandgo.node.vocabulary import (
     api_error,
     check_bearer,
     depth_ok,
-    dict_from_message,
-    http_status_of,
     request_from_json,
     token_required,
 )
@@ -94,8 +98,6 @@ MAX_LARGE_BODIES = 4
 #: JSON nested deeper than this is refused (400) before it reaches the state machine.
 MAX_DEPTH = 64
 MAX_ERROR_CHARS = 500
-#: An SSE stream sends a comment at least this often so proxies keep it open.
-KEEPALIVE_S = 15.0
 #: Default seconds a client has to send a request's line, headers and body
 #: (``--http-request-timeout``); 408 and the connection closed after it.
 REQUEST_TIMEOUT_S = 10.0
@@ -127,233 +129,6 @@ WRITE_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 #: Body types taken as JSON from a client that is not a browser (no ``Origin``, no
 #: ``Sec-Fetch-*``): plain ``curl -d`` sends form encoding, as the seed's example does.
 NON_BROWSER_BODY_TYPES = frozenset({"", "application/x-www-form-urlencoded", "text/plain"})
-#: How often (at most) a Host that is an unknown IP literal makes a wildcard-bound
-#: node list its interface addresses again (an address added after the start).
-ADDRESS_REFRESH_S = 10.0
-LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
-
-def _host_name(netloc: str) -> str | None:
-    """The host name of a ``Host`` header or an origin's ``host[:port]``: lower case,
-    no IPv6 brackets, no trailing dot, IP addresses in canonical form; None when
-    it does not parse."""
-    try:
-        parts = urlsplit("//" + netloc)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        return None
-    if parts.netloc != netloc or parts.username is not None or parts.path or parts.query:
-        return None  # "a/b", "user@host", "a b?c": not a host
-    host = _canonical(parts.hostname or "")
-    return host or None
-
-
-def _canonical(name: str) -> str:
-    """A host name or IP address as compared here: lower case, no brackets, no
-    trailing dot, IP addresses in canonical form (``::0001`` is ``::1``)."""
-    name = name.strip().strip("[]").rstrip(".").lower()
-    try:
-        return str(ipaddress.ip_address(name))
-    except ValueError:
-        return name
-
-
-def _local_addresses() -> frozenset[str]:
-    """Every IP address of this machine's (or pod's) interfaces, canonical form."""
-    out = set()
-    for addrs in psutil.net_if_addrs().values():
-        for a in addrs:
-            if a.family in (socket.AF_INET, socket.AF_INET6):
-                try:
-                    out.add(str(ipaddress.ip_address(a.address.split("%", 1)[0])))
-                except ValueError:
-                    pass
-    return frozenset(out)
-
-
-@dataclass
-class HostPolicy:
-    """Which ``Host`` headers and which ``Origin`` headers this node's HTTP server
-    accepts. Thread-safe: handler threads share one.
-
-    A Host is accepted when its name (the port is not compared: a Service or proxy
-    may map ports) is one of the node's own: its bind and advertised addresses, its
-    host name; ``localhost``, ``127.0.0.1`` and ``::1`` when it is bound to loopback
-    or to every address; when bound to every address (``0.0.0.0``, ``::``), every
-    address of its interfaces (so the kubelet's probes, which send the pod IP,
-    pass). Or when it matches a configured entry (``--http-allowed-hosts``: names,
-    ``.domain`` suffixes, IP addresses or networks; ``*`` accepts any Host).
-
-    An Origin is accepted when its ``host[:port]`` is the request's Host (the same
-    origin, whatever the scheme: a TLS-terminating proxy in front of plain HTTP), or
-    when its name matches a configured entry other than ``*``: ``*`` opens the Host
-    check, never cross-origin writes."""
-
-    own: frozenset[str]
-    configured: tuple[str, ...] = ()
-    wildcard_bind: bool = False
-    _interfaces: frozenset[str] = field(default_factory=frozenset)
-    _interfaces_at: float = float("-inf")
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @classmethod
-    def for_node(cls, cfg: Any, bind: str) -> HostPolicy:
-        """The policy of a node with config ``cfg`` whose HTTP server binds ``bind``."""
-        own = {getattr(cfg, "advertise", bind), socket.gethostname()}
-        bind = bind.strip("[]")
-        wildcard = bind in ("", "0.0.0.0", "::")
-        if wildcard or _is_loopback(bind):
-            own |= LOOPBACK_NAMES
-        if not wildcard:
-            own.add(bind)
-        names = frozenset(n for n in map(_canonical, own) if n)
-        return cls(own=names, configured=tuple(getattr(cfg, "http_allowed_hosts", ())),
-                   wildcard_bind=wildcard)
-
-    def host_ok(self, host_header: str) -> bool:
-        """True when this node answers to ``host_header`` (a ``Host`` value)."""
-        if "*" in self.configured:
-            return True
-        name = _host_name(host_header.strip())
-        if name is None:
-            return False
-        if name in self.own or self._configured_match(name):
-            return True
-        return self.wildcard_bind and self._is_interface_address(name)
-
-    def origin_ok(self, origin: str, host_header: str) -> bool:
-        """True when a write may come from a page of ``origin`` (an ``Origin`` value)."""
-        parts = urlsplit(origin.strip())
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            return False  # "null" (a sandboxed frame, a file:// page) or garbage
-        if parts.netloc.lower() == host_header.strip().lower():
-            return True
-        name = _host_name(parts.netloc)
-        return name is not None and self._configured_match(name)
-
-    def _configured_match(self, name: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(name)
-        except ValueError:
-            ip = None
-        for entry in self.configured:
-            if entry == "*":
-                continue
-            if ip is not None:
-                try:
-                    if ip in ipaddress.ip_network(entry, strict=False):
-                        return True
-                except ValueError:
-                    pass  # a name entry: an IP literal never matches it
-            elif entry.startswith("."):
-                if name == entry[1:] or name.endswith(entry):
-                    return True
-            elif name == entry:
-                return True
-        return False
-
-    def _is_interface_address(self, name: str) -> bool:
-        try:
-            ipaddress.ip_address(name)
-        except ValueError:
-            return False
-        with self._lock:
-            if name in self._interfaces:
-                return True
-            now = time.monotonic()
-            if now - self._interfaces_at < ADDRESS_REFRESH_S:
-                return False
-            self._interfaces, self._interfaces_at = _local_addresses(), now
-            return name in self._interfaces
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-class _Refused(Exception):
-    """A request refused before its route runs: (status, message, header named)."""
-
-    def __init__(self, code: int, message: str, field: str) -> None:
-        super().__init__(message)
-        self.code, self.message, self.field = code, message, field
-
-
-class _TooLarge(Exception):
-    pass
-
-
-class _LengthRequired(Exception):
-    pass
-
-
-class _NoRoute(Exception):
-    pass
-
-
-class _BadMethod(Exception):
-    def __init__(self, allowed: list[str]) -> None:
-        super().__init__(", ".join(allowed))
-        self.allowed = allowed
-
-
-class _RequestTimeout(Exception):
-    """The client did not send its request (line, headers, body) within the
-    request deadline. Not a TimeoutError: the standard library would swallow that."""
-
-
-class _DeadlineReader(io.RawIOBase):
-    """The connection's read side with a deadline over a whole request: each read
-    waits at most until the deadline (:meth:`arm`), so a client sending one byte a
-    second cannot stretch a request past it, as it could with a per-read socket
-    timeout. Without a deadline (between :meth:`disarm` and the next :meth:`arm`)
-    reads wait up to ``idle_s``. Counts the bytes read since :meth:`arm`."""
-
-    def __init__(self, sock: socket.socket, idle_s: float) -> None:
-        super().__init__()
-        self.sock = sock
-        self.idle_s = idle_s
-        self.deadline: float | None = None
-        self.received = 0
-
-    def arm(self, seconds: float) -> None:
-        self.deadline = time.monotonic() + seconds
-        self.received = 0
-
-    def disarm(self) -> None:
-        self.deadline = None
-
-    @property
-    def expired(self) -> bool:
-        return self.deadline is not None and time.monotonic() >= self.deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf: Any) -> int:
-        wait_s = self.idle_s
-        if self.deadline is not None:
-            wait_s = min(wait_s, self.deadline - time.monotonic())
-            if wait_s <= 0:
-                raise _RequestTimeout()
-        self.sock.settimeout(wait_s)
-        try:
-            n = self.sock.recv_into(buf)
-        except TimeoutError:
-            if self.expired:
-                raise _RequestTimeout() from None
-            raise
-        finally:
-            # Writes (responses, event streams) keep the connection's own timeout.
-            self.sock.settimeout(self.idle_s)
-        self.received += n
-        return n
-
-
 #: (path pattern, {method: handler name}); ``{id}`` matches one path segment.
 ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
     (("submit-task",), {"POST": "submit_task"}),
@@ -405,7 +180,7 @@ def allowed_methods(methods: dict[str, str]) -> list[str]:
     return out + ["OPTIONS"]
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(EventStream):
     server_version = "TaskAndGo"
     protocol_version = "HTTP/1.1"
     #: Socket timeout for writes (a client that does not read its response).
@@ -883,150 +658,6 @@ class Handler(BaseHTTPRequestHandler):
             raise _NoRoute()
         self._send(200, path.read_bytes(), ctype)
 
-    # -------------------------------------------------------------- events
-
-    def h_events(self, params: dict[str, str], q: dict[str, str],
-                 query: dict[str, list[str]]) -> None:
-        """Server-Sent Events, resumable with ``Last-Event-ID`` (or ``?after=``).
-
-        Each event's id is this node's event sequence number. Events without an id
-        are advisory and never replayed: ``leader`` (this node saw the leader
-        change) and ``reset`` (events were missed: the id is from before this node
-        restarted, or older than its buffer; refetch state)."""
-        header = (self.headers.get("Last-Event-ID") or "").strip()
-        after_text, field = (header, "Last-Event-ID") if header else (q.get("after", ""), "after")
-        after = _int(after_text, field) if after_text or "after" in q else None
-        if after is not None and after < 0:
-            raise InvalidTask(field, "expected an event id (>= 0)")
-        task = q.get("task_id", "")
-        max_s = _float(q.get("max_s", "3600"), "max_s")
-        if not 0 < max_s <= 86400:
-            raise InvalidTask("max_s", "expected 0..86400 seconds")
-        # A stream holds this connection's thread while open: bounded per client
-        # address and in total (--max-streams-per-client, --max-streams), 429 beyond.
-        with contextlib.ExitStack() as slot:
-            try:
-                slot.enter_context(self.streams.hold(client_ip(str(self.client_address[0]))))
-            except TooManyStreams as exc:
-                err = api_error(exc)
-                assert err is not None
-                self._error(err.http_status, err.message, headers=err.http_headers())
-                return
-            if self.command == "HEAD":
-                self._start_stream()
-            elif self.app.replicated is None:
-                self._relay_events(after, task, max_s)
-            else:
-                self._start_stream()
-                self._stream_events(after, task, max_s)
-
-    def _start_stream(self) -> None:
-        """The event stream's response headers (and, but for HEAD, its retry hint)."""
-        self.close_connection = True
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Accel-Buffering", "no")
-        self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command == "HEAD":
-            return
-        self.wfile.write(b"retry: 1000\n\n")
-        self.wfile.flush()
-
-    def _stream_events(self, after: int | None, task: str, max_s: float) -> None:
-        app = self.app
-        seq = app.bus.seq if after is None else after
-        out: list[bytes] = []
-        if seq > app.bus.seq:  # an id from before this node restarted
-            seq = app.bus.seq
-            out.append(_sse_advisory("reset", app.node_id))
-        leader = app.leader_grpc()
-        now = time.monotonic()
-        deadline, last_write = now + max_s, 0.0
-        while now < deadline and not app._stop.is_set():
-            if self._client_gone():
-                return  # free its place now, not at the next write that fails
-            events = app.events(seq, min(1.0, deadline - now))
-            if events and events[0]["seq"] > seq + 1:
-                out.append(_sse_advisory("reset", app.node_id))
-            for e in events:
-                seq = e["seq"]
-                if not task or e["task_id"] == task:
-                    out.append(_sse(e, seq))
-            if app.leader_grpc() != leader:
-                leader = app.leader_grpc()
-                out.append(_sse_advisory("leader", app.node_status()["leader_id"], "changed"))
-            now = time.monotonic()
-            if not out and now - last_write >= KEEPALIVE_S:
-                out.append(b": keep-alive\n\n")
-            if out:
-                self.wfile.write(b"".join(out))
-                self.wfile.flush()
-                out, last_write = [], now
-
-    def _client_gone(self) -> bool:
-        """True once an event-stream client has closed its end. Such a client sends
-        nothing after its request, so a readable socket is its EOF (or bytes no one
-        will read: a TLS close, a stray write), and the stream ends."""
-        conn = self.connection
-        try:
-            readable, _, _ = select.select([conn], [], [], 0)
-            if not readable:
-                return False
-            if isinstance(conn, ssl.SSLSocket):
-                return True
-            return conn.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    def _relay_events(self, after: int | None, task: str, max_s: float) -> None:
-        """A worker holds no replicated state: relay a voter's stream (its ids). The
-        response starts only once the voter accepted the stream: its refusal is this
-        request's answer (429 when the voter holds too many streams, 503 unreachable)."""
-        with self.app.forward_client() as c:
-            stream = c.watch_raw([task] if task else None, after or 0)
-            finished = threading.Event()
-
-            def watch() -> None:
-                # Ends the voter's stream after max_s, or as soon as this client
-                # goes away (no event may come for long): it holds a place there.
-                end = time.monotonic() + max_s
-                while not finished.wait(0.5):
-                    if time.monotonic() >= end or self._client_gone():
-                        stream.cancel()
-                        return
-
-            threading.Thread(target=watch, name="sse-relay-watch", daemon=True).start()
-            try:
-                refused = upstream_refused(stream)
-                if refused is not None:
-                    code = refused[0].name
-                    status = http_status_of(code)
-                    self._error(status, f"the voter refused the event stream: {refused[1]}",
-                                headers={"Retry-After": "1"} if status == 429 else None)
-                    return
-                self._start_stream()
-                for msg in stream:
-                    ev = dict_from_message(msg)
-                    self.wfile.write(_sse(ev, ev["seq"]))
-                    self.wfile.flush()
-            except grpc.RpcError:
-                pass  # the voter went away or max_s passed: the client reconnects
-            finally:
-                finished.set()
-                stream.cancel()
-
-
-def _sse(event: dict[str, Any], seq: int) -> bytes:
-    return f"id: {seq}\nevent: {event['kind']}\ndata: {json.dumps(event)}\n\n".encode()
-
-
-def _sse_advisory(kind: str, node: str, status: str = "") -> bytes:
-    data = {"kind": kind, "task_id": "", "status": status or kind, "chunk": -1, "node": node,
-            "at": time.time()}
-    return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
-
 
 def cluster_view(status: dict[str, Any]) -> dict[str, Any]:
     """The cluster status in one shape: every node with every documented key."""
@@ -1043,20 +674,6 @@ def _task_id(params: dict[str, str]) -> str:
     if not tid:
         raise NotFound("task '' not found")
     return tid
-
-
-def _int(value: str, field: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise InvalidTask(field, "expected an integer") from None
-
-
-def _float(value: str, field: str) -> float:
-    try:
-        return float(value)
-    except ValueError:
-        raise InvalidTask(field, "expected a number") from None
 
 
 class _Warned:
@@ -1089,20 +706,6 @@ class Server(ThreadingHTTPServer):
         # A client that fails the TLS handshake or vanishes mid-request: one log
         # line, not a traceback on stderr.
         log.debug("HTTP connection from %s failed: %r", client_address, sys.exc_info()[1])
-
-
-def tls_context(cfg: Any) -> ssl.SSLContext | None:
-    """Server-side TLS from the node's certificate files (mTLS with tls_client_auth)."""
-    if not cfg.tls:
-        return None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
-    if cfg.tls_ca:
-        ctx.load_verify_locations(cfg.tls_ca)
-    if cfg.tls_client_auth:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    return ctx
 
 
 def create_http_server(app: NodeApp, host: str, port: int) -> tuple[ThreadingHTTPServer, int]:
