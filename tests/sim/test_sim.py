@@ -190,6 +190,16 @@ def unfenced(apply_complete: Any) -> Any:
     return apply
 
 
+def any_attempt(accept_from: Any) -> Any:
+    """A leader that commits a result whatever attempt it is of (no token check)."""
+    def accept(self: sim_node.SimNode, node_id: str, results: list, reply: Any) -> None:
+        if not self.is_leader() or not self.leader_ready:
+            reply(False)
+            return
+        self.accept_results([dict(r, node=node_id) for r in results], reply)
+    return accept
+
+
 def from_anyone(handle_results: Any) -> Any:
     """A leader that takes results for a unit from any worker (not only the one the
     unit is assigned to), as if each sender were the unit's worker."""
@@ -250,7 +260,8 @@ def skip_completes(apply_to: Any) -> Any:
 
 PLANTED: dict[str, list[tuple[Any, str, Callable[[Any], Any]]]] = {
     "fenced result": [(SchedulerState, "apply_complete", unfenced),
-                      (sim_node.SimNode, "handle_results", from_anyone)],
+                      (sim_node.SimNode, "handle_results", from_anyone),
+                      (sim_node.SimNode, "accept_from", any_attempt)],
     "priority": [(decisions, "plan_round", lowest_first)],
     "ended twice": [(SchedulerState, "apply_cancel", cancel_final_too)],
     "replicas diverged": [(sim_node.SimNode, "apply_to", skip_completes)],
