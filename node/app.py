@@ -40,6 +40,7 @@ from taskandgo.node.config import NodeConfig, Voter
 from taskandgo.node.dispatching import Dispatcher, Peers
 from taskandgo.node.events import EventBus
 from taskandgo.node.executor import Executor
+from taskandgo.node.outputs import OutputStore
 from taskandgo.node.replica import NotFound, Replica, Unavailable, list_args, task_to_api
 from taskandgo.node.scheduling import Scheduler, WorkerInfo
 from taskandgo.node.security import PeerAuth, PeerIdentity
@@ -100,11 +101,14 @@ class NodeApp:
                                on_applied=lambda: self.scheduler.wake(),
                                on_role_change=lambda: self.scheduler.wake(),
                                on_fatal=self._on_fatal)
+        # Full outputs of the units run here (taskandgo output; node/outputs.py).
+        self.outputs = OutputStore.for_node(cfg)
         self.executor = Executor(cfg.node_id, cfg.slots, lambda r: self.worker.on_unit_result(r),
                                  interpreters=cfg.interpreters, default_runner=cfg.default_runner,
                                  policy=cfg.policy,
                                  output_limit=cfg.output_limit,
-                                 default_timeout_s=cfg.default_timeout_s)
+                                 default_timeout_s=cfg.default_timeout_s,
+                                 outputs=self.outputs)
         # Peer identity: the credential this node sends and checks on the peer API.
         self.peer_auth = PeerAuth.from_password(cfg.raft_password, cfg.peer_cert_names)
         self.peers = Peers(cfg, self.peer_auth)

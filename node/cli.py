@@ -1,4 +1,5 @@
-"""The ``taskandgo`` command: node, local, submit, get, tasks, cancel, watch, status."""
+"""The ``taskandgo`` command: node, local, submit, get, output, tasks, cancel, watch,
+status, top."""
 
 from __future__ import annotations
 
@@ -37,6 +38,32 @@ def _json_value(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
 
 
+def _ranged(cast: Any, lo: float | None = None, hi: float | None = None,
+            above: bool = False) -> Any:
+    """An argparse type: a number of type ``cast`` (int or float) that is finite and
+    within ``lo``..``hi`` (``above``: strictly greater than ``lo``). argparse names
+    the flag in its error ("argument --timeout: ...", exit 2)."""
+    def parse(text: str) -> Any:
+        from taskandgo.node.config import ConfigError, check_range
+
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a valid {'integer' if cast is int else 'number'}") from None
+        try:
+            return check_range(value, "value", lo, hi, above)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix("value: ")) from None
+
+    parse.__name__ = cast.__name__
+    return parse
+
+
+#: Seconds a client setting takes at most (a bound against typos: about 100 years).
+MAX_SECONDS = 3.2e9
+
+
 def build_parser() -> argparse.ArgumentParser:
     from taskandgo.node.config import add_node_arguments
 
@@ -48,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--node", default=os.environ.get("TASKANDGO_NODE", DEFAULT_NODE),
                         help="node address(es), comma separated (TASKANDGO_NODE; "
                         f"{DEFAULT_NODE})")
-        sp.add_argument("--timeout", type=float, default=30.0, dest="client_timeout",
+        sp.add_argument("--timeout", type=_ranged(float, 0, MAX_SECONDS, above=True),
+                        default=30.0, dest="client_timeout", metavar="SECONDS",
                         help="seconds to keep retrying unreachable nodes (30)")
         sp.add_argument("--token-file", default=os.environ.get("TASKANDGO_TOKEN_FILE"),
                         help="file holding the API bearer token (TASKANDGO_TOKEN_FILE; or the "
@@ -63,17 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("node", help="run one node")
     add_node_arguments(sp)
-    sp.add_argument("--grace", type=float, default=float(os.environ.get("TASKANDGO_GRACE_S", "20")),
+    # The variable is read when a node starts (cmd_node), so a bad value is an error
+    # naming it there, not a crash of every other command.
+    sp.add_argument("--grace", type=_ranged(float, 0, 86400), default=None,
                     help="seconds running tasks get to finish on SIGTERM (TASKANDGO_GRACE_S; 20)")
 
     sp = sub.add_parser("local", help="run an N-node cluster on this machine")
-    sp.add_argument("--nodes", type=int, default=3)
-    sp.add_argument("--voters", type=int, default=3, help="Raft members among the nodes (3)")
-    sp.add_argument("--base-port", type=int, default=7000)
+    sp.add_argument("--nodes", type=_ranged(int, 1, 1000), default=3)
+    sp.add_argument("--voters", type=_ranged(int, 1, 1000), default=3,
+                    help="Raft members among the nodes (3)")
+    sp.add_argument("--base-port", type=_ranged(int, 1, 65535 - 3000), default=7000)
     sp.add_argument("--data-dir", default="taskandgo-local")
     sp.add_argument("--fresh", action="store_true", help="delete the data dir first")
     sp.add_argument("--strategy", choices=("split", "batch"), default=None)
-    sp.add_argument("--slots", type=int, default=None)
+    sp.add_argument("--slots", type=_ranged(int, 1, 100_000), default=None)
 
     sp = sub.add_parser("submit", help="submit a task",
                         usage="taskandgo submit [options] "
@@ -82,28 +113,37 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--priority", default="medium", help="low|medium|high|critical|INT")
     sp.add_argument("--id", default=None, help="task id; doubles as idempotency key")
     sp.add_argument("--strategy", choices=("split", "batch"), default="")
-    sp.add_argument("--shards", type=int, default=0)
+    sp.add_argument("--shards", type=_ranged(int, 0), default=0)
     sp.add_argument("--items", type=_json_list, default=None, help="JSON list for split chunks")
-    sp.add_argument("--task-timeout", "--timeout-s", type=float, default=0.0, dest="task_timeout",
+    sp.add_argument("--task-timeout", "--timeout-s", type=_ranged(float, 0, MAX_SECONDS),
+                    default=0.0, dest="task_timeout",
                     help="per-attempt time limit in seconds")
-    sp.add_argument("--retries", type=int, default=0)
+    sp.add_argument("--retries", type=_ranged(int, 0), default=0)
     sp.add_argument("--label", type=_label, action="append", default=[], metavar="K=V")
     sp.add_argument("--data", default=None, help="payload in the seed's form ('python: ...')")
     sp.add_argument("--call", default=None, help="module:function run in the warm pool")
     sp.add_argument("--args", type=_json_value, default=None, help="JSON arguments for --call")
     sp.add_argument("--wait", action="store_true", help="wait for the result and show it")
-    sp.add_argument("--wait-timeout", type=float, default=3600.0)
+    sp.add_argument("--wait-timeout", type=_ranged(float, 0, MAX_SECONDS, above=True),
+                    default=3600.0, help="seconds --wait waits for the result (3600)")
     sp.add_argument("payload", nargs=argparse.REMAINDER)
 
     sp = sub.add_parser("get", help="show a task")
     client_args(sp)
     sp.add_argument("task_id")
 
+    sp = sub.add_parser("output", help="a task's full output, as kept by the node that ran it")
+    client_args(sp, json_flag=False)
+    sp.add_argument("task_id")
+    sp.add_argument("--chunk", type=_ranged(int, -1), default=None,
+                    help="which chunk of a split task (required for one)")
+    sp.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
+
     sp = sub.add_parser("tasks", help="list tasks")
     client_args(sp)
     sp.add_argument("--status", default="")
     sp.add_argument("--label", action="append", default=[], metavar="K=V")
-    sp.add_argument("--limit", type=int, default=100)
+    sp.add_argument("--limit", type=_ranged(int, 1, 10**9), default=100)
 
     sp = sub.add_parser("cancel", help="cancel a task (kills it if running)")
     client_args(sp)
@@ -112,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("watch", help="follow events")
     client_args(sp)
     sp.add_argument("task_ids", nargs="*")
-    sp.add_argument("--max-events", type=int, default=0, help="stop after N events")
+    sp.add_argument("--max-events", type=_ranged(int, 0), default=0,
+                    help="stop after N events (0: never)")
 
     sp = sub.add_parser(
         "status", help="node status (one node or every node)",
@@ -129,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("top", help="live view of the cluster: nodes, queue, running tasks")
     client_args(sp, json_flag=False)
-    sp.add_argument("--interval", type=float, default=1.0, help="seconds between frames (1)")
+    sp.add_argument("--interval", type=_ranged(float, 0.05, 3600), default=1.0,
+                    help="seconds between frames (1)")
     sp.add_argument("--once", action="store_true", help="print one frame and exit")
     return p
 
@@ -185,15 +227,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
-    from taskandgo.node.config import ConfigError, config_from
+    from taskandgo.node.config import ConfigError, config_from, number_setting
     from taskandgo.node.main import run_node
 
     try:
         cfg = config_from(args)
+        grace_s = number_setting(args.grace, dict(os.environ), "TASKANDGO_GRACE_S", 20.0,
+                                 float, "--grace", 0, 86400)
     except ConfigError as exc:
         print(f"taskandgo node: {exc}", file=sys.stderr)
         return 2
-    return run_node(cfg, grace_s=args.grace)
+    return run_node(cfg, grace_s=grace_s)
 
 
 def _payload(args: argparse.Namespace) -> dict[str, Any]:
@@ -313,6 +357,19 @@ def _ts(x: float) -> str:
 def cmd_get(c: Any, args: argparse.Namespace) -> int:
     t = c.get(args.task_id)
     print(json.dumps(t, indent=2)) if args.json else _print_task(t)
+    return 0
+
+
+def cmd_output(c: Any, args: argparse.Namespace) -> int:
+    """Write the unit's kept output, byte for byte, to stdout; say on stderr when
+    the node kept only part of it (--keep-output-bytes)."""
+    out = c.task_output(args.task_id, args.chunk, "stderr" if args.stderr else "stdout")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(out["data"])
+    sys.stdout.buffer.flush()
+    if not out["complete"] and out["kept"] < out["written"]:
+        print(f"[kept {out['kept']} of {out['written']} bytes: node {out['node']} keeps at most "
+              "--keep-output-bytes per unit]", file=sys.stderr)
     return 0
 
 
@@ -445,8 +502,8 @@ def cmd_top(c: Any, args: argparse.Namespace) -> int:
     return run_top(c, args.interval, args.once)
 
 
-COMMANDS = {"submit": cmd_submit, "get": cmd_get, "tasks": cmd_tasks, "cancel": cmd_cancel,
-            "watch": cmd_watch, "status": cmd_status, "top": cmd_top}
+COMMANDS = {"submit": cmd_submit, "get": cmd_get, "output": cmd_output, "tasks": cmd_tasks,
+            "cancel": cmd_cancel, "watch": cmd_watch, "status": cmd_status, "top": cmd_top}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -219,6 +219,31 @@ class Client:
                 break
         return out
 
+    def task_output_page(self, task_id: str, chunk: int | None = None, stream: str = "stdout",
+                         offset: int = 0, limit: int = 0, local: bool = False) -> dict[str, Any]:
+        """One page of a unit's kept output (``data`` bytes from ``offset``; ``kept``,
+        ``written``, ``complete``, ``node``). NOT_FOUND when it is not kept."""
+        req = pb.GetTaskOutputRequest(task_id=task_id, stream=stream, offset=offset,
+                                      limit=limit, local=local)
+        if chunk is not None:
+            req.chunk = chunk
+        return dict_from_message(self._call("GetTaskOutput", req))
+
+    def task_output(self, task_id: str, chunk: int | None = None,
+                    stream: str = "stdout", max_pages: int = 100_000) -> dict[str, Any]:
+        """A unit's whole kept output: the first page's fields with ``data`` all of
+        the kept bytes, read page by page (at most ``max_pages``)."""
+        first = page = self.task_output_page(task_id, chunk, stream)
+        parts = [page["data"]]
+        got = len(page["data"])
+        for _ in range(max_pages):
+            if not page["data"] or got >= page["kept"]:
+                break
+            page = self.task_output_page(task_id, first["chunk"], stream, got)
+            parts.append(page["data"])
+            got += len(page["data"])
+        return {**first, "data": b"".join(parts), "offset": 0}
+
     def cancel(self, task_id: str) -> dict[str, Any]:
         return dict_from_message(self._call("CancelTask", pb.CancelTaskRequest(task_id=task_id)))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -66,6 +67,10 @@ class NodeConfig:
     retention_s: float = 24 * 3600.0
     max_finished: int = 100_000
     output_limit: int = 64 * 1024
+    #: Full output kept on disk per unit (stdout and stderr together) and for all
+    #: units together, oldest evicted first; 0 keeps none (node/outputs.py).
+    keep_output_bytes: int = 16 * 1024 * 1024
+    keep_output_total: int = 1024 * 1024 * 1024
     default_runner: str = "echo"
     interpreters: dict[str, list[str]] = field(default_factory=dict)
     election_min_s: float = 0.3
@@ -158,15 +163,19 @@ def parse_voters(text: str) -> tuple[Voter, ...]:
         parts = item.rsplit(":", 2)
         try:
             if len(parts) == 3:
-                out.append(Voter(parts[0], int(parts[1]), int(parts[2])))
+                voter = Voter(parts[0], int(parts[1]), int(parts[2]))
             elif len(parts) == 2:
-                out.append(Voter(parts[0], int(parts[1]), int(parts[1]) + 100))
+                voter = Voter(parts[0], int(parts[1]), int(parts[1]) + 100)
             else:
                 raise ValueError(item)
+            if not (voter.host and 0 < voter.grpc_port <= 65535
+                    and 0 < voter.raft_port <= 65535):
+                raise ValueError(item)
+            out.append(voter)
         except ValueError:
             raise ConfigError(
                 f"--voters / TASKANDGO_VOTERS: bad entry {item!r}; "
-                "expected host:grpc_port:raft_port") from None
+                "expected host:grpc_port:raft_port, ports 1..65535") from None
     return tuple(out)
 
 
@@ -288,6 +297,12 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-limit", type=int, help="bytes of a unit's stdout kept in its "
                    "result; beyond that the result is marked truncated with the byte count "
                    "(TASKANDGO_OUTPUT_LIMIT; 65536)")
+    p.add_argument("--keep-output-bytes", type=int, help="bytes of each unit's full output "
+                   "(stdout and stderr) this node keeps on disk for `taskandgo output`; "
+                   "0 keeps none (TASKANDGO_KEEP_OUTPUT_BYTES; 16777216)")
+    p.add_argument("--keep-output-total", type=int, help="bytes of kept output on this node "
+                   "in all, the oldest evicted first; 0 keeps none "
+                   "(TASKANDGO_KEEP_OUTPUT_TOTAL; 1073741824)")
     p.add_argument("--retention", type=float, dest="retention_s",
                    help="seconds finished tasks are kept (TASKANDGO_RETENTION_S; 86400)")
     p.add_argument("--max-finished", type=int,
@@ -388,12 +403,59 @@ def _pick(flag: Any, env: dict[str, str], name: str, default: _D,
     return default
 
 
+_N = TypeVar("_N", int, float)
+
+
+def check_range(value: _N, where: str, lo: float | None = None, hi: float | None = None,
+                above: bool = False) -> _N:
+    """``value`` if it is a finite number within ``lo``..``hi`` (``above``: strictly
+    greater than ``lo``); else a ConfigError naming ``where`` (the flag and its
+    variable) and the range expected."""
+    want = " and ".join(filter(None, (
+        "" if lo is None else f"{'>' if above else '>='} {lo:g}",
+        "" if hi is None else f"<= {hi:g}")))
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value!r} is not a finite number (expected {want})")
+    if (lo is not None and (value <= lo if above else value < lo)) \
+            or (hi is not None and value > hi):
+        raise ConfigError(f"{where}: {value!r} is out of range (expected {want})")
+    return value
+
+
+def _num(flag_value: Any, env: dict[str, str], name: str, default: _N,
+         cast: Callable[[str], _N], flag: str, lo: float | None = None,
+         hi: float | None = None, above: bool = False) -> _N:
+    """A numeric setting: the flag, else the variable ``name``, else the default
+    (as :func:`_pick`), checked by :func:`check_range`; errors name both."""
+    where = f"{flag} / {name}" if flag else name
+    if flag_value is None and env.get(name, "") != "":
+        try:
+            flag_value = cast(env[name])
+        except ValueError:
+            raise ConfigError(f"{where}: {env[name]!r} is not a valid "
+                              f"{getattr(cast, '__name__', 'number')}") from None
+    value = cast(flag_value) if flag_value is not None else default
+    return check_range(value, where, lo, hi, above)
+
+
+#: For other commands' settings (``taskandgo node --grace``).
+number_setting = _num
+
+#: The largest number most count settings take: a bound against typos, not a tuning.
+MAX_COUNT = 10**9
+#: The longest duration a setting takes, in seconds (about 100 years).
+MAX_SECONDS = 3.2e9
+
+
 def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> NodeConfig:
     env = dict(os.environ if env is None else env)
     bind = str(_pick(args.bind, env, "TASKANDGO_BIND", "127.0.0.1", str))
-    grpc_port = int(_pick(args.grpc_port, env, "TASKANDGO_GRPC_PORT", DEFAULT_GRPC_PORT, int))
-    raft_port = int(_pick(args.raft_port, env, "TASKANDGO_RAFT_PORT", DEFAULT_RAFT_PORT, int))
-    http_port = int(_pick(args.http_port, env, "TASKANDGO_HTTP_PORT", DEFAULT_HTTP_PORT, int))
+    grpc_port = _num(args.grpc_port, env, "TASKANDGO_GRPC_PORT", DEFAULT_GRPC_PORT, int,
+                     "--grpc-port", 1, 65535)
+    raft_port = _num(args.raft_port, env, "TASKANDGO_RAFT_PORT", DEFAULT_RAFT_PORT, int,
+                     "--raft-port", 1, 65535)
+    http_port = _num(args.http_port, env, "TASKANDGO_HTTP_PORT", DEFAULT_HTTP_PORT, int,
+                     "--http-port", 1, 65535)
 
     pod = env.get("POD_NAME", "")
     service = env.get("TASKANDGO_HEADLESS_SERVICE", "")
@@ -407,7 +469,7 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
     if voters_text:
         voters = parse_voters(str(voters_text))
     elif pod and service:
-        count = int(_pick(None, env, "TASKANDGO_VOTER_COUNT", 3, int))
+        count = _num(None, env, "TASKANDGO_VOTER_COUNT", 3, int, "", 1, 1000)
         voters = statefulset_voters(pod, service, namespace, count, grpc_port, raft_port)
     else:
         voters = (Voter(str(advertise), grpc_port, raft_port),)
@@ -436,9 +498,7 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
             "set TASKANDGO_RAFT_PASSWORD or TASKANDGO_RAFT_PASSWORD_FILE (peers exchange "
             "pickled data, so an open Raft port runs anyone's code)")
 
-    slots = int(_pick(args.slots, env, "TASKANDGO_SLOTS", 4, int))
-    if slots < 1:
-        raise ConfigError("--slots / TASKANDGO_SLOTS must be at least 1")
+    slots = _num(args.slots, env, "TASKANDGO_SLOTS", 4, int, "--slots", 1, 100_000)
     cfg = NodeConfig(
         node_id=str(_pick(args.node_id, env, "TASKANDGO_NODE_ID", pod or socket.gethostname(),
                           str)),
@@ -452,30 +512,44 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         slots=slots,
         strategy=strategy,
         raft_password=password,
-        lease_s=float(_pick(args.lease_s, env, "TASKANDGO_LEASE_S", 3.0, float)),
+        lease_s=_num(args.lease_s, env, "TASKANDGO_LEASE_S", 3.0, float, "--lease", 0,
+                     MAX_SECONDS, above=True),
         default_runner=str(_pick(args.default_runner, env, "TASKANDGO_DEFAULT_RUNNER", "echo",
                                  str)),
         interpreters=interpreters,
-        retention_s=float(_pick(args.retention_s, env, "TASKANDGO_RETENTION_S", 86400.0, float)),
-        max_finished=int(_pick(args.max_finished, env, "TASKANDGO_MAX_FINISHED", 100_000, int)),
-        output_limit=int(_pick(getattr(args, "output_limit", None), env,
-                               "TASKANDGO_OUTPUT_LIMIT", 64 * 1024, int)),
+        retention_s=_num(args.retention_s, env, "TASKANDGO_RETENTION_S", 86400.0, float,
+                         "--retention", 0, MAX_SECONDS, above=True),
+        max_finished=_num(args.max_finished, env, "TASKANDGO_MAX_FINISHED", 100_000, int,
+                          "--max-finished", 1, MAX_COUNT),
+        # The head of every result is in the replicated state: a bound well under a
+        # Raft entry's and a gRPC message's size.
+        output_limit=_num(getattr(args, "output_limit", None), env, "TASKANDGO_OUTPUT_LIMIT",
+                          64 * 1024, int, "--output-limit", 1, 4 * 1024 * 1024),
+        keep_output_bytes=_num(getattr(args, "keep_output_bytes", None), env,
+                               "TASKANDGO_KEEP_OUTPUT_BYTES", 16 * 1024 * 1024, int,
+                               "--keep-output-bytes", 0, 2**50),
+        keep_output_total=_num(getattr(args, "keep_output_total", None), env,
+                               "TASKANDGO_KEEP_OUTPUT_TOTAL", 1024 * 1024 * 1024, int,
+                               "--keep-output-total", 0, 2**50),
     )
     election = str(_pick(getattr(args, "election_timeout", None), env,
                          "TASKANDGO_ELECTION_TIMEOUT", "0.3-0.6", str))
     try:
         lo, hi = (float(x) for x in election.split("-", 1))
     except ValueError:
-        raise ConfigError(f"--election-timeout {election!r}: expected MIN-MAX seconds") from None
-    append_s = float(_pick(getattr(args, "append_entries_s", None), env,
-                           "TASKANDGO_APPEND_ENTRIES_S", 0.005, float))
+        raise ConfigError(f"--election-timeout / TASKANDGO_ELECTION_TIMEOUT {election!r}: "
+                          "expected MIN-MAX seconds") from None
+    for bound in (lo, hi):
+        check_range(bound, "--election-timeout / TASKANDGO_ELECTION_TIMEOUT", 0, 3600,
+                    above=True)
+    append_s = _num(getattr(args, "append_entries_s", None), env, "TASKANDGO_APPEND_ENTRIES_S",
+                    0.005, float, "--append-entries-period", 0, 3600, above=True)
     if not 0 < append_s < lo <= hi:
         raise ConfigError("--election-timeout / --append-entries-period: need "
                           "0 < append-entries period < election MIN <= MAX")
-    snapshot_s = float(_pick(getattr(args, "snapshot_interval_s", None), env,
-                             "TASKANDGO_SNAPSHOT_INTERVAL_S", 600.0, float))
-    if not snapshot_s >= 1.0:
-        raise ConfigError("--snapshot-interval: need at least 1 second")
+    snapshot_s = _num(getattr(args, "snapshot_interval_s", None), env,
+                      "TASKANDGO_SNAPSHOT_INTERVAL_S", 600.0, float, "--snapshot-interval", 1.0,
+                      MAX_SECONDS)
     fsync = str(_pick(getattr(args, "fsync", None), env, "TASKANDGO_FSYNC", "always",
                       str)).strip().lower()
     if fsync not in ("always", "never"):
@@ -515,36 +589,32 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         snapshot_interval_s=snapshot_s, fsync=fsync, kube_api=kube_api, namespace=namespace,
         pod_selector=env.get("TASKANDGO_POD_SELECTOR", ""),
         auth=auth, policy=policy,
-        rate_limit=float(_pick(getattr(args, "rate_limit", None), env, "TASKANDGO_RATE_LIMIT",
-                               0.0, float)),
-        max_queued=int(_pick(getattr(args, "max_queued", None), env, "TASKANDGO_MAX_QUEUED",
-                             1_000_000, int)),
-        prefetch=max(0, int(_pick(getattr(args, "prefetch", None), env, "TASKANDGO_PREFETCH",
-                                  128, int))),
+        rate_limit=_num(getattr(args, "rate_limit", None), env, "TASKANDGO_RATE_LIMIT", 0.0,
+                        float, "--rate-limit", 0, 1e9),
+        max_queued=_num(getattr(args, "max_queued", None), env, "TASKANDGO_MAX_QUEUED",
+                        1_000_000, int, "--max-queued", 1, MAX_COUNT),
+        prefetch=_num(getattr(args, "prefetch", None), env, "TASKANDGO_PREFETCH", 128, int,
+                      "--prefetch", 0, 1_000_000),
         tls_cert=tls["cert"], tls_key=tls["key"], tls_ca=tls["ca"],
         tls_client_auth=bool(client_auth),
         http_allowed_hosts=parse_allowed_hosts(str(_pick(
             getattr(args, "http_allowed_hosts", None), env, "TASKANDGO_HTTP_ALLOWED_HOSTS",
             "", str))))
-    streams = {name: int(_pick(getattr(args, name, None), env, f"TASKANDGO_{name.upper()}",
-                               default, int))
+    # Each is a thread or an open connection at most: bounded so a typo cannot
+    # ask for a million threads.
+    streams = {name: _num(getattr(args, name, None), env, f"TASKANDGO_{name.upper()}",
+                          default, int, "--" + name.replace("_", "-"), 1, 10_000)
                for name, default in (("max_streams", 32), ("max_streams_per_client", 8),
                                      ("grpc_threads", 32), ("max_waits", 16),
                                      ("max_waits_per_client", 8))}
-    for name, value in streams.items():
-        if value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} / TASKANDGO_{name.upper()}: "
-                              "need at least 1")
     cfg = dataclasses.replace(
         cfg, max_streams=streams["max_streams"],
         max_streams_per_client=streams["max_streams_per_client"],
         grpc_threads=streams["grpc_threads"], max_waits=streams["max_waits"],
         max_waits_per_client=streams["max_waits_per_client"])
-    request_timeout_s = float(_pick(getattr(args, "http_request_timeout_s", None), env,
-                                    "TASKANDGO_HTTP_REQUEST_TIMEOUT_S", 10.0, float))
-    if not 0 < request_timeout_s <= 3600:
-        raise ConfigError("--http-request-timeout / TASKANDGO_HTTP_REQUEST_TIMEOUT_S: need "
-                          "0..3600 seconds")
+    request_timeout_s = _num(getattr(args, "http_request_timeout_s", None), env,
+                             "TASKANDGO_HTTP_REQUEST_TIMEOUT_S", 10.0, float,
+                             "--http-request-timeout", 0, 3600, above=True)
     cfg = dataclasses.replace(cfg, http_request_timeout_s=request_timeout_s)
     try:
         peer_cert_names = parse_cert_names(str(_pick(
@@ -556,12 +626,11 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
                           "verified only under mTLS)")
     cfg = dataclasses.replace(
         cfg, peer_cert_names=peer_cert_names,
-        peer_rate_limit=max(0.0, float(_pick(getattr(args, "peer_rate_limit", None), env,
-                                              "TASKANDGO_PEER_RATE_LIMIT", 1000.0, float))),
-        max_workers=int(_pick(getattr(args, "max_workers", None), env, "TASKANDGO_MAX_WORKERS",
-                              1000, int)))
-    if cfg.max_workers < 1:
-        raise ConfigError("--max-workers / TASKANDGO_MAX_WORKERS: need at least 1")
+        peer_rate_limit=_num(getattr(args, "peer_rate_limit", None), env,
+                             "TASKANDGO_PEER_RATE_LIMIT", 1000.0, float, "--peer-rate-limit", 0,
+                             1e9),
+        max_workers=_num(getattr(args, "max_workers", None), env, "TASKANDGO_MAX_WORKERS",
+                         1000, int, "--max-workers", 1, 1_000_000))
     sandbox = str(_pick(getattr(args, "sandbox", None), env, "TASKANDGO_SANDBOX", "auto",
                         str)).strip().lower()
     if sandbox not in SANDBOX_MODES:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from taskandgo.node.outputs import OutputStore, Sink
 from taskandgo.node.processes import SAFE_ENV, CallPool, Lifeline
 from taskandgo.node.sandbox import SANDBOX_WORKDIR, Sandbox
 
@@ -101,6 +102,7 @@ class Executor:
         default_timeout_s: float = 3600.0,
         policy: Any = None,
         sandbox: Sandbox | None = None,
+        outputs: OutputStore | None = None,
     ) -> None:
         self.node_id = node_id
         self.policy = policy
@@ -114,6 +116,8 @@ class Executor:
         self.interpreters.update(interpreters or {})
         self.default_runner = default_runner
         self.output_limit = output_limit
+        #: Where each unit's full output is kept (None or disabled: nowhere).
+        self.outputs = outputs
         self.default_timeout_s = default_timeout_s
         self._lifeline = Lifeline()
         self._calls = CallPool(slots, policy.call_modules if policy is not None else None,
@@ -224,14 +228,27 @@ class Executor:
         cancel = self._active.get(w.key) or threading.Event()
         started = time.time()
         out: dict[str, Any]
+        sink = self.outputs.open(w.task_id, w.chunk, w.attempt) if self.outputs else None
         try:
             if cancel.is_set():  # killed before it started
                 out = {"ok": False, "result": "", "error": "cancelled", "exit_code": -9}
             else:
-                out = self._execute(w, cancel)
+                out = self._execute(w, cancel, sink)
         except Exception as exc:  # a task must never take the node down
             log.exception("node %s: unit %s failed to run", self.node_id, w.key)
             out = {"ok": False, "result": "", "error": f"could not run: {exc}", "exit_code": -1}
+        if sink is not None and self.outputs is not None:
+            if any(sink.written.values()):
+                self.outputs.finish(sink)
+            else:
+                # Not a subprocess (a callable, or data echoed): its result is its
+                # output, kept only if the result cannot hold it all.
+                raw = str(out.get("result", "")).encode("utf-8", "replace")
+                if len(raw) > self.output_limit:
+                    sink.write("stdout", raw)
+                    self.outputs.finish(sink)
+                else:
+                    self.outputs.discard(sink)
         finished = time.time()
         with self._lock:
             self._active.pop(w.key, None)
@@ -253,7 +270,8 @@ class Executor:
             "truncated": bool(cut or out.get("truncated")), "output_bytes": total,
         })
 
-    def _execute(self, w: Work, cancel: threading.Event) -> dict[str, Any]:
+    def _execute(self, w: Work, cancel: threading.Event,
+                 sink: Sink | None = None) -> dict[str, Any]:
         p = w.payload
         if self.policy is not None:
             try:
@@ -282,10 +300,10 @@ class Executor:
                 return {"ok": False, "result": "", "exit_code": -1,
                         "error": f"no interpreter configured for prefix {prefix!r}"}
             argv = list(interp) + [code]
-        return self._subprocess(w, argv, timeout_s, cancel)
+        return self._subprocess(w, argv, timeout_s, cancel, sink)
 
     def _subprocess(self, w: Work, argv: list[str], timeout_s: float,
-                    cancel: threading.Event) -> dict[str, Any]:
+                    cancel: threading.Event, sink: Sink | None = None) -> dict[str, Any]:
         env = {k: v for k, v in os.environ.items() if k in SAFE_ENV}
         env.update({
             "TASKANDGO_TASK_ID": w.task_id,
@@ -325,7 +343,7 @@ class Executor:
                     _killpg(proc)
             # Killing the group kills bwrap; --die-with-parent takes down the
             # sandbox's PID 1 with it, and with that every process in its namespace.
-            got = self._collect(proc, timeout_s, cancel)
+            got = self._collect(proc, timeout_s, cancel, sink)
             code = proc.returncode
             cut = got.out_bytes > len(got.out)
             # A cut result may end inside a UTF-8 sequence: drop the partial character.
@@ -348,11 +366,12 @@ class Executor:
             shutil.rmtree(rundir, ignore_errors=True)
 
     def _collect(self, proc: subprocess.Popen, timeout_s: float,
-                 cancel: threading.Event) -> Collected:
+                 cancel: threading.Event, sink: Sink | None = None) -> Collected:
         """Read stdout and stderr until the process exits: the head of stdout up to
         the output cap, the last STDERR_TAIL bytes of stderr, and how many bytes
-        each stream carried in all (the rest is drained and dropped). Kill the
-        process group on timeout or cancel."""
+        each stream carried in all (the rest is drained and dropped; with a
+        ``sink``, kept there within its bounds). Kill the process group on timeout
+        or cancel."""
         assert proc.stdout is not None and proc.stderr is not None
         limit = self.output_limit
         out_fd, err_fd = proc.stdout.fileno(), proc.stderr.fileno()
@@ -378,6 +397,8 @@ class Executor:
                     open_fds.remove(fd)
                     continue
                 totals[fd] += len(data)
+                if sink is not None:
+                    sink.write("stdout" if fd == out_fd else "stderr", data)
                 if fd == out_fd:
                     if len(out) < limit:
                         out += data[: limit - len(out)]

@@ -143,6 +143,7 @@ ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
     (("api", "v1", "tasks"), {"GET": "list_tasks", "POST": "create_tasks"}),
     (("api", "v1", "tasks", "{id}"), {"GET": "get_task", "DELETE": "cancel_task"}),
     (("api", "v1", "tasks", "{id}", "cancel"), {"POST": "cancel_task"}),
+    (("api", "v1", "tasks", "{id}", "output"), {"GET": "task_output"}),
     (("api", "v1", "wait"), {"GET": "wait"}),
     (("api", "v1", "node"), {"GET": "node"}),
     (("api", "v1", "cluster"), {"GET": "cluster"}),
@@ -589,6 +590,18 @@ class Handler(EventStream):
     def h_cancel_task(self, params: dict[str, str], q: dict[str, str],
                       query: dict[str, list[str]]) -> None:
         self._send(200, self.app.cancel(_task_id(params)))
+
+    def h_task_output(self, params: dict[str, str], q: dict[str, str],
+                      query: dict[str, list[str]]) -> None:
+        """A page of a unit's full output (node/outputs.py), its bytes as text."""
+        from taskandgo.node.outputs import fetch_output
+
+        chunk = _int(q["chunk"], "chunk") if q.get("chunk", "") != "" else None
+        page = fetch_output(self.app, _task_id(params), chunk, q.get("stream") or "stdout",
+                            _int(q.get("offset", "0"), "offset"),
+                            _int(q.get("limit", "0"), "limit"))
+        page["data"] = page["data"].decode("utf-8", "replace")
+        self._send(200, page)
 
     def h_wait(self, params: dict[str, str], q: dict[str, str],
                query: dict[str, list[str]]) -> None:

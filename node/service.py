@@ -184,6 +184,16 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
                                  self.app.node_status(request.include_digest))
 
     @_errors
+    def GetTaskOutput(self, request: Any, context: Any) -> Any:
+        from taskandgo.node.outputs import fetch_output
+
+        page = fetch_output(self.app, request.task_id,
+                            request.chunk if request.HasField("chunk") else None,
+                            request.stream or "stdout", request.offset, request.limit,
+                            local=request.local)
+        return taskandgo_pb2.GetTaskOutputResponse(**page)
+
+    @_errors
     def GetClusterStatus(self, request: Any, context: Any) -> Any:
         if self.app.replicated is None:
             with self.app.forward_client() as c:

@@ -320,6 +320,46 @@ class NodeStatus(_message.Message):
     cgroup: str
     def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_id: _Optional[str] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ..., queued: _Optional[int] = ..., running: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., strategy: _Optional[str] = ..., ready: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., state_digest: _Optional[str] = ..., prefetch: _Optional[int] = ..., held_back: _Optional[int] = ..., fatal: _Optional[str] = ..., cluster_id: _Optional[str] = ..., fsync: _Optional[str] = ..., foreign_peers: _Optional[_Iterable[str]] = ..., raft_syncs: _Optional[int] = ..., sandbox: _Optional[str] = ..., resources_source: _Optional[str] = ..., cpu_limit_cores: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., cgroup: _Optional[str] = ...) -> None: ...
 
+class GetTaskOutputRequest(_message.Message):
+    __slots__ = ("task_id", "chunk", "stream", "offset", "limit", "local")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    chunk: int
+    stream: str
+    offset: int
+    limit: int
+    local: bool
+    def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., stream: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ..., local: _Optional[bool] = ...) -> None: ...
+
+class GetTaskOutputResponse(_message.Message):
+    __slots__ = ("task_id", "chunk", "node", "stream", "offset", "data", "kept", "written", "complete", "attempt")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    chunk: int
+    node: str
+    stream: str
+    offset: int
+    data: bytes
+    kept: int
+    written: int
+    complete: bool
+    attempt: int
+    def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., node: _Optional[str] = ..., stream: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., kept: _Optional[int] = ..., written: _Optional[int] = ..., complete: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
+
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -79,6 +79,11 @@ class SchedulerStub:
                 request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.ClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.GetTaskOutput = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/GetTaskOutput',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -138,6 +143,12 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTaskOutput(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +196,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetClusterStatus,
                     request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.ClusterStatusRequest.FromString,
                     response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+            'GetTaskOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTaskOutput,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +446,33 @@ class Scheduler:
             '/taskandgo.v1.Scheduler/GetClusterStatus',
             taskandgo_dot_protos_dot_taskandgo__pb2.ClusterStatusRequest.SerializeToString,
             taskandgo_dot_protos_dot_taskandgo__pb2.ClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTaskOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/GetTaskOutput',
+            taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputRequest.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,
