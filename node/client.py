@@ -9,6 +9,7 @@ leader change) can never create a second task.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 import warnings
@@ -115,6 +116,10 @@ class Client:
         self.nodes = list(dict.fromkeys(nodes))
         if not self.nodes:
             raise ValueError("Client needs at least one node address")
+        if not (isinstance(timeout_s, (int, float)) and math.isfinite(timeout_s)
+                and timeout_s > 0):
+            raise ValueError(f"timeout_s: expected a finite number of seconds > 0, "
+                             f"got {timeout_s!r}")
         self.timeout_s = timeout_s
         self.follow_leader = follow_leader
         self._channels: dict[str, grpc.Channel] = {}

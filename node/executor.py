@@ -228,7 +228,7 @@ class Executor:
         cancel = self._active.get(w.key) or threading.Event()
         started = time.time()
         out: dict[str, Any]
-        sink = self.outputs.open(w.task_id, w.chunk, w.attempt) if self.outputs else None
+        sink = self.outputs.start(w.task_id, w.chunk, w.attempt) if self.outputs else None
         try:
             if cancel.is_set():  # killed before it started
                 out = {"ok": False, "result": "", "error": "cancelled", "exit_code": -9}

@@ -143,7 +143,7 @@ class OutputStore:
         except OSError:
             return 0
 
-    def open(self, task_id: str, chunk: int, attempt: int) -> Sink | None:
+    def start(self, task_id: str, chunk: int, attempt: int) -> Sink | None:
         """A sink for a unit starting now (None: this node keeps no output)."""
         if not self.enabled:
             return None

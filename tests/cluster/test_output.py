@@ -199,7 +199,7 @@ def test_store_bounds_per_unit_and_in_total(tmp_path: Any) -> None:
     what it kept."""
     store = OutputStore(str(tmp_path), per_unit=100, total=250)
     for i in range(3):
-        sink = store.open(f"t{i}", -1, 1)
+        sink = store.start(f"t{i}", -1, 1)
         assert sink is not None
         sink.write("stdout", bytes([65 + i]) * 60)
         sink.write("stderr", b"e" * 30)
@@ -207,7 +207,7 @@ def test_store_bounds_per_unit_and_in_total(tmp_path: Any) -> None:
     assert store.read("t0", -1, "stdout", 0, 1000) is None  # evicted: 3 * 90 > 250
     page = store.read("t2", -1, "stdout", 0, 1000)
     assert page is not None and page["data"] == b"C" * 60 and page["complete"]
-    big = store.open("big", 0, 2)
+    big = store.start("big", 0, 2)
     assert big is not None
     big.write("stdout", b"x" * 150)
     store.finish(big)
@@ -219,4 +219,4 @@ def test_store_bounds_per_unit_and_in_total(tmp_path: Any) -> None:
     assert again.read("big", 0, "stdout", 0, 1000) == page
     assert again.used() == store.used()
     off = OutputStore(str(tmp_path / "off"), per_unit=0, total=250)
-    assert off.open("t", -1, 1) is None
+    assert off.start("t", -1, 1) is None

@@ -149,3 +149,12 @@ def test_as_a_user_runs_them() -> None:
     # A bad TASKANDGO_GRACE_S no longer breaks the other commands.
     res = _run(["get", "--help"], {"TASKANDGO_GRACE_S": "soon"})
     assert res.returncode == 0, res.stderr
+
+
+def test_python_client_refuses_a_nonsense_timeout() -> None:
+    from taskandgo.node.client import Client
+
+    for bad in (-1, 0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="timeout_s"):
+            Client("127.0.0.1:1", timeout_s=bad)
+    Client("127.0.0.1:1", timeout_s=0.5).close()
