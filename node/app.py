@@ -17,7 +17,9 @@ nothing; :meth:`NodeApp.start` starts them):
 * ``worker`` (node/worker.py): the worker side: takes Dispatch, runs units in the
   executor, heartbeats to the leader (thread ``heartbeat``) and reports results
   until committed (thread ``reporter``);
-* ``bus`` (node/events.py): the event bus for watchers and waiters.
+* ``bus`` (node/events.py): the event bus for watchers and waiters;
+* ``history`` (node/history.py): the last minutes of per-second samples and unit
+  runs, for the dashboard's charts (thread ``history``).
 
 Every node is a worker; only voters hold the replicated state. A non-voter
 forwards client calls to a voter through :class:`taskandgo.Client`.
@@ -40,6 +42,7 @@ from taskandgo.node.config import NodeConfig, Voter
 from taskandgo.node.dispatching import Dispatcher, Peers
 from taskandgo.node.events import EventBus
 from taskandgo.node.executor import Executor
+from taskandgo.node.history import History
 from taskandgo.node.outputs import OutputStore
 from taskandgo.node.replica import NotFound, Replica, Unavailable, list_args, task_to_api
 from taskandgo.node.scheduling import Scheduler, WorkerInfo
@@ -128,6 +131,11 @@ class NodeApp:
                                    hold_for=self.scheduler.hold_for,
                                    forward=self.forward_client, observe=self._observe,
                                    guard=self._guard)
+        # A voter records from its own replica; a non-voter has none (its HTTP route
+        # forwards to a voter).
+        self.history = History(cfg.node_id, self.bus,
+                               self.replica.read if self.voter is not None else None,
+                               self.cluster_status)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -140,6 +148,7 @@ class NodeApp:
         self.dispatcher.start()
         self.worker.start()
         if self.replica.raft is not None:
+            self.history.start(self._stop)
             threading.Thread(target=self._guard(self._reaper_loop), name="reaper",
                              daemon=True).start()
         if self.cfg.kube_api and self.replica.raft is not None:

@@ -147,6 +147,7 @@ ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
     (("api", "v1", "wait"), {"GET": "wait"}),
     (("api", "v1", "node"), {"GET": "node"}),
     (("api", "v1", "cluster"), {"GET": "cluster"}),
+    (("api", "v1", "history"), {"GET": "history"}),
     (("api", "v1", "events"), {"GET": "events"}),
     (("api", "v1", "events", "ticket"), {"POST": "events_ticket"}),
 ]
@@ -631,6 +632,24 @@ class Handler(EventStream):
     def h_cluster(self, params: dict[str, str], q: dict[str, str],
                   query: dict[str, list[str]]) -> None:
         self._send(200, cluster_view(self.app.cluster_status()))
+
+    def h_history(self, params: dict[str, str], q: dict[str, str],
+                  query: dict[str, list[str]]) -> None:
+        """The last ``window_s`` seconds of per-second samples and unit runs
+        (node/history.py): a voter's own, a non-voter's fetched from the leader."""
+        from taskandgo.node.history import MAX_SPANS, WINDOW_S, fetch_from_voter
+
+        window = _int(q.get("window_s", "300"), "window_s")
+        if not 1 <= window <= WINDOW_S:
+            raise InvalidTask("window_s", f"expected 1..{WINDOW_S} seconds")
+        spans = _int(q.get("spans", "1000"), "spans")
+        if not 0 <= spans <= MAX_SPANS:
+            raise InvalidTask("spans", f"expected 0..{MAX_SPANS}")
+        if self.app.voter is not None:
+            self._send(200, self.app.history.snapshot(window, spans))
+        else:
+            self._send(200, fetch_from_voter(self.app, window, spans,
+                                             self.headers.get("Authorization")))
 
     def h_healthz(self, params: dict[str, str], q: dict[str, str],
                   query: dict[str, list[str]]) -> None:
