@@ -215,7 +215,11 @@ async function refresh() {
     $("self").textContent = `${node.id} (${node.role})`;
     $("term").textContent = node.raft_term ?? "–";
   }
-  if (cluster) renderNodes(cluster);
+  if (cluster) {
+    renderNodes(cluster);
+    slotsByNode = Object.fromEntries(cluster.nodes.filter((n) => !missing(n))
+      .map((n) => [n.id, n.slots]));
+  }
   $("nodes-panel").classList.toggle("stale", !cluster);
   if (tasks) {
     renderTasks(tasks.tasks);
@@ -239,6 +243,251 @@ function scheduleRefresh() {
   if (debounce) return;
   debounce = setTimeout(() => { debounce = null; refresh(); }, DEBOUNCE_MS);
 }
+
+// ------------------------------------------------------------------ charts
+
+// Drawn by hand as SVG from GET /api/v1/history: no chart library, nothing fetched
+// from elsewhere. SVG presentation attributes (stroke, fill) are not style
+// attributes: the Content-Security-Policy allows them.
+const SVG_NS = "http://www.w3.org/2000/svg";
+const HISTORY_MS = 2000;      // how often the charts and the task stream are redrawn
+const STREAM_S = 60;          // seconds shown in the task stream
+const CHART_W = 460, CHART_H = 170;
+const MARGIN = {left: 44, right: 10, top: 8, bottom: 26};
+const PRIORITY_COLORS = {critical: "#dc2626", high: "#ea580c", medium: "#2563eb",
+                         low: "#64748b"};
+const PALETTE = ["#2563eb", "#16a34a", "#ea580c", "#9333ea", "#0891b2", "#ca8a04", "#db2777",
+                 "#4b5563"];
+const priorityColor = (name) => PRIORITY_COLORS[name] || "#9333ea";
+
+/** s("rect", {x: 1}, child...) builds an SVG element. */
+function s(tag, attrs, ...children) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs || {})) {
+    if (v !== undefined && v !== null) el.setAttribute(k, v);
+  }
+  for (const c of children.flat()) {
+    if (c !== undefined && c !== null) el.append(c instanceof Node ? c : String(c));
+  }
+  return el;
+}
+
+/** A round step for an axis from 0 to max with about `count` ticks. */
+function niceStep(max, count) {
+  const raw = Math.max(max, 1e-9) / count;
+  const mag = 10 ** Math.floor(Math.log10(raw));
+  return [1, 2, 2.5, 5, 10].map((m) => m * mag).find((st) => st >= raw);
+}
+
+const fmtNum = (v) => Math.abs(v) >= 100 || Number.isInteger(v) ? String(Math.round(v))
+  : v.toFixed(Math.abs(v) >= 10 ? 1 : 2).replace(/\.?0+$/, "");
+
+/** Time axis labels: minutes (or seconds) before `t1`. */
+function timeTicks(t0, t1) {
+  const span = t1 - t0;
+  const step = span > 240 ? 60 : span > 90 ? 30 : span > 40 ? 10 : 5;
+  const out = [];
+  for (let ago = 0; ago <= span + 1e-6; ago += step) {
+    out.push({t: t1 - ago, label: ago === 0 ? "now"
+      : step >= 60 ? `-${ago / 60} min` : `-${ago} s`});
+  }
+  return out;
+}
+
+/**
+ * A line chart into `figure`: title and unit above, y axis with ticks from 0, a time
+ * axis, one path per series (data-series = its name; a null value breaks the line
+ * unless opts.connect), and a legend.
+ */
+function lineChart(figure, opts) {
+  const {title, unit, t0, t1, series} = opts;
+  const w = CHART_W - MARGIN.left - MARGIN.right, ht = CHART_H - MARGIN.top - MARGIN.bottom;
+  const values = series.flatMap((se) => se.points.map((p) => p[1])).filter((v) => v !== null);
+  const top = Math.max(opts.minTop || 1, ...values);
+  const step = niceStep(top, 4);
+  const yMax = Math.ceil(top / step) * step;
+  const x = (t) => MARGIN.left + w * (t - t0) / Math.max(1e-9, t1 - t0);
+  const y = (v) => MARGIN.top + ht * (1 - v / yMax);
+  const grid = [];
+  for (let v = 0; v <= yMax + step / 2; v += step) {
+    grid.push(s("line", {class: "grid", x1: MARGIN.left, x2: MARGIN.left + w, y1: y(v), y2: y(v)}),
+      s("text", {x: MARGIN.left - 4, y: y(v) + 3, "text-anchor": "end"}, fmtNum(v)));
+  }
+  for (const tick of timeTicks(t0, t1)) {
+    grid.push(s("line", {class: "axis", x1: x(tick.t), x2: x(tick.t), y1: MARGIN.top + ht,
+      y2: MARGIN.top + ht + 4}),
+    s("text", {x: x(tick.t), y: MARGIN.top + ht + 15, "text-anchor": "middle"}, tick.label));
+  }
+  const paths = series.map((se) => {
+    let d = "", pen = false;
+    for (const [t, v] of se.points) {
+      if (t < t0) continue;
+      if (v === null) { if (!opts.connect) pen = false; continue; }
+      d += `${pen ? "L" : "M"}${x(t).toFixed(1)},${y(v).toFixed(1)}`;
+      pen = true;
+    }
+    // data-sum: what the line adds up to in the window (for tests and curious users).
+    const sum = se.points.reduce((acc, [t, v]) => acc + (t >= t0 && v !== null ? v : 0), 0);
+    return s("path", {class: "line", d: d || "M0,0", stroke: se.color, "data-series": se.name,
+      "data-sum": fmtNum(sum), "stroke-opacity": d ? 1 : 0});
+  });
+  // Sparse series (a latency only where tasks ended): a dot per value, so a lone
+  // value shows too.
+  const dots = opts.dots ? series.flatMap((se) => se.points
+    .filter(([t, v]) => v !== null && t >= t0)
+    .map(([t, v]) => s("circle", {cx: x(t).toFixed(1), cy: y(v).toFixed(1), r: 2,
+      fill: se.color}))) : [];
+  const svg = s("svg", {viewBox: `0 0 ${CHART_W} ${CHART_H}`, role: "img",
+    "aria-label": `${title} (${unit})`},
+  grid,
+  s("line", {class: "axis", x1: MARGIN.left, x2: MARGIN.left + w, y1: MARGIN.top + ht,
+    y2: MARGIN.top + ht}),
+  s("line", {class: "axis", x1: MARGIN.left, x2: MARGIN.left, y1: MARGIN.top,
+    y2: MARGIN.top + ht}),
+  paths, dots,
+  values.length ? null : s("text", {class: "empty", x: MARGIN.left + w / 2,
+    y: MARGIN.top + ht / 2, "text-anchor": "middle"}, opts.empty || "no data yet"));
+  const legend = h("div", {class: "legend"}, series.map((se) => h("span", {"data-legend": se.name},
+    s("svg", {viewBox: "0 0 14 8"}, s("rect", {width: 14, height: 8, rx: 2, fill: se.color})),
+    se.label || se.name)));
+  figure.replaceChildren(h("figcaption", {}, title, h("span", {class: "muted"}, ` (${unit})`)),
+    svg, legend);
+}
+
+/** One series per key of sample[field] (an object), its value picked by `pick`. */
+function keyedSeries(samples, field, pick, colorOf) {
+  const names = [];
+  for (const smp of samples) {
+    for (const k of Object.keys(smp[field] || {})) if (!names.includes(k)) names.push(k);
+  }
+  names.sort((a, b) => a.localeCompare(b, undefined, {numeric: true}));
+  return names.map((name, i) => ({name, color: colorOf(name, i), points: samples.map(
+    (smp) => [smp.t + 0.5, smp[field] && name in smp[field] ? pick(smp[field][name]) : null])}));
+}
+
+function renderCharts(hist) {
+  const win = Number($("window").value);
+  const t1 = hist.now, t0 = t1 - win;
+  const smp = hist.samples.filter((x) => x.t + 1 >= t0);
+  const at = (x) => x.t + 0.5;
+  lineChart($("chart-throughput"), {title: "Throughput", unit: "unit runs per second", t0, t1,
+    series: [
+      {name: "started", color: "#2563eb", points: smp.map((x) => [at(x), x.started])},
+      {name: "finished", color: "#16a34a", points: smp.map((x) => [at(x), x.finished])}]});
+  // Queue depth: every priority seen in the window; a sample without a queue (a node
+  // that could not read it) breaks the line. Missing priority in a sample = 0 queued.
+  const prios = [...new Set(smp.flatMap((x) => Object.keys(x.queue || {})))];
+  const order = (p) => { const i = PRIORITIES.indexOf(p); return i < 0 ? -Number(p) : i - 1e9; };
+  prios.sort((a, b) => order(a) - order(b));
+  lineChart($("chart-queue"), {title: "Queue depth by priority", unit: "queued units", t0, t1,
+    empty: "nothing queued",
+    series: (prios.length ? prios : ["critical", "high", "medium", "low"]).map((p) => ({
+      name: p, color: priorityColor(p),
+      points: smp.map((x) => [at(x), x.queue ? (x.queue[p] || 0) : null])}))});
+  lineChart($("chart-latency"), {title: "Submit → result latency", unit: "seconds", t0, t1,
+    connect: true, dots: true, minTop: 0.1, empty: "no task finished yet",
+    series: [
+      {name: "p50", color: "#2563eb", points: smp.map((x) => [at(x), x.p50_s])},
+      {name: "p99", color: "#dc2626", points: smp.map((x) => [at(x), x.p99_s])}]});
+  const nodeColor = (name, i) => PALETTE[i % PALETTE.length];
+  lineChart($("chart-cpu"), {title: "CPU per node", unit: "% of its limit", t0, t1, minTop: 10,
+    series: keyedSeries(smp, "nodes", (n) => n.cpu_percent, nodeColor)});
+  lineChart($("chart-memory"), {title: "Memory per node", unit: "MiB resident", t0, t1,
+    minTop: 10, series: keyedSeries(smp, "nodes", (n) => n.memory_rss / 1048576, nodeColor)});
+}
+
+/**
+ * The task stream: one row per slot of each node (runs packed into rows greedily,
+ * at least the node's slot count), each run a bar from start to end (to now while
+ * running), coloured by its task's priority; hovering names the task and chunk.
+ */
+function renderStream(hist, slotsByNode) {
+  const t1 = hist.now, t0 = t1 - STREAM_S;
+  const runs = hist.spans.filter((sp) => (sp.end ?? t1) >= t0)
+    .sort((a, b) => a.start - b.start);
+  const nodes = [...new Set([...Object.keys(slotsByNode), ...runs.map((r) => r.node)])]
+    .sort((a, b) => a.localeCompare(b, undefined, {numeric: true}));
+  const lanes = [];  // {node, slot, until}
+  const laneOf = new Map();
+  for (const node of nodes) {
+    const mine = [];
+    for (let i = 0; i < (slotsByNode[node] || 0); i++) mine.push({node, slot: i + 1, until: -Infinity});
+    for (const r of runs.filter((x) => x.node === node)) {
+      let lane = mine.find((l) => l.until <= r.start + 1e-3);
+      if (!lane) { lane = {node, slot: mine.length + 1, until: -Infinity}; mine.push(lane); }
+      lane.until = r.end ?? Infinity;
+      laneOf.set(r, lane);
+    }
+    lanes.push(...mine);
+  }
+  const rowH = 14, left = 90, right = 10, top = 4, bottom = 24, W = 1300;
+  const w = W - left - right, H = top + bottom + Math.max(1, lanes.length) * rowH;
+  const x = (t) => left + w * (Math.max(t0, Math.min(t1, t)) - t0) / STREAM_S;
+  const rowY = new Map(lanes.map((l, i) => [l, top + i * rowH]));
+  const items = [];
+  lanes.forEach((l, i) => {
+    const yy = top + i * rowH;
+    if (l.slot === 1) {
+      items.push(s("line", {class: "lane-line", x1: 0, x2: W - right, y1: yy, y2: yy}),
+        s("text", {class: "lane", x: 4, y: yy + 11}, l.node));
+    }
+    // Rows beyond the node's slots hold units assigned ahead of a free slot (the
+    // prefetch window): their bars start at the assignment until the worker reports
+    // when the unit really started.
+    const extra = l.slot > (slotsByNode[l.node] || 0);
+    items.push(s("text", {x: left - 6, y: yy + 11, "text-anchor": "end"},
+      extra ? "prefetched" : `slot ${l.slot}`));
+  });
+  for (const tick of timeTicks(t0, t1)) {
+    items.push(s("line", {class: "grid", x1: x(tick.t), x2: x(tick.t), y1: top,
+      y2: H - bottom}),
+    s("text", {x: x(tick.t), y: H - bottom + 14, "text-anchor": "middle"}, tick.label));
+  }
+  for (const r of runs) {
+    const lane = laneOf.get(r);
+    const end = r.end ?? t1;
+    const name = r.priority_name ?? "unknown";
+    const label = `${r.task_id}${r.chunk >= 0 ? ` chunk ${r.chunk}` : ""} on ${r.node}: `
+      + `${name} priority, ${(end - r.start).toFixed(2)} s, ${r.end === null ? "running" : r.status}`;
+    items.push(s("rect", {class: `run ${r.end === null ? "open" : ""} ${r.status}`,
+      x: x(r.start).toFixed(1), y: rowY.get(lane) + 2,
+      width: Math.max(2, x(end) - x(r.start)).toFixed(1), height: rowH - 4, rx: 2,
+      fill: r.priority_name ? priorityColor(name) : "#94a3b8",
+      "data-task": r.task_id, "data-chunk": r.chunk, "data-node": r.node,
+      "data-priority": name}, s("title", {}, label)));
+  }
+  const svg = s("svg", {viewBox: `0 0 ${W} ${H}`, role: "img",
+    "aria-label": "Task stream: unit runs per node slot over time"}, items,
+  runs.length ? null : s("text", {class: "empty", x: left + w / 2, y: top + 10,
+    "text-anchor": "middle"}, "no unit ran in the last minute"));
+  const legend = h("div", {class: "legend"}, ["critical", "high", "medium", "low"].map((p) =>
+    h("span", {}, s("svg", {viewBox: "0 0 14 8"},
+      s("rect", {width: 14, height: 8, rx: 2, fill: priorityColor(p)})), p)),
+  h("span", {}, "lighter: still running; red outline: failed"));
+  $("stream").replaceChildren(svg, legend);
+}
+
+let slotsByNode = {};
+let historyTimer = null;
+
+/** Fetch the history and redraw; keeps the last drawing (marked stale) on error. */
+async function refreshHistory() {
+  clearTimeout(historyTimer);
+  try {
+    const hist = await api(`/api/v1/history?window_s=${$("window").value}&spans=2000`);
+    renderCharts(hist);
+    renderStream(hist, slotsByNode);
+    $("history-source").textContent = hist.forwarded_from
+      ? `· recorded by ${hist.forwarded_from}` : `· recorded by ${hist.node}`;
+    $("charts-panel").classList.remove("stale");
+    $("stream-panel").classList.remove("stale");
+  } catch (e) {
+    $("charts-panel").classList.add("stale");
+    $("stream-panel").classList.add("stale");
+  }
+  historyTimer = setTimeout(refreshHistory, HISTORY_MS);
+}
+$("window").addEventListener("change", refreshHistory);
 
 // ------------------------------------------------------------------ live events
 
@@ -337,3 +586,4 @@ $("token-form").addEventListener("submit", (e) => {
 
 connectEvents();
 refresh();
+refreshHistory();

@@ -4,7 +4,8 @@ opened on a follower, so it survives the leader's kill -9.
 
 Chromium comes from the Debian package ``chromium``: the test installs it with
 apt-get when it runs as root and it is missing, and skips (saying why) otherwise.
-Screenshots land in ``test-artifacts/`` (git-ignored).
+Screenshots land in ``test-artifacts/`` (git-ignored): the page after a split task,
+its charts and task stream under load, and after the leader's kill.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 from harness import Cluster, wait_for
+from taskandgo.node.client import task_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -144,6 +146,66 @@ def test_task_submitted_through_the_form_reaches_succeeded_without_a_reload(
     _screenshot(page, "dashboard.png")
 
 
+def _series_sum(page: Any, chart: str, series: str) -> float:
+    """What a chart's line adds up to over its window (the path's data-sum)."""
+    value = page.get_attribute(f'#{chart} path[data-series="{series}"]', "data-sum")
+    return float(value or 0)
+
+
+def test_charts_move_under_load_and_the_task_stream_shows_a_fan_out_and_an_urgent_task(
+        cluster3: Cluster, page: Any) -> None:
+    page.wait_for_selector('#chart-throughput path[data-series="started"]')
+    page.wait_for_selector("#chart-cpu path[data-series=node-0]")
+    before_d = page.get_attribute('#chart-throughput path[data-series="started"]', "d")
+    before = _series_sum(page, "chart-throughput", "started")
+    with cluster3.client() as c:
+        # Many short tasks (more than the 12 slots: some wait in the queue), then a
+        # split task fanned out over the nodes, then an urgent one.
+        c.submit_many([task_spec("sh: sleep 0.3", priority="low", strategy="batch")
+                       for _ in range(60)])
+        split = c.submit("sh: sleep 1.5; echo $TASKANDGO_CHUNK_INDEX", strategy="split",
+                         shards=6, priority="medium")
+        urgent = c.submit("sh: sleep 0.5; echo urgent", strategy="batch", priority="critical")
+    # Throughput: 60 + 6 + 1 unit runs started, drawn without a reload.
+    page.wait_for_function(
+        """([before]) => {
+             const p = document.querySelector('#chart-throughput path[data-series="started"]');
+             const f = document.querySelector('#chart-throughput path[data-series="finished"]');
+             return Number(p.dataset.sum) >= before + 67 && Number(f.dataset.sum) >= 67;
+           }""", arg=[before], timeout=60_000)
+    assert page.get_attribute('#chart-throughput path[data-series="started"]', "d") != before_d
+    # The queue had low-priority units waiting; latencies were drawn.
+    assert _series_sum(page, "chart-queue", "low") > 0
+    assert page.eval_on_selector_all("#chart-latency circle", "cs => cs.length") > 0
+    assert _series_sum(page, "chart-latency", "p99") > 0
+    # CPU and memory: a line per node.
+    names = page.eval_on_selector_all("#chart-memory path[data-series]",
+                                      "ps => ps.map(p => p.dataset.series)")
+    assert sorted(names) == ["node-0", "node-1", "node-2"]
+    # The task stream: the split's six chunks as bars on several nodes, and the
+    # urgent task's bar in the critical colour.
+    page.wait_for_function(
+        """([split, urgent]) => {
+             const bars = [...document.querySelectorAll(`#stream rect[data-task="${split}"]`)];
+             const chunks = new Set(bars.map(b => b.dataset.chunk));
+             const nodes = new Set(bars.map(b => b.dataset.node));
+             const hot = document.querySelector(
+               `#stream rect[data-task="${urgent}"][data-priority="critical"]`);
+             return chunks.size === 6 && nodes.size >= 2 && hot !== null
+               && !hot.classList.contains('open');
+           }""", arg=[split, urgent], timeout=60_000)
+    lanes = page.eval_on_selector_all("#stream text.lane", "ts => ts.map(t => t.textContent)")
+    assert sorted(lanes) == ["node-0", "node-1", "node-2"]
+    # The charts keep moving: a later sample differs again.
+    later = page.get_attribute('#chart-throughput path[data-series="started"]', "d")
+    page.wait_for_function(
+        """([d]) => document.querySelector('#chart-throughput path[data-series="started"]')
+                      .getAttribute('d') !== d""", arg=[later])
+    assert page.evaluate("window.notReloaded === true")
+    page.locator("#charts-panel").scroll_into_view_if_needed()
+    _screenshot(page, "dashboard-charts.png")
+
+
 def test_page_shows_the_new_leader_after_the_leader_is_killed(
         cluster3: Cluster, page: Any) -> None:
     old = cluster3.leader_index()
@@ -164,4 +226,12 @@ def test_page_shows_the_new_leader_after_the_leader_is_killed(
                && rows.some(r => r.dataset.node === dead && r.dataset.role === 'unreachable');
            }""", arg=[leader, f"node-{old}"])
     assert page.evaluate("window.notReloaded === true")
+    # The task stream goes on under the new leader: runs started after the kill are
+    # drawn, ended.
+    with cluster3.client() as c:
+        ids = [r["task_id"] for r in c.submit_many(
+            [task_spec("sh: echo after", strategy="batch") for _ in range(8)])]
+    page.wait_for_function(
+        """([ids]) => ids.every(id => document.querySelector(
+             `#stream rect[data-task="${id}"]:not(.open)`))""", arg=[ids], timeout=60_000)
     _screenshot(page, "dashboard-after-leader-kill.png")
