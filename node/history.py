@@ -109,6 +109,8 @@ class History:
         self.samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=window_s)
         self.spans: collections.deque[Span] = collections.deque(maxlen=max_spans)
         self._open: dict[tuple[str, int], Span] = {}
+        #: task id -> chunks with an open run (a task's end closes them without a scan)
+        self._open_chunks: dict[str, dict[int, None]] = {}
         self._submitted: collections.OrderedDict[str, float] = collections.OrderedDict()
         #: second -> [started, finished, latencies]
         self._buckets: dict[int, list[Any]] = {}
@@ -174,8 +176,11 @@ class History:
             self._close(key, at, "requeued")  # a stale open run of the same unit
             span = Span(tid, chunk, node, at)
             self._open[key] = span
-            if len(self._open) > self.max_spans:
-                del self._open[next(iter(self._open))]
+            self._open_chunks.setdefault(tid, {})[chunk] = None
+            if len(self._open) > self.max_spans:  # the oldest open run is forgotten
+                old = next(iter(self._open))
+                self._open.pop(old)
+                self._forget_open(old)
             self._bucket(at)[0] += 1
             return
         unit_status = status[len("chunk_"):] if status.startswith("chunk_") else status
@@ -187,8 +192,8 @@ class History:
             self._close(key, at, unit_status if status not in _UNFINISHED_ENDS else status)
         if chunk == WHOLE and status in _FINAL:
             # The task ended: its latency, and any run still open was cancelled.
-            for k in [k for k in self._open if k[0] == tid]:
-                self._close(k, at, "cancelled")
+            for c in list(self._open_chunks.get(tid, ())):
+                self._close((tid, c), at, "cancelled")
             submitted = self._submitted.pop(tid, None)
             if submitted is not None:
                 self._bucket(at)[2].append(max(0.0, at - submitted))
@@ -197,10 +202,18 @@ class History:
         span = self._open.pop(key, None)
         if span is None:
             return
+        self._forget_open(key)
         span.end = max(at, span.start)
         span.status = status
         self.spans.append(span)
         self._unresolved.append(span)
+
+    def _forget_open(self, key: tuple[str, int]) -> None:
+        chunks = self._open_chunks.get(key[0])
+        if chunks is not None:
+            chunks.pop(key[1], None)
+            if not chunks:
+                del self._open_chunks[key[0]]
 
     def sample(self) -> None:
         """Close every second that ended at least SETTLE_S ago into a sample."""

@@ -179,3 +179,20 @@ def test_thread_reads_the_bus_and_samples_until_stopped() -> None:
         stop.set()
         thread.join(5)
     assert not thread.is_alive()
+
+
+def test_open_runs_are_bounded_too() -> None:
+    r = Rig(max_spans=50)
+    s = r.state
+    r.run(s.apply_submit([{"id": "wide", "priority": 0, "strategy": "split"}], r.now))
+    r.run(s.apply_assign([("wide", i, 80, f"node-{i % 3}", i + 1) for i in range(80)],
+                         r.now, 30.0))
+    r.pump()
+    assert len(r.history._open) == 50
+    r.run(s.apply_cancel(["wide"], r.now))
+    r.tick(2.0)
+    snap = r.history.snapshot()
+    assert r.history._open == {} and r.history._open_chunks == {}
+    assert len(snap["spans"]) == 50
+    assert {x["status"] for x in snap["spans"]} == {"cancelled"}
+    assert {x["chunk"] for x in snap["spans"]} == set(range(30, 80)), "the newest kept"
