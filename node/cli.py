@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--strategy", choices=("split", "batch"), default="")
     sp.add_argument("--shards", type=_ranged(int, 0), default=0)
     sp.add_argument("--items", type=_json_list, default=None, help="JSON list for split chunks")
+    sp.add_argument("--on-every-node", action="store_true",
+                    help="run the task once on every live node (a split task cut into one "
+                    "chunk per node); a task with nothing to cut otherwise runs once")
     sp.add_argument("--task-timeout", "--timeout-s", type=_ranged(float, 0, MAX_SECONDS),
                     default=0.0, dest="task_timeout",
                     help="per-attempt time limit in seconds")
@@ -267,7 +270,7 @@ def cmd_submit(c: Any, args: argparse.Namespace) -> int:
     spec = task_spec(
         **_payload(args), id=args.id, priority=args.priority, strategy=args.strategy,
         shards=args.shards, items=args.items, timeout_s=args.task_timeout,
-        retries=args.retries, labels=dict(args.label))
+        retries=args.retries, labels=dict(args.label), on_every_node=args.on_every_node)
     res = c.submit_many([spec])[0]
     if not args.wait:
         if args.json:
@@ -318,7 +321,8 @@ def _print_task(t: dict[str, Any], brief: bool = False) -> None:
     rows = [
         ("id", t["id"]), ("status", t["status"]),
         ("priority", f"{t.get('priority_name') or t['priority']}"),
-        ("strategy", t["strategy"]), ("payload", payload[:200]),
+        ("strategy", t["strategy"] + (" (on every node)" if spec.get("on_every_node") else "")),
+        ("payload", payload[:200]),
         ("attempts", t["attempts"]), ("node", t["node"]), ("exit code", t["exit_code"]),
         ("created", _ts(t["created_at"])), ("started", _ts(t["started_at"])),
         ("finished", _ts(t["finished_at"])),

@@ -39,15 +39,19 @@ def task_spec(
     args: Any = None, id: str | None = None, priority: str | int = "medium",
     strategy: str = "", shards: int = 0, items: list | None = None,
     timeout_s: float = 0.0, retries: int = 0, labels: Mapping[str, str] | None = None,
+    on_every_node: bool = False,
 ) -> dict[str, Any]:
     """A TaskSpec dict (the fields of ``taskandgo.v1.TaskSpec``: what
     :meth:`Client.submit_many` takes, as in earlier releases), checked here by the
     node's own checks: a bad field raises TaskAndGoError ``INVALID_ARGUMENT`` naming
     it, as the node would answer. An id is chosen here when none is given; a
-    strategy left out is the node's default (``SCHEDULER_STRATEGY``)."""
+    strategy left out is the node's default (``SCHEDULER_STRATEGY``). A task with
+    nothing to cut (no ``shards``, no ``items``) runs once; ``on_every_node=True``
+    runs it once on every live node instead."""
     raw = {"id": id, "priority": priority, "data": data, "argv": argv, "call": call,
            "args": args, "strategy": strategy, "shards": shards, "items": items,
-           "timeout_s": timeout_s, "retries": retries, "labels": labels}
+           "timeout_s": timeout_s, "retries": retries, "labels": labels,
+           "on_every_node": on_every_node}
     try:
         spec = TaskSpec.check(raw, default_strategy="")
     except InvalidTask as exc:

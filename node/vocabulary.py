@@ -98,6 +98,8 @@ class TaskSpec:
     timeout_s: float = 0.0
     retries: int = 0
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: Run once on every live node (a split task cut into one chunk per node).
+    on_every_node: bool = False
 
     # ------------------------------------------------------------ made here
 
@@ -179,6 +181,21 @@ class TaskSpec:
             raise InvalidTask("strategy", "shards and items need the split strategy")
         if items and not shards:
             shards = min(len(items), MAX_SHARDS)
+        every = raw.get("on_every_node") or False
+        if not isinstance(every, bool):
+            raise InvalidTask("on_every_node", "expected true or false")
+        if every and (shards or items):
+            raise InvalidTask("on_every_node", "runs the task once per node: give it or "
+                              "shards/items, not both")
+        if every and raw.get("strategy") and raw.get("strategy") != "split":
+            raise InvalidTask("on_every_node", "runs the task once per node, which is the "
+                              "split strategy: leave the strategy out or give split")
+        if every:
+            strategy = "split"
+        elif strategy == "split" and not shards and not items:
+            # Split cuts work into parts; a task with nothing to cut runs once, as one
+            # unit (it was cut into one chunk per live node, running it on each).
+            strategy = "batch"
 
         timeout = raw.get("timeout_s") or 0
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) \
@@ -201,7 +218,7 @@ class TaskSpec:
         return cls(id=tid, priority=priority, strategy=strategy, data=data,
                    argv=tuple(argv), call=call, args=args, shards=shards,
                    items=items or None, timeout_s=float(timeout), retries=retries,
-                   labels=dict(labels))
+                   labels=dict(labels), on_every_node=every)
 
     def resolved(self, default_strategy: str) -> TaskSpec:
         """This spec with the node's default strategy where it names none (checked
@@ -247,7 +264,8 @@ class TaskSpec:
                    argv=tuple(stored.get("argv", ())), call=stored.get("call", ""),
                    args=stored.get("args"), shards=stored.get("shards", 0),
                    items=stored.get("items"), timeout_s=stored.get("timeout_s", 0.0),
-                   retries=stored.get("retries", 0), labels=dict(stored.get("labels", {})))
+                   retries=stored.get("retries", 0), labels=dict(stored.get("labels", {})),
+                   on_every_node=every_node(stored))
 
     # ------------------------------------------------------------ protobuf
 
@@ -291,6 +309,8 @@ class TaskSpec:
             out["retries"] = self.retries
         if self.labels:
             out["labels"] = dict(self.labels)
+        if self.on_every_node:
+            out["on_every_node"] = True
         return out
 
     @classmethod
@@ -305,6 +325,15 @@ def check_many(raws: Sequence[Mapping[str, Any]], default_strategy: str) -> list
     if len(raws) == 1:
         return [TaskSpec.check(raws[0], default_strategy)]
     return [TaskSpec.check(r, default_strategy, f"tasks[{i}].") for i, r in enumerate(raws)]
+
+
+def every_node(stored: Mapping[str, Any]) -> bool:
+    """Does a stored spec run once on every live node? Its stored form is a split task
+    with nothing to cut (no shards, no items), which is cut into one chunk per live
+    node, as every release has done; a task with nothing to cut that should run once
+    is stored as batch (see TaskSpec.check)."""
+    return stored.get("strategy") == "split" and not stored.get("shards") \
+        and not stored.get("items")
 
 
 def spec_to_api(stored: Mapping[str, Any]) -> dict[str, Any]:
@@ -325,6 +354,8 @@ def spec_to_api(stored: Mapping[str, Any]) -> dict[str, Any]:
             out[k] = stored[k]
     if stored.get("labels"):
         out["labels"] = dict(stored["labels"])
+    if every_node(stored):
+        out["on_every_node"] = True
     return out
 
 
@@ -334,7 +365,8 @@ def spec_to_api(stored: Mapping[str, Any]) -> dict[str, Any]:
 #: HTTP body may carry (``task_id`` is the seed's name for ``id``; ``args`` and
 #: ``items`` are JSON values, ``args_json`` and ``items_json`` JSON text).
 REQUEST_FIELDS = ("id", "task_id", "priority", "data", "argv", "call", "args", "args_json",
-                  "strategy", "shards", "items", "items_json", "timeout_s", "retries", "labels")
+                  "strategy", "shards", "items", "items_json", "timeout_s", "retries", "labels",
+                  "on_every_node")
 #: JSON types of the optional fields of an HTTP body (``null`` only where it means
 #: "the default"). The checker takes absent, empty and zero alike (as protobuf
 #: does); over JSON a value of the wrong type is refused, even a falsy one like
@@ -347,6 +379,7 @@ JSON_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "shards": ((int,), "an integer"), "items": ((list,), "a JSON list"),
     "items_json": ((str,), "a string of JSON"), "timeout_s": ((int, float), "a number"),
     "retries": ((int,), "an integer"), "labels": ((dict,), "an object of strings"),
+    "on_every_node": ((bool,), "true or false"),
 }
 
 
@@ -356,7 +389,7 @@ def request_from_proto(m: pb.TaskSpec) -> dict[str, Any]:
         "id": m.id, "priority": m.priority, "data": m.data, "argv": list(m.argv),
         "call": m.call, "args_json": m.args_json, "strategy": m.strategy, "shards": m.shards,
         "items_json": m.items_json, "timeout_s": m.timeout_s, "retries": m.retries,
-        "labels": dict(m.labels),
+        "labels": dict(m.labels), "on_every_node": m.on_every_node,
     }
 
 
@@ -374,7 +407,8 @@ def request_from_json(body: Any, where: str = "") -> dict[str, Any]:
         if a in body and b in body:
             raise InvalidTask(where + b, f"give {a} or {b}, not both")
     for name, (types, expected) in JSON_FIELD_TYPES.items():
-        if name in body and (isinstance(body[name], bool) or not isinstance(body[name], types)):
+        if name in body and ((isinstance(body[name], bool) and bool not in types)
+                             or not isinstance(body[name], types)):
             raise InvalidTask(where + name, f"expected {expected}")
     for name in ("args_json", "items_json"):
         # JSON inside a string: the checker parses it but does not bound the parser's

@@ -63,13 +63,43 @@ def test_split_items_are_partitioned_and_passed_to_callables(cluster3: Cluster) 
     assert json.loads(task["result"]) == [[1, 4], [9, 16], [25, 36, 49]]
 
 
-def test_default_split_cuts_one_chunk_per_live_node(cluster3: Cluster) -> None:
-    with cluster3.client(0) as c:
-        tid = c.submit("python: import os; print(os.environ['TASKANDGO_CHUNK_COUNT'])",
-                       strategy="split")
-        task = c.wait(tid, timeout_s=60)[0]
+def test_a_task_with_nothing_to_cut_runs_once_and_on_every_node_when_asked(
+        cluster3: Cluster) -> None:
+    """Given a 3-node cluster whose default strategy is split, when a task with nothing
+    to cut is submitted (CLI, client with strategy split, the seed's HTTP body), then
+    it runs once, as one unit, with a plain result; with --on-every-node it runs once
+    on each live node and shows as such. (Each used to run once per live node.)"""
+    res = cli(cluster3, "submit", "--wait", "--json", "--",
+              "sh: echo ran ${TASKANDGO_CHUNK_INDEX:-whole}")
+    assert res.returncode == 0, res.stderr
+    task = json.loads(res.stdout)
+    ACCEPTED[task["id"]] = ("succeeded",)
+    assert task["result"] == "ran whole" and task["strategy"] == "batch", task
+    assert not task["chunks"] and task["attempts"] == 1
+    with cluster3.client(1) as c:
+        tid = c.submit("python: print('once')", strategy="split")
+        assert c.wait(tid, timeout_s=60)[0]["result"] == "once"
     ACCEPTED[tid] = ("succeeded",)
-    assert json.loads(task["result"]) == [3, 3, 3]
+    code, body = _post(cluster3.http(2) + "/submit-task",
+                       b'{"task_id": "plain-seed", "data": "task details"}')
+    assert code == 201, body
+    ACCEPTED["plain-seed"] = ("succeeded",)
+    with cluster3.client() as c:
+        assert c.wait("plain-seed", timeout_s=60)[0]["result"] == "task details"
+
+    res = cli(cluster3, "submit", "--wait", "--json", "--on-every-node", "--",
+              "sh: echo $TASKANDGO_CHUNK_INDEX/$TASKANDGO_CHUNK_COUNT")
+    assert res.returncode == 0, res.stderr
+    task = json.loads(res.stdout)
+    ACCEPTED[task["id"]] = ("succeeded",)
+    assert json.loads(task["result"]) == ["0/3", "1/3", "2/3"], task
+    assert task["strategy"] == "split" and task["spec"]["on_every_node"] is True
+    assert len({ch["node"] for ch in task["chunks"]}) >= 2
+    shown = cli(cluster3, "get", task["id"])
+    assert "split (on every node)" in shown.stdout, shown.stdout
+    code, body = _post(cluster3.http(0) + "/api/v1/tasks",
+                       b'{"data": "x", "on_every_node": true, "shards": 2}')
+    assert code == 400 and body["field"] == "on_every_node", body
 
 
 def test_callable_failure_is_reported_with_retries(cluster3: Cluster) -> None:
