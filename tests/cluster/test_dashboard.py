@@ -95,6 +95,42 @@ def _screenshot(page: Any, name: str) -> Path:
     return path
 
 
+def test_charts_and_task_stream_draw_under_the_pages_own_policy(
+        cluster3: Cluster, tmp_path: Path) -> None:
+    """The fixture's page bypasses the Content-Security-Policy (for Playwright's
+    polling); this one does not: the charts and the stream draw with no violation.
+    First in the module: Playwright's sync API runs one instance at a time, and the
+    fixture's stays open from its first use to the module's end."""
+    sync_api = pytest.importorskip("playwright.sync_api",
+                                   reason="needs the playwright package (pip install playwright)")
+    executable = _chromium()
+    with cluster3.client() as c:
+        task_id = c.submit("sh: echo under the policy", strategy="batch")
+        wait_for(lambda: c.get(task_id)["status"] == "succeeded" or None, 60, "the task")
+    with sync_api.sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=executable, headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
+        try:
+            context.add_init_script(
+                "window.violations = [];"
+                "document.addEventListener('securitypolicyviolation', e =>"
+                " window.violations.push(e.violatedDirective + ' ' + e.blockedURI));")
+            pg = context.new_page()
+            pg.set_default_timeout(UI_TIMEOUT_MS)
+            errors: list[str] = []
+            pg.on("pageerror", lambda exc: errors.append(str(exc)))
+            pg.goto(cluster3.http(0) + "/")
+            pg.wait_for_selector('#chart-throughput path[data-series="started"]')
+            pg.wait_for_selector("#chart-memory path[data-series=node-0]")
+            pg.wait_for_selector(f'#stream rect[data-task="{task_id}"]')
+            pg.wait_for_selector(".legend svg rect")
+            assert pg.evaluate("window.violations") == []
+            assert errors == []
+        finally:
+            context.close()
+
+
 def test_dashboard_lists_every_node_and_one_leader(cluster3: Cluster, page: Any) -> None:
     page.wait_for_function(
         "document.querySelectorAll('#nodes tr[data-role]:not([data-role=unreachable])')"
