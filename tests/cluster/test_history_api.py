@@ -80,3 +80,73 @@ def test_bad_parameters_are_400_naming_them(cluster: Cluster, query: str, field:
     for i in range(3):
         status, body = get(cluster.http(i) + "/api/v1/history?" + query)
         assert (status, body["field"]) == (400, field), body
+
+
+# ---------------------------------------------------------------------- service tier
+# The HTTP server on port 0 in this process, in front of stand-in nodes with a real
+# History: tokens, and a non-voter passing the caller's token on to the leader.
+
+class _StubNode:
+    """Just what GET /api/v1/history calls on a NodeApp."""
+
+    def __init__(self, node_id: str, voter: bool, auth: Any,
+                 leader_http: str = "") -> None:
+        from types import SimpleNamespace
+
+        from taskandgo.node.events import EventBus
+        from taskandgo.node.history import History
+
+        self.cfg = SimpleNamespace(auth=auth, rate_limit=0.0, tls=False, tls_cert=None,
+                                   tls_key=None, tls_ca=None, tls_client_auth=False)
+        self.node_id = node_id
+        self.voter = object() if voter else None
+        self.leader_http = leader_http
+        self.history = History(node_id, EventBus(), None, None)
+
+    def cluster_status(self) -> dict[str, Any]:
+        return {"leader_id": "leader-0",
+                "nodes": [{"id": "leader-0", "http_address": self.leader_http}]}
+
+
+def _get(url: str, token: str | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_history_needs_the_token_and_a_non_voter_passes_it_on() -> None:
+    from taskandgo.node.http import create_http_server, serve_in_thread
+    from taskandgo.node.security import TokenAuth
+
+    auth = TokenAuth.from_text("s3cret")
+    servers = []
+    try:
+        leader = _StubNode("leader-0", True, auth)
+        server, port = create_http_server(leader, "127.0.0.1", 0)  # type: ignore[arg-type]
+        serve_in_thread(server)
+        servers.append(server)
+        worker = _StubNode("worker-0", False, auth, leader_http=f"127.0.0.1:{port}")
+        server, wport = create_http_server(worker, "127.0.0.1", 0)  # type: ignore[arg-type]
+        serve_in_thread(server)
+        servers.append(server)
+        for p in (port, wport):
+            status, body = _get(f"http://127.0.0.1:{p}/api/v1/history")
+            assert (status, body["field"]) == (401, "Authorization")
+        status, body = _get(f"http://127.0.0.1:{port}/api/v1/history", "s3cret")
+        assert status == 200 and body["node"] == "leader-0" and "forwarded_from" not in body
+        status, body = _get(f"http://127.0.0.1:{wport}/api/v1/history?window_s=60", "s3cret")
+        assert status == 200 and body["node"] == "leader-0"
+        assert body["forwarded_from"] == "leader-0" and body["window_s"] == 60
+        # The leader gone: the non-voter says so (503), it does not fail.
+        servers[0].shutdown()
+        servers[0].server_close()
+        status, body = _get(f"http://127.0.0.1:{wport}/api/v1/history", "s3cret")
+        assert status == 503 and "leader-0" in body["error"]
+    finally:
+        for s in servers:
+            s.shutdown()
+            s.server_close()
