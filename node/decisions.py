@@ -34,9 +34,11 @@ PREFETCH_WORK_S = 0.2
 #: A requeue proposed for an attempt is not proposed again within this time (the
 #: first one may not have applied yet when the next lease check runs).
 REQUEUE_MEMORY_S = 2.0
-#: A priority floor set by a hold lasts this long past the hold's own deadline:
-#: until the urgent submit has had time to commit (the planner then takes it first).
-FLOOR_EXTRA_S = 2.0
+#: A priority floor set by a hold lasts until the tasks it was set for are in the
+#: replica (queued: the planner then takes them first), or at most this long past
+#: the hold's own deadline (the submit's own retry budget, SUBMIT_RETRY_S, and a
+#: commit): a submit that never commits does not stop planning for ever.
+FLOOR_EXTRA_S = 4.0
 #: At most this many complete commands in flight; results arriving meanwhile wait
 #: for the next one.
 MAX_INFLIGHT_COMPLETES = 4
@@ -45,6 +47,9 @@ RETRY_BASE_S = 0.5
 RETRY_CAP_S = 60.0
 #: Weight of the newest run time in the moving average that sizes prefetch windows.
 RUN_EWMA_WEIGHT = 0.1
+#: Run-time averages are kept for at most this many kinds of unit (the least
+#: recently updated go first).
+MAX_KINDS = 1000
 
 
 # ---------------------------------------------------------------------- views
@@ -98,10 +103,14 @@ class InFlight:
 
 @dataclass(frozen=True)
 class Floor:
-    """While a hold is in progress: plan nothing below ``priority`` until ``until``."""
+    """While a hold's submit is in progress: plan nothing below ``priority`` until
+    every task of ``task_ids`` is in the replica, or until ``until`` at the latest.
+    No ``task_ids`` (a hold from a node of an earlier release): until any unit at
+    or above ``priority`` is queued."""
 
     priority: int
     until: float
+    task_ids: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -111,7 +120,9 @@ class PlanView:
     ``workers``: the live workers (see :func:`live_workers`), in a stable order.
     ``queued``: the head of the queue in priority order (at least
     :func:`queue_depth_needed` units of it, or all). ``queued_priorities``: every
-    priority with a queued unit. ``running``: every running unit. ``completing``:
+    priority with a queued unit, and of every retry waiting for its backoff (it
+    comes back to the queue on its own: windows must not hold anything below it).
+    ``running``: every running unit. ``completing``:
     (task_id, chunk, worker) of units whose result is being committed (they no
     longer hold a slot). ``held``: per worker, how many attempts it still holds
     that are no longer its to run (see :func:`stale_held`); each holds a slot
@@ -128,6 +139,10 @@ class PlanView:
     run_ewma: float | None = None
     prefetch_work_s: float = PREFETCH_WORK_S
     held: Mapping[str, int] = field(default_factory=dict)
+    #: Recent run time per kind of unit (see :func:`unit_kind`): windows are sized
+    #: by the kinds at the queue's head (:func:`window_run_s`). None: by ``run_ewma``,
+    #: one average over every unit.
+    run_s_by_kind: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +220,60 @@ def prefetch_per_slot(run_ewma: float | None, work_s: float = PREFETCH_WORK_S) -
     return 0.0 if run_ewma is None else work_s / max(run_ewma, 1e-4)
 
 
+def unit_kind(spec: Mapping[str, object]) -> str:
+    """What a task runs, as far as its run time goes: its call path, its argv[0], or
+    its data's language prefix (``python: ...``; plain data: the default runner).
+    Arguments, items and the rest of the code are not part of it."""
+    call = spec.get("call")
+    if isinstance(call, str) and call:
+        return f"call:{call}"
+    argv = spec.get("argv")
+    if isinstance(argv, (list, tuple)) and argv:
+        return f"argv:{argv[0]}"
+    data = spec.get("data")
+    if isinstance(data, str):
+        head, sep, _ = data.partition(":")
+        head = head.strip()
+        if sep and head.isidentifier() and len(head) <= 32:
+            return f"data:{head}"
+    return "data"
+
+
+def window_run_s(queued: Sequence[QueuedUnit],
+                 run_s_by_kind: Mapping[str, float]) -> float | None:
+    """The run time a prefetch window is sized by: the longest recent run time among
+    the kinds of the queued units at the head (they are what would wait in it);
+    None (no window) if any of them is of a kind not seen yet, so a unit of a new
+    kind is never prefetched on the strength of others that were quick. With no
+    queue given (sizing how much of the queue to read), the shortest known one."""
+    if not queued:
+        return min(run_s_by_kind.values(), default=None)
+    longest = 0.0
+    for kind in {u.kind for u in queued}:
+        run_s = run_s_by_kind.get(kind)
+        if run_s is None:
+            return None
+        longest = max(longest, run_s)
+    return longest
+
+
+def update_run_times(run_s_by_kind: Mapping[str, float],
+                     results: Iterable[tuple[str, Mapping[str, object]]]) -> dict[str, float]:
+    """The per-kind moving averages of run times after these committed results
+    ((kind, result) pairs; handed-back units do not count: they did not run). At
+    most MAX_KINDS kinds are kept, the least recently updated dropped first."""
+    out = dict(run_s_by_kind)
+    for kind, r in results:
+        if r.get("requeue"):
+            continue
+        rt = run_time_s(r)
+        old = out.pop(kind, None)  # re-inserted last: the dict keeps update order
+        out[kind] = rt if old is None else (1 - RUN_EWMA_WEIGHT) * old + RUN_EWMA_WEIGHT * rt
+    while len(out) > MAX_KINDS:
+        del out[next(iter(out))]
+    return out
+
+
 def window(worker: WorkerView, per_slot: float) -> int:
     """How many units beyond its slots the worker may hold waiting: at most its
     --prefetch (capacity - slots)."""
@@ -214,10 +283,13 @@ def window(worker: WorkerView, per_slot: float) -> int:
 
 def free_slots(view: PlanView) -> tuple[Worker, ...]:
     """Every live worker with the units it can take now: its slots, plus its
-    prefetch window while every queued and running unit has one priority (then no
-    unit can start ahead of a more urgent one; a more urgent submit has the windows
-    handed back first), minus the units it holds (running and not completing, and
-    ended attempts it has not dropped yet: ``held``) and the units proposed to it."""
+    prefetch window while every queued, waiting-to-retry, running and completing
+    unit has one priority (then nothing already in the system can come back to the
+    queue more urgent than what waits in a window; a more urgent submit has the
+    windows handed back first, see :func:`needs_hold`), minus the units it holds
+    (running and not completing, and ended attempts it has not dropped yet:
+    ``held``) and the units proposed to it. The window is sized by the kinds of the
+    queued units (``run_s_by_kind``, see :func:`window_run_s`) or one average."""
     # Called on every planning round with every running unit: plain dict counts
     # and positional fields (RunningView is a tuple) keep it cheap.
     busy: dict[str, int] = dict(view.held)
@@ -225,14 +297,21 @@ def free_slots(view: PlanView) -> tuple[Worker, ...]:
     completing = view.completing
     for r in view.running:
         worker = r[2]
+        if r[3] is not None:
+            # A completing unit too: a failed one comes back as a retry.
+            prios.add(r[3])
         if completing and (r[0], r[1], worker) in completing:
             continue
         busy[worker] = busy.get(worker, 0) + 1
-        if r[3] is not None:
-            prios.add(r[3])
     for p in view.in_flight:
         busy[p.worker] = busy.get(p.worker, 0) + 1
-    per_slot = prefetch_per_slot(view.run_ewma, view.prefetch_work_s) if len(prios) <= 1 else 0.0
+    if len(prios) > 1:
+        per_slot = 0.0
+    elif view.run_s_by_kind is None:
+        per_slot = prefetch_per_slot(view.run_ewma, view.prefetch_work_s)
+    else:
+        per_slot = prefetch_per_slot(window_run_s(view.queued, view.run_s_by_kind),
+                                     view.prefetch_work_s)
     return tuple(Worker(w.node_id, max(0, w.slots + window(w, per_slot) - busy.get(w.node_id, 0)))
                  for w in view.workers)
 
@@ -251,12 +330,41 @@ def current_floor(floor: Floor | None, now: float) -> Floor | None:
     return None if floor is None or now > floor.until else floor
 
 
+def live_floors(floors: Iterable[Floor], now: float, known: Callable[[str], bool],
+                queued_priorities: Iterable[int] = ()) -> tuple[Floor, ...]:
+    """The floors still in force: not expired, and not yet met. A floor is met once
+    every task it was set for is ``known`` to the replica (its submit committed: it
+    is queued, and priority order takes it before anything lower). A floor without
+    task ids is met once any unit at or above its priority is queued. Another
+    task at or above the floor being queued does not meet it: the held-for submit
+    may still be on its way, and lower units planned meanwhile would start after it
+    is accepted."""
+    prios = tuple(queued_priorities)
+    out = []
+    for f in floors:
+        if now > f.until:
+            continue
+        if f.task_ids:
+            if all(known(t) for t in f.task_ids):
+                continue
+        elif any(p >= f.priority for p in prios):
+            continue
+        out.append(f)
+    return tuple(out)
+
+
+def top_floor(floors: Iterable[Floor]) -> Floor | None:
+    """The floor planning obeys: the highest of those in force (None: no floor)."""
+    return max(floors, key=lambda f: (f.priority, f.until), default=None)
+
+
 def plan_round(view: PlanView) -> PlanActions:
     """One round of planning: the queued units not in flight, cut at the priority
-    floor, planned in priority order onto the free slots (strategies.plan). A unit
-    in flight is never planned again, nor a whole task any of whose units is in
-    flight. Lower units are never planned while a higher queued one could not be
-    (the plan is a prefix of the eligible units)."""
+    floor (see :func:`live_floors`: the caller passes the one in force), planned
+    in priority order onto the free slots (strategies.plan). A unit in flight is
+    never planned again, nor a whole task any of whose units is in flight. Lower
+    units are never planned while a higher queued one could not be (the plan is a
+    prefix of the eligible units). ``floor_lifted``: the view's floor has expired."""
     floor = current_floor(view.floor, view.now)
     lifted = view.floor is not None and floor is None
     workers = free_slots(view)
@@ -274,10 +382,7 @@ def plan_round(view: PlanView) -> PlanActions:
             continue
         if (u.task_id, u.chunk) not in pending_keys:
             units.append(u)
-    if floor is not None and any(p >= floor.priority for p in view.queued_priorities):
-        # The urgent task is queued: priority order takes it from here.
-        lifted = True
-    elif floor is not None:
+    if floor is not None:
         # Stop at the first unit below the floor (order is a prefix).
         for i, u in enumerate(units):
             if u.priority < floor.priority:
@@ -408,21 +513,61 @@ def due_retry_tick(delayed: Mapping[UnitKey, float], replicated_now: float,
 # ---------------------------------------------------------------------- holds
 
 
-def hold_floor(priority: int, deadline: float) -> Floor:
-    """The floor a hold for ``priority`` sets, given the hold's own deadline."""
-    return Floor(priority, deadline + FLOOR_EXTRA_S)
+def hold_floor(priority: int, deadline: float, task_ids: Iterable[str] = ()) -> Floor:
+    """The floor a hold for ``priority`` sets, given the hold's own deadline and the
+    tasks of the submit it is for (see :func:`live_floors`)."""
+    return Floor(priority, deadline + FLOOR_EXTRA_S, frozenset(task_ids))
 
 
 def hold_targets(workers: Iterable[WorkerView]) -> tuple[str, ...]:
-    """Workers that may hold units waiting in a prefetch window (capacity beyond
-    their slots) and are not down: the ones a hold asks to hand units back."""
-    return tuple(w.node_id for w in workers if (w.capacity or w.slots) > w.slots and not w.down)
+    """Workers a hold asks to hand units back: every one not down. Not only those
+    with a prefetch window: a unit planned onto a slot the leader counted free can
+    still wait on its worker (an ended attempt the worker has not dropped yet, a
+    result not yet reported), and would start after the urgent submit otherwise."""
+    return tuple(w.node_id for w in workers if not w.down)
 
 
-def needs_hold(priority: int, running_priorities: Iterable[int]) -> bool:
-    """Does a submit at ``priority`` need a hold first: is any unit running or
-    waiting in a window at a lower priority?"""
-    return any(p < priority for p in running_priorities)
+def needs_hold(priority: int, lowest_seen: int | None) -> bool:
+    """Does a submit at ``priority`` need a hold first? Yes unless it is at or below
+    the lowest priority the submitting node has seen in its replica (queued,
+    running or waiting to retry) or submitted: whether a lower unit waits in a
+    window cannot be read from a replica (assignments and lower submits may be in
+    flight and commit first), so the leader decides that (see the hold). None:
+    nothing seen yet."""
+    return lowest_seen is None or priority > lowest_seen
+
+
+def gate_arrivals(priorities: Sequence[int], free_slots: int,
+                  floor: int | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """A worker's intake of dispatched units (``priorities``, one per unit), given
+    its free slots (slots minus the units it holds, running or waiting) and the
+    floor the leader sent (the highest priority queued, running or waiting to retry
+    then; None: an earlier release, no gate). Returns (indices to take, indices to
+    hand back at once). Units at or above the floor are taken (they may wait);
+    below it, only as many as free slots remain after them, most urgent first: a
+    lower unit that would wait could start after a more urgent one comes back to
+    the queue (a retry falling due, a requeue) with no hold to stop it. The leader
+    planned it onto a slot it counted free; when the worker disagrees (an ended
+    attempt not dropped yet), it goes back to the queue instead."""
+    if floor is None:
+        return tuple(range(len(priorities))), ()
+    take = [i for i, p in enumerate(priorities) if p >= floor]
+    room = free_slots - len(take)
+    back = []
+    for i in sorted((i for i, p in enumerate(priorities) if p < floor),
+                    key=lambda i: -priorities[i]):
+        if room > 0:
+            take.append(i)
+            room -= 1
+        else:
+            back.append(i)
+    return tuple(sorted(take)), tuple(sorted(back))
+
+
+def dispatch_floor(priorities: Iterable[int]) -> int | None:
+    """The floor a Dispatch carries: the highest priority among the units queued,
+    running or waiting to retry (None: none)."""
+    return max(priorities, default=None)
 
 
 # ---------------------------------------------------------------------- completions
@@ -490,6 +635,7 @@ def _float(value: object) -> float:
 __all__ = [
     "FLOOR_EXTRA_S",
     "MAX_INFLIGHT_COMPLETES",
+    "MAX_KINDS",
     "PREFETCH_WORK_S",
     "REQUEUE_MEMORY_S",
     "AttemptKey",
@@ -507,11 +653,14 @@ __all__ = [
     "completion_results",
     "current_floor",
     "dedupe_requeues",
+    "dispatch_floor",
     "due_retry_tick",
     "expired_leases",
     "free_slots",
+    "gate_arrivals",
     "hold_floor",
     "hold_targets",
+    "live_floors",
     "live_workers",
     "needs_hold",
     "plan_round",
@@ -521,7 +670,11 @@ __all__ = [
     "run_time_s",
     "should_flush",
     "stale_held",
+    "top_floor",
+    "unit_kind",
     "units_to_kill",
     "update_run_ewma",
+    "update_run_times",
     "window",
+    "window_run_s",
 ]

@@ -15,10 +15,11 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from taskandgo.node import decisions as d
 from taskandgo.node.config import NodeConfig
 from taskandgo.node.executor import Work
 from taskandgo.node.replica import Replica, dumps
@@ -85,15 +86,28 @@ class Peers:
             ch.close()
 
 
+def _priorities(s: Any) -> Iterator[int]:
+    """Under the replica's lock: the priority of every unit queued, running (or
+    waiting in a window) or waiting to retry (bounded by the priority levels and the
+    cluster's capacity, plus retries)."""
+    yield from s.queued_by_priority
+    tasks = s.tasks
+    for tid, _chunk in (*s.running, *s.delayed):
+        t = tasks.get(tid)
+        if t is not None:
+            yield t.priority
+
+
 class Dispatcher:
     """Delivers committed assign batches. ``address_of(worker)`` gives a worker's
     gRPC address (None: unknown to the leader; its units are left to the lease
-    check); ``run_local(works)`` hands this node's own units to its worker side;
+    check); ``run_local(works, floor)`` hands this node's own units to its worker
+    side, with the floor a Dispatch carries (see decisions.gate_arrivals);
     ``observe(name, seconds)`` records a metric."""
 
     def __init__(self, node_id: str, replica: Replica, peers: Peers, stop: threading.Event,
                  *, address_of: Callable[[str], str | None],
-                 run_local: Callable[[list[Work]], int],
+                 run_local: Callable[[list[Work], int | None], int],
                  observe: Callable[[str, float], None],
                  guard: Callable[[Callable[[], None]], Callable[[], None]]) -> None:
         self.node_id = node_id
@@ -141,7 +155,7 @@ class Dispatcher:
         t0 = time.monotonic()
         observe = self._observe
 
-        def payloads(s: Any) -> dict[str, list[Work]]:
+        def payloads(s: Any) -> tuple[dict[str, list[Work]], int | None]:
             by_worker: dict[str, list[Work]] = {}
             now_wall = time.time()
             for tid, chunk, count, attempt, token, worker in batch:
@@ -153,9 +167,9 @@ class Dispatcher:
                 by_worker.setdefault(worker, []).append(
                     Work(tid, chunk, count, attempt, token, payload_for(t.spec, chunk, count),
                          t.priority))
-            return by_worker
+            return by_worker, d.dispatch_floor(_priorities(s))
 
-        by_worker = self.replica.read(payloads)
+        by_worker, floor = self.replica.read(payloads)
         remote = [w for w in by_worker if w != self.node_id]
         left = [len(remote) + 1]
 
@@ -168,7 +182,7 @@ class Dispatcher:
 
         for worker, works in by_worker.items():
             if worker == self.node_id:
-                self._run_local(works)
+                self._run_local(works, floor)
                 continue
             address = self._address_of(worker)
             if address is None:
@@ -179,7 +193,7 @@ class Dispatcher:
                                     chunk_count=w.chunk_count, attempt=w.attempt,
                                     token=w.token, payload_json=dumps(w.payload),
                                     priority=w.priority)
-                for w in works])
+                for w in works], has_floor=floor is not None, floor=floor or 0)
             self._send(worker, address, req, delivered)
         delivered()
         observe("dispatch_latency", time.monotonic() - t0)

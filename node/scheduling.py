@@ -44,6 +44,10 @@ from taskandgo.strategies import QueuedUnit
 log = logging.getLogger("taskandgo.node")
 
 MAX_INFLIGHT_ASSIGNS = 3
+#: At most this many holds' floors kept (each lasts a few seconds at most).
+MAX_FLOORS = 1000
+#: A hold names at most this many tasks (a bigger submit's floor lifts at expiry).
+MAX_HOLD_IDS = 5000
 
 
 def _unit_of(s: SchedulerState) -> Callable[[d.UnitKey], d.ReplicaUnit | None]:
@@ -95,10 +99,14 @@ class Scheduler:
         # again: as a new process (it died running them: confirm) or the same one
         # (paused or cut off: forget). worker -> [(attempt key, attempt start)]
         self._lost_on: dict[str, list[tuple[d.AttemptKey, float]]] = {}
-        # While a hold is in progress: plan nothing below the floor's priority.
-        self._floor: d.Floor | None = None
-        # Moving average of recent units' run times (None: none seen as leader yet).
-        self._run_ewma: float | None = None
+        # While a hold's submit is in progress: plan nothing below its priority
+        # (decisions.live_floors says when each is lifted).
+        self._floors: tuple[d.Floor, ...] = ()
+        # Moving average of recent units' run times per kind of unit (decisions.
+        # unit_kind; empty: none seen as leader yet), and the kind of each unit
+        # whose result is being committed.
+        self._run_s_by_kind: dict[str, float] = {}
+        self._kind_of: dict[tuple[str, int], str] = {}
         self._last_compact = 0.0
         self._self_hb_at = 0.0
 
@@ -159,7 +167,8 @@ class Scheduler:
         with self._lock:
             self._assigning.clear()
             self._completing.clear()
-            self._run_ewma = None
+            self._run_s_by_kind = {}
+            self._kind_of.clear()
             for w in self.workers.values():
                 w.last_seen = now
         self.bus.publish([event("leader", "elected", self.node_id, at=time.time())])
@@ -192,16 +201,17 @@ class Scheduler:
                               for t, c, w in units)
             completing = frozenset((t, c, w) for (t, c), w in self._completing.items())
             reported = [(w.node_id, w.running) for w in live if w.running]
-            floor = self._floor
-        base = d.PlanView(now, live, in_flight=in_flight, completing=completing, floor=floor,
-                          run_ewma=self._run_ewma)
+            floors = self._floors
+        base = d.PlanView(now, live, in_flight=in_flight, completing=completing,
+                          run_s_by_kind=self._run_s_by_kind)
 
         # Two short reads, not one long one: the running units (as plain tuples),
         # then, once the free slots are known, just enough of the queue's head. The
         # replica's lock is held about as long as the tick thread can afford. What
         # applies in between only frees slots or adds in-flight units already
         # counted, so the second read never lets a worker take more than it has.
-        def running(s: SchedulerState) -> tuple[list, frozenset[int], dict[str, int]]:
+        def running(s: SchedulerState) -> tuple[list, frozenset[int], dict[str, int],
+                                                 tuple[d.Floor, ...]]:
             tasks = s.tasks
             rows = []
             for (tid, chunk), w in s.running.items():
@@ -209,12 +219,25 @@ class Scheduler:
                 rows.append((tid, chunk, w, t.priority if t is not None else None, 0, 0, 0.0))
             held = {node: n for node, units in reported
                     if (n := d.stale_held(node, units, s.running, _unit_of(s)))}
-            return rows, frozenset(s.queued_by_priority), held
+            # Retries waiting for their backoff count as queued: they come back on
+            # their own, and a window must not hold anything below them then.
+            prios = set(s.queued_by_priority)
+            for tid, _chunk in s.delayed:
+                t = tasks.get(tid)
+                if t is not None:
+                    prios.add(t.priority)
+            live_floors = d.live_floors(floors, now, tasks.__contains__, s.queued_by_priority)
+            return rows, frozenset(prios), held, live_floors
 
-        rows, prios, held = self.replica.read(running)
+        rows, prios, held, live_floors = self.replica.read(running)
+        if live_floors != floors:
+            with self._lock:
+                # Floors added meanwhile stay; those found met or expired go.
+                self._floors = tuple(f for f in self._floors
+                                     if f in live_floors or f not in floors)
         make = tuple.__new__
         view = replace(base, running=tuple(make(d.RunningView, r) for r in rows),
-                       queued_priorities=prios, held=held)
+                       queued_priorities=prios, held=held, floor=d.top_floor(live_floors))
         depth = d.queue_depth_needed(view)
         if depth:
             # With the queue's priorities as of this read: an urgent unit queued
@@ -222,14 +245,10 @@ class Scheduler:
             # then needed is harmless: a plan stops when the slots are full).
             head, prios = self.replica.read(lambda s: (tuple(
                 QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
-                           len(t.spec.get("items") or ()), t.chunk_count)
+                           len(t.spec.get("items") or ()), t.chunk_count, d.unit_kind(t.spec))
                 for t, chunk in s.peek_queued(depth)), frozenset(s.queued_by_priority)))
             view = replace(view, queued=head, queued_priorities=prios | view.queued_priorities)
         actions = d.plan_round(view)
-        if actions.floor_lifted:
-            with self._lock:
-                if self._floor == floor:
-                    self._floor = None
         if actions.assignments:
             self._propose_assign(actions.assignments)
 
@@ -373,7 +392,10 @@ class Scheduler:
                 if err == 0:
                     for r, _f in group:
                         self._completing.pop((r["task_id"], int(r["chunk"])), None)
-                    self._run_ewma = d.update_run_ewma(self._run_ewma, [r for r, _f in group])
+                    kinds = [(self._kind_of.pop((r["task_id"], int(r["chunk"])), None), r)
+                             for r, _f in group]
+                    self._run_s_by_kind = d.update_run_times(
+                        self._run_s_by_kind, [(k, r) for k, r in kinds if k is not None])
                 else:
                     self._completions.extend(g for g in group if g[1] is None or not g[1].done())
             if err == 0:
@@ -409,20 +431,29 @@ class Scheduler:
         if not self.replica.is_leader() or not self.ready:
             return False, 0
 
-        def mine(s: SchedulerState) -> list[bool]:
+        def mine(s: SchedulerState) -> list[str | None]:
+            """Per result: its unit's kind if it is the sender's current attempt."""
             unit = _unit_of(s)
-            out = []
+            out: list[str | None] = []
             for r in results:
                 try:
                     key = (str(r["task_id"]), int(r["chunk"]))
                 except (KeyError, TypeError, ValueError):
-                    out.append(False)
+                    out.append(None)
                     continue
                 u = unit(key)
-                out.append(u is not None and u.worker == node_id and u.token == r.get("token"))
+                ok = u is not None and u.worker == node_id and u.token == r.get("token")
+                out.append(d.unit_kind(s.tasks[key[0]].spec) if ok else None)
             return out
 
-        flags = self.replica.read(mine)
+        kinds = self.replica.read(mine)
+        flags = [k is not None for k in kinds]
+        with self._lock:
+            for r, k in zip(results, kinds):
+                if k is not None:
+                    self._kind_of[(str(r["task_id"]), int(r["chunk"]))] = k
+                    if len(self._kind_of) > 100_000:  # bounded: a stray entry per unit
+                        self._kind_of.pop(next(iter(self._kind_of)))
         ok = [dict(r, node=node_id) for r, f in zip(results, flags) if f]
         refused = len(results) - len(ok)
         if refused:
@@ -454,18 +485,21 @@ class Scheduler:
 
     # ------------------------------------------------------------------ holds
 
-    def hold_for(self, priority: int, timeout_s: float = 1.0) -> None:
-        """Before a submit of this priority: have the leader take back lower units
-        waiting in prefetch windows. Best effort within timeout_s."""
+    def hold_for(self, priority: int, task_ids: tuple[str, ...] = (),
+                 timeout_s: float = 1.0) -> None:
+        """Before a submit of this priority (of these tasks): have the leader stop
+        planning below it until they are queued and take back lower units waiting
+        in prefetch windows. Best effort within timeout_s."""
         if self.replica.is_leader():
-            self.hold_workers(priority, timeout_s)
+            self.hold_workers(priority, timeout_s, task_ids)
             return
         target = self.worker.leader_grpc()
         if not target:
             return
         try:
-            self.peers.stub(target).Hold(peer_pb2.HoldRequest(min_priority=priority, fan_out=True),
-                                         timeout=timeout_s + 0.5, metadata=self.peers.metadata)
+            self.peers.stub(target).Hold(peer_pb2.HoldRequest(
+                min_priority=priority, fan_out=True, task_ids=list(task_ids)),
+                timeout=timeout_s + 0.5, metadata=self.peers.metadata)
         except grpc.RpcError as exc:
             log.info("node %s: hold at the leader failed: %s", self.node_id, exc.code())
 
@@ -473,15 +507,21 @@ class Scheduler:
         """A Hold with fan_out, from any admitted peer: hold every worker (leader only)."""
         if not self.replica.is_leader():
             return peer_pb2.HoldResponse(accepted=False)
-        return peer_pb2.HoldResponse(accepted=True, handed_back=self.hold_workers(req.min_priority))
+        return peer_pb2.HoldResponse(accepted=True, handed_back=self.hold_workers(
+            req.min_priority, task_ids=tuple(req.task_ids)[:MAX_HOLD_IDS]))
 
-    def hold_workers(self, priority: int, timeout_s: float = 1.0) -> int:
-        """Leader: stop planning below priority, let committed assignments reach their
-        workers, then have every worker with a prefetch window hand back its waiting
-        units below priority. Returns how many were handed back."""
+    def hold_workers(self, priority: int, timeout_s: float = 1.0,
+                     task_ids: tuple[str, ...] = ()) -> int:
+        """Leader: stop planning below priority until the held-for tasks are queued
+        (see decisions.live_floors), let committed assignments reach their workers,
+        then have every worker with a prefetch window hand back its waiting units
+        below priority. Returns how many were handed back."""
         deadline = time.monotonic() + timeout_s
         with self._lock:
-            self._floor = d.hold_floor(priority, deadline)
+            self._floors = (*self._floors, d.hold_floor(priority, deadline, task_ids))
+            del_old = len(self._floors) - MAX_FLOORS
+            if del_old > 0:  # bounded: the oldest (expiring first) go
+                self._floors = self._floors[del_old:]
             # Assignments already proposed must reach their workers before the hold,
             # or a unit could arrive after it and start.
             proposed = set(self._assigning)

@@ -23,6 +23,8 @@ from typing import Any
 
 from taskandgo.consensus.commands import Cancel, Submit
 from taskandgo.consensus.raft import MAYBE_COMMITTED, fail_reason_name
+from taskandgo.consensus.state import SchedulerState
+from taskandgo.node import decisions as d
 from taskandgo.node.config import NodeConfig
 from taskandgo.node.replica import NotFound, Replica, Unavailable, spec_to_api
 from taskandgo.node.security import Overloaded
@@ -41,12 +43,14 @@ SUBMIT_RETRY_S = 3.0
 
 class Submitter:
     """Client submits and cancels. ``accepting()`` says whether this node takes
-    work; ``hold_for(priority)`` has lower units waiting in windows handed back
-    (best effort, bounded); ``forward()`` gives a Client to a voter (non-voters);
+    work; ``hold_for(priority, task_ids)`` has the leader plan nothing below
+    ``priority`` until those tasks are queued and lower units waiting in windows
+    handed back (best effort, bounded); ``forward()`` gives a Client to a voter (non-voters);
     ``observe(name, seconds)`` records a metric."""
 
     def __init__(self, cfg: NodeConfig, replica: Replica, stop: threading.Event, *,
-                 accepting: Callable[[], bool], hold_for: Callable[[int], None],
+                 accepting: Callable[[], bool],
+                 hold_for: Callable[[int, tuple[str, ...]], None],
                  forward: Callable[[], Any], observe: Callable[[str, float], None],
                  guard: Callable[[Callable[[], None]], Callable[[], None]]) -> None:
         self.cfg = cfg
@@ -61,6 +65,9 @@ class Submitter:
         self._q: queue.Queue = queue.Queue()
         self._inflight = 0
         self._cond = threading.Condition()
+        #: The lowest priority this node has seen queued, running, waiting to retry
+        #: or submitted (None: none yet): see decisions.needs_hold.
+        self._lowest_seen: int | None = None
 
     def start(self) -> None:
         if self.replica.replicated is not None:
@@ -88,16 +95,22 @@ class Submitter:
         if self.replica.replicated is None:
             with self._forward() as c:
                 return c.submit_many([spec_to_api(s) for s in specs])
-        queued = self.replica.read(lambda s: s.queued_count())
+        queued, lowest = self.replica.read(lambda s: (s.queued_count(), _lowest(s)))
         if queued + len(specs) > self.cfg.max_queued:
             raise Overloaded(f"queue is full ({queued} queued, bound {self.cfg.max_queued}); "
                              "retry later")
         top = max(s["priority"] for s in specs) if specs else 0
-        if self.replica.read(lambda s: s.running_below(top)):
-            # Lower-priority units may wait in workers' prefetch windows: have them
-            # handed back before this task is accepted, so none of them starts
-            # after it while it is queued.
-            self._hold_for(top)
+        seen = [p for p in (self._lowest_seen, lowest) if p is not None]
+        seen_low = min(seen) if seen else None
+        if d.needs_hold(top, seen_low):
+            # Lower-priority units may wait in workers' prefetch windows, or be on
+            # their way there (assignments and lower submits this replica cannot
+            # see yet): have the leader stop planning below this priority until
+            # these tasks are queued and hand the waiting ones back before this
+            # submit is proposed, so none of them starts after it is accepted.
+            self._hold_for(top, tuple(str(s["id"]) for s in specs))
+        low = min(s["priority"] for s in specs) if specs else top
+        self._lowest_seen = low if seen_low is None else min(seen_low, low)
         fut: Future = Future()
         self._q.put((specs, fut, time.monotonic() + min(timeout_s, SUBMIT_RETRY_S),
                      sum(spec_bytes(s) for s in specs)))
@@ -198,6 +211,18 @@ class Submitter:
                 threading.Timer(0.05 if err not in MAYBE_COMMITTED else 0.0, resubmit).start()
 
         self.replica.propose(Submit(tuple(specs), time.time()), callback=done)
+
+
+def _lowest(s: SchedulerState) -> int | None:
+    """The lowest priority queued, running or waiting to retry in the replica (under
+    its lock; bounded by the priority levels and the cluster's capacity)."""
+    prios = set(s.queued_by_priority)
+    tasks = s.tasks
+    for tid, _chunk in (*s.running, *s.delayed):
+        t = tasks.get(tid)
+        if t is not None:
+            prios.add(t.priority)
+    return min(prios, default=None)
 
 
 __all__ = ["MAX_SUBMIT_BATCH", "MAX_SUBMIT_BYTES", "SUBMIT_RETRY_S", "Submitter"]

@@ -24,6 +24,7 @@ import grpc
 import psutil
 from taskandgo.consensus.raft import RAFT_PROTOCOL
 from taskandgo.consensus.state import SchedulerState
+from taskandgo.node import decisions as d
 from taskandgo.node.config import NodeConfig
 from taskandgo.node.dispatching import Peers
 from taskandgo.node.events import EventBus
@@ -69,6 +70,7 @@ class WorkerSide:
         self._unreported: dict[tuple, dict[str, Any]] = {}
         self._unreported_cond = threading.Condition()
         self._lease_lost: set[tuple] = set()  # units stopped by _check_lease
+        self._intake = threading.Lock()
         self.leader_grpc_hint: str | None = None
         self.leader_id_hint = ""
         # A nudge for the heartbeat loop when a Dispatch names a leader this node
@@ -243,21 +245,30 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ intake
 
-    def run_local(self, works: list[Work]) -> int:
-        """Units from this node's own leader (already checked against the replica)."""
-        return self._run(works)
+    def run_local(self, works: list[Work], floor: int | None = None) -> int:
+        """Units from this node's own leader (already checked against the replica),
+        with the floor of decisions.gate_arrivals (None: no gate)."""
+        return self._run(works, floor)
 
-    def _run(self, works: list[Work]) -> int:
+    def _run(self, works: list[Work], floor: int | None = None) -> int:
         """Start (or queue) dispatched units. An older attempt of a unit this node
         still holds is killed first: the newer one was assigned by a committed
         command, so the older one's result would be refused anyway, and running
-        both would run the unit twice and hold one slot too many."""
+        both would run the unit twice and hold one slot too many. Units below the
+        leader's floor that find no free slot are handed back at once (see
+        decisions.gate_arrivals); returns how many were taken."""
         newer = {(w.task_id, w.chunk): w.attempt for w in works}
         older = [k for k in self.executor.active()
                  if k[2] < newer.get((k[0], k[1]), -1)]
         if older:
             self.kill(older)
-        return self.executor.dispatch(works)
+        with self._intake:  # one intake at a time: the free slots stay as counted
+            take, back = d.gate_arrivals([w.priority for w in works],
+                                         self.executor.free_slots(), floor)
+            n = self.executor.dispatch([works[i] for i in take])
+        if back:
+            self._hand_back([works[i] for i in back])
+        return n
 
     def handle_dispatch(self, req: peer_pb2.DispatchRequest,
                         peer: PeerIdentity) -> tuple[int, int]:
@@ -279,7 +290,7 @@ class WorkerSide:
                 log.warning("node %s: refused %d dispatched unit(s) from %s that its replica "
                             "does not hold as assigned here", self.node_id, refused,
                             peer.node_id)
-            return self._run(works), refused
+            return self._run(works, req.floor if req.has_floor else None), refused
         works = []
         for a in req.assignments:
             try:
@@ -288,7 +299,7 @@ class WorkerSide:
                 payload = {"data": ""}
             works.append(Work(a.task_id, a.chunk, a.chunk_count, a.attempt, a.token, payload,
                               a.priority))
-        return self._run(works), 0
+        return self._run(works, req.floor if req.has_floor else None), 0
 
     def _replica_works(self, req: peer_pb2.DispatchRequest, deadline: float) -> list[Work]:
         """The dispatched units this voter's replica holds as running here with the
@@ -340,6 +351,11 @@ class WorkerSide:
         """Hand back the units waiting in this node's prefetch window below
         min_priority: each is reported as a requeue (not a failure). Returns how many."""
         works = self.executor.hold(min_priority)
+        self._hand_back(works)
+        return len(works)
+
+    def _hand_back(self, works: list[Work]) -> None:
+        """Report units as handed back (requeued, not failed; no attempt used)."""
         now = time.time()
         for w in works:
             self.on_unit_result({
@@ -347,7 +363,6 @@ class WorkerSide:
                 "ok": False, "exit_code": 0, "result": "", "error": "", "node": self.node_id,
                 "started_at": 0.0, "finished_at": now, "requeue": True, "held": True})
         self.held_back += len(works)
-        return len(works)
 
     # ------------------------------------------------------------------ reporting
 

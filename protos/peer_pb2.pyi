@@ -25,12 +25,16 @@ class Assignment(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., chunk_count: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ..., payload_json: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class DispatchRequest(_message.Message):
-    __slots__ = ("leader_id", "assignments")
+    __slots__ = ("leader_id", "assignments", "has_floor", "floor")
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    HAS_FLOOR_FIELD_NUMBER: _ClassVar[int]
+    FLOOR_FIELD_NUMBER: _ClassVar[int]
     leader_id: str
     assignments: _containers.RepeatedCompositeFieldContainer[Assignment]
-    def __init__(self, leader_id: _Optional[str] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ...) -> None: ...
+    has_floor: bool
+    floor: int
+    def __init__(self, leader_id: _Optional[str] = ..., assignments: _Optional[_Iterable[_Union[Assignment, _Mapping]]] = ..., has_floor: _Optional[bool] = ..., floor: _Optional[int] = ...) -> None: ...
 
 class DispatchResponse(_message.Message):
     __slots__ = ("accepted", "refused")

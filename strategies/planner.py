@@ -31,7 +31,9 @@ WHOLE = -1
 
 @dataclass(frozen=True)
 class QueuedUnit:
-    """A queued whole task (``chunk == -1``) or chunk of a split task."""
+    """A queued whole task (``chunk == -1``) or chunk of a split task. ``kind``: what
+    it runs, for run-time estimates (see node/decisions.py unit_kind); planning
+    itself ignores it."""
 
     task_id: str
     chunk: int
@@ -40,6 +42,7 @@ class QueuedUnit:
     shards: int = 0
     n_items: int = 0
     chunk_count: int = 0
+    kind: str = ""
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from taskandgo.node import decisions as d
 from taskandgo.strategies import QueuedUnit
 
 NODES = ["a", "b", "c", "d"]
+KINDS = ["call:m:noop", "call:m:sleep", "argv:/bin/true", "data"]
 
 
 @st.composite
@@ -30,7 +31,8 @@ def plan_views(draw: st.DrawFn) -> d.PlanView:
         cut = strategy == "split" and draw(st.booleans())
         chunk = draw(st.integers(0, 3)) if cut else -1
         queued.append(QueuedUnit(f"t{i}", chunk, draw(st.sampled_from([0, 10, 20, 30])),
-                                 strategy, draw(st.integers(0, 3)), 0, 4 if cut else 0))
+                                 strategy, draw(st.integers(0, 3)), 0, 4 if cut else 0,
+                                 draw(st.sampled_from(KINDS))))
     # The queue's order: priority first, FIFO within a level.
     queued.sort(key=lambda u: -u.priority)
     running = tuple(
@@ -44,9 +46,10 @@ def plan_views(draw: st.DrawFn) -> d.PlanView:
                            if draw(st.integers(0, 3)) == 0)
     floor = draw(st.none() | st.builds(d.Floor, st.sampled_from([10, 20, 30, 40]),
                                        st.floats(0, 200)))
+    by_kind = draw(st.none() | st.dictionaries(st.sampled_from(KINDS), st.floats(0, 3)))
     return d.PlanView(now, workers, tuple(queued),
                       frozenset(u.priority for u in queued), running, in_flight, completing,
-                      floor, draw(st.none() | st.floats(0, 3)))
+                      floor, draw(st.none() | st.floats(0, 3)), run_s_by_kind=by_kind)
 
 
 @given(plan_views())
@@ -57,10 +60,12 @@ def test_never_more_units_on_a_worker_than_its_capacity(view: d.PlanView) -> Non
     busy = Counter(r.worker for r in view.running
                    if (r.task_id, r.chunk, r.worker) not in view.completing)
     busy.update(p.worker for p in view.in_flight)
-    per_slot = d.prefetch_per_slot(view.run_ewma)
+    run_s = view.run_ewma if view.run_s_by_kind is None \
+        else d.window_run_s(view.queued, view.run_s_by_kind)
+    per_slot = d.prefetch_per_slot(run_s)
     for w in view.workers:
         room = w.slots + d.window(w, per_slot)
-        assert room <= w.capacity  # slots + --prefetch
+        assert room <= max(w.capacity, w.slots)  # slots + --prefetch
         assert got[w.node_id] <= max(0, room - busy[w.node_id])
     assert set(got) <= {w.node_id for w in view.workers}
 
@@ -68,8 +73,9 @@ def test_never_more_units_on_a_worker_than_its_capacity(view: d.PlanView) -> Non
 @given(plan_views())
 @settings(max_examples=400, deadline=None)
 def test_prefetch_only_while_every_unit_has_one_priority(view: d.PlanView) -> None:
-    prios = set(view.queued_priorities) | {
-        r.priority for r in view.running if (r.task_id, r.chunk, r.worker) not in view.completing}
+    """Queued (and waiting to retry: the caller counts them in queued_priorities),
+    running and completing units alike: a completing unit may fail and come back."""
+    prios = set(view.queued_priorities) | {r.priority for r in view.running}
     if len(prios) > 1:
         busy = Counter(r.worker for r in view.running
                        if (r.task_id, r.chunk, r.worker) not in view.completing)
@@ -93,7 +99,8 @@ def test_no_lower_unit_planned_while_a_higher_one_waits(view: d.PlanView) -> Non
         # Every eligible unit above it was planned too (at least one of its chunks).
         assert all(u.task_id in planned for u in waiting if u.priority > prio)
     floor = d.current_floor(view.floor, view.now)
-    if floor is not None and not any(p >= floor.priority for p in view.queued_priorities):
+    if floor is not None:
+        # Whatever else is queued: the floor is cut at until the caller lifts it.
         assert all(next(u.priority for u in view.queued if u.task_id == a.task_id)
                    >= floor.priority for a in out)
 
@@ -193,24 +200,157 @@ def test_a_worker_that_does_not_run_its_unit_loses_it_after_the_grace() -> None:
 
 
 def test_the_floor_holds_lower_units_until_the_urgent_one_is_queued() -> None:
+    """Given a hold's floor for task "hi" (priority 20), when another task of
+    priority 20 ("other") is queued first, then lower units still wait: only "hi"
+    itself being in the replica lifts the floor (the simulator's floor-lifted-early
+    defect, seed 2585: the old rule lifted it for any unit at or above 20)."""
     w = d.WorkerView("a", 4, 4, last_seen=0.0)
     low = QueuedUnit("low", -1, 0, "batch")
-    held = d.plan_round(d.PlanView(1.0, (w,), (low,), frozenset({0}), floor=d.Floor(20, 5.0)))
+    floor = d.hold_floor(20, 1.0, ["hi"])
+    held = d.plan_round(d.PlanView(1.0, (w,), (low,), frozenset({0}), floor=floor))
     assert held == d.PlanActions((), False)
-    urgent = QueuedUnit("hi", -1, 20, "batch")
-    out = d.plan_round(d.PlanView(1.0, (w,), (urgent, low), frozenset({0, 20}),
-                                  floor=d.Floor(20, 5.0)))
-    assert out.floor_lifted and [a.task_id for a in out.assignments] == ["hi", "low"]
-    expired = d.plan_round(d.PlanView(5.5, (w,), (low,), frozenset({0}), floor=d.Floor(20, 5.0)))
+    other = QueuedUnit("other", -1, 20, "batch")
+    known = {"low", "other"}.__contains__
+    live = d.live_floors([floor], 1.0, known, {0, 20})
+    assert live == (floor,)
+    out = d.plan_round(d.PlanView(1.0, (w,), (other, low), frozenset({0, 20}),
+                                  floor=d.top_floor(live)))
+    assert [a.task_id for a in out.assignments] == ["other"]
+    # "hi" applied: the floor goes, and priority order takes it from here.
+    assert d.live_floors([floor], 1.0, {"low", "other", "hi"}.__contains__, {0, 20}) == ()
+    # Expired (the submit never committed): it goes too.
+    assert d.live_floors([floor], floor.until + 0.1, known, {0}) == ()
+    expired = d.plan_round(d.PlanView(floor.until + 0.1, (w,), (low,), frozenset({0}),
+                                      floor=floor))
     assert expired.floor_lifted and [a.task_id for a in expired.assignments] == ["low"]
 
 
-def test_holds_go_to_workers_with_a_window_and_not_down() -> None:
+@given(st.lists(st.tuples(st.sampled_from([0, 10, 20, 30]), st.floats(0, 10),
+                          st.frozensets(st.sampled_from(["t1", "t2", "t3"]), max_size=2)),
+                max_size=5),
+       st.frozensets(st.sampled_from(["t1", "t2", "t3"])), st.floats(0, 12),
+       st.frozensets(st.sampled_from([0, 10, 20, 30])))
+@settings(max_examples=300)
+def test_a_floor_stays_until_its_tasks_are_known_or_it_expires(
+        raw: list, known: frozenset, now: float, queued: frozenset) -> None:
+    """Given floors set by holds, when planning checks them, then exactly those not
+    expired whose tasks are not all in the replica stay (a floor without tasks, from
+    an earlier release's hold, until anything at or above it is queued), and
+    planning obeys the highest of them."""
+    floors = [d.Floor(p, until, ids) for p, until, ids in raw]
+    live = d.live_floors(floors, now, known.__contains__, queued)
+    for f in floors:
+        met = (f.task_ids <= known) if f.task_ids else any(q >= f.priority for q in queued)
+        assert (f in live) == (now <= f.until and not met)
+    top = d.top_floor(live)
+    assert (top is None) == (not live)
+    assert top is None or all(top.priority >= f.priority for f in live)
+
+
+def test_holds_go_to_every_worker_not_down() -> None:
+    """A unit planned onto a slot the leader counted free can wait on a worker
+    without a window (simulator seed 344: an ended attempt still held the slot)."""
     ws = [d.WorkerView("a", 2, 4), d.WorkerView("b", 2, 2), d.WorkerView("c", 2, 0),
           d.WorkerView("e", 2, 8, down=True)]
-    assert d.hold_targets(ws) == ("a",)
-    assert d.hold_floor(20, 3.0) == d.Floor(20, 3.0 + d.FLOOR_EXTRA_S)
-    assert d.needs_hold(20, [0, 30]) and not d.needs_hold(20, [20, 30])
+    assert d.hold_targets(ws) == ("a", "b", "c")
+    assert d.hold_floor(20, 3.0, ["x"]) == d.Floor(20, 3.0 + d.FLOOR_EXTRA_S, frozenset({"x"}))
+
+
+@given(st.integers(-50, 50), st.none() | st.integers(-50, 50))
+def test_a_submit_skips_the_hold_only_at_or_below_the_lowest_priority_seen(
+        priority: int, lowest: int | None) -> None:
+    """Whether lower units wait in windows cannot be read from a replica (simulator
+    seed 61: assignments and lower submits in flight): a submit holds unless nothing
+    lower was ever seen there; with nothing seen at all it holds."""
+    assert d.needs_hold(priority, lowest) == (lowest is None or priority > lowest)
+
+
+def test_no_window_while_a_completing_unit_has_another_priority() -> None:
+    """Simulator seed 1652: a unit of priority 10 whose (failed) result is being
+    committed comes back as a retry; lower units put in a window meanwhile would
+    start while it is queued."""
+    w = d.WorkerView("a", 1, 5)
+    low = tuple(QueuedUnit(f"low{i}", -1, 0, "batch", kind="data") for i in range(4))
+    run = (d.RunningView("hi", -1, "a", 10),)
+    view = d.PlanView(0.0, (w,), low, frozenset({0}), run,
+                      completing=frozenset({("hi", -1, "a")}), run_s_by_kind={"data": 0.01})
+    assert [a.task_id for a in d.plan_round(view).assignments] == ["low0"]
+    same = d.PlanView(0.0, (w,), low, frozenset({0}), (d.RunningView("lo", -1, "a", 0),),
+                      completing=frozenset({("lo", -1, "a")}), run_s_by_kind={"data": 0.01})
+    assert len(d.plan_round(same).assignments) == 4
+
+
+@given(st.dictionaries(st.sampled_from(KINDS), st.floats(0, 5)),
+       st.lists(st.sampled_from([*KINDS, "call:m:new"]), min_size=1, max_size=8),
+       st.integers(1, 4), st.integers(0, 64))
+@settings(max_examples=300)
+def test_windows_follow_the_kinds_being_prefetched(by_kind: dict, kinds: list, slots: int,
+                                                   prefetch: int) -> None:
+    """Given run times per kind, when units are planned, then a worker's window holds
+    about PREFETCH_WORK_S of work per slot at the slowest queued kind's run time, and
+    none when a queued kind has not been seen yet or runs for a second or more (a 2 s
+    task is never prefetched because earlier units of another kind were no-ops)."""
+    w = d.WorkerView("a", slots, slots + prefetch)
+    queued = tuple(QueuedUnit(f"t{i}", -1, 0, "batch", kind=k) for i, k in enumerate(kinds))
+    got = len(d.plan_round(d.PlanView(0.0, (w,), queued, frozenset({0}),
+                                      run_s_by_kind=by_kind)).assignments)
+    run_s = [by_kind.get(k) for k in kinds]
+    if None in run_s or max(r for r in run_s if r is not None) >= 1.0:
+        assert got == min(slots, len(kinds))
+    else:
+        longest = max(r for r in run_s if r is not None)
+        room = slots + min(prefetch, int(slots * d.PREFETCH_WORK_S / max(longest, 1e-4)))
+        assert got == min(room, len(kinds))
+
+
+def test_a_long_task_after_no_ops_is_not_prefetched() -> None:
+    """The issue's case: no-ops ran (deep windows for them), then a 2 s task of
+    another kind: it gets a slot, not a window; later no-ops get the window again."""
+    w = d.WorkerView("a", 2, 130)
+    by_kind = d.update_run_times({}, [("call:m:noop", {"started_at": 1.0,
+                                                       "finished_at": 1.0005})])
+    noops = tuple(QueuedUnit(f"n{i}", -1, 0, "batch", kind="call:m:noop") for i in range(200))
+    assert len(d.plan_round(d.PlanView(0.0, (w,), noops, frozenset({0}),
+                                       run_s_by_kind=by_kind)).assignments) == 130
+    longs = tuple(QueuedUnit(f"l{i}", -1, 0, "batch", kind="call:m:sleep") for i in range(5))
+    assert len(d.plan_round(d.PlanView(0.0, (w,), longs, frozenset({0}),
+                                       run_s_by_kind=by_kind)).assignments) == 2
+    by_kind = d.update_run_times(by_kind, [("call:m:sleep", {"started_at": 1.0,
+                                                             "finished_at": 3.0})])
+    assert len(d.plan_round(d.PlanView(0.0, (w,), longs, frozenset({0}),
+                                       run_s_by_kind=by_kind)).assignments) == 2
+
+
+@given(st.lists(st.tuples(st.sampled_from(KINDS), st.floats(0, 10), st.booleans()),
+                max_size=30))
+@settings(max_examples=200)
+def test_run_times_are_kept_per_kind(results: list) -> None:
+    """Each kind's average moves only with its own results (hand-backs do not count),
+    stays within the run times seen, and at most MAX_KINDS kinds are kept."""
+    by_kind: dict[str, float] = {}
+    seen: dict[str, list[float]] = {}
+    for kind, run_s, handed_back in results:
+        before = dict(by_kind)
+        r = {"started_at": 100.0, "finished_at": 100.0 + run_s, "requeue": handed_back}
+        by_kind = d.update_run_times(by_kind, [(kind, r)])
+        if not handed_back:
+            seen.setdefault(kind, []).append(d.run_time_s(r))
+        assert {k: v for k, v in by_kind.items() if k != kind} == \
+            {k: v for k, v in before.items() if k != kind}
+    for kind, v in by_kind.items():
+        assert min(seen[kind]) - 1e-9 <= v <= max(seen[kind]) + 1e-9
+    many = d.update_run_times({}, [(f"k{i}", {"finished_at": 1.0})
+                                   for i in range(d.MAX_KINDS + 5)])
+    assert len(many) == d.MAX_KINDS and "k0" not in many
+
+
+def test_unit_kind_names_what_runs() -> None:
+    assert d.unit_kind({"call": "m:f", "args": [1]}) == "call:m:f"
+    assert d.unit_kind({"argv": ["/bin/sleep", "2"]}) == "argv:/bin/sleep"
+    assert d.unit_kind({"data": "python: print(1)"}) == "data:python"
+    assert d.unit_kind({"data": "task details"}) == d.unit_kind({"data": "a b: c"}) == "data"
+    assert d.unit_kind({"data": "http://x"}) == "data:http"
+    assert d.unit_kind({}) == "data"
 
 
 def test_units_to_kill_spares_committed_results() -> None:
@@ -322,3 +462,32 @@ def test_plan_round_stops_at_a_split_task_being_cut_but_not_at_a_batch_task() ->
     batch = d.PlanView(0.0, w, (QueuedUnit("hi", -1, 20, "batch"), low),
                        frozenset({20, 10}), in_flight=(d.InFlight("hi", -1, "a"),))
     assert [a.task_id for a in d.plan_round(batch).assignments] == ["low"]
+
+
+@given(st.lists(st.sampled_from([0, 10, 20, 30]), max_size=10), st.integers(0, 6),
+       st.none() | st.sampled_from([0, 10, 20, 30, 40]))
+@settings(max_examples=400)
+def test_a_worker_never_keeps_a_unit_below_the_floor_that_would_wait(
+        prios: list, free: int, floor: int | None) -> None:
+    """Given dispatched units, the worker's free slots and the leader's floor, when the
+    worker takes them in, then every unit is taken or handed back (once); units at or
+    above the floor are taken; below it, only into free slots left after them, most
+    urgent first (simulator seeds 1666, 3086, 6166: a unit sent to a slot the leader
+    counted free waited behind an ended attempt, then started while a more urgent
+    retry was queued). No floor (an earlier release): everything is taken."""
+    take, back = d.gate_arrivals(prios, free, floor)
+    assert sorted(take + back) == list(range(len(prios)))
+    if floor is None:
+        assert back == ()
+        return
+    above = [i for i, p in enumerate(prios) if p >= floor]
+    assert set(above) <= set(take)
+    below_taken = [i for i in take if prios[i] < floor]
+    assert len(below_taken) <= max(0, free - len(above))
+    if back:
+        assert len(below_taken) == max(0, free - len(above))
+        assert min((prios[i] for i in below_taken), default=99) >= max(prios[i] for i in back)
+
+
+def test_the_dispatch_floor_is_the_highest_priority_in_the_system() -> None:
+    assert d.dispatch_floor([0, 30, 10]) == 30 and d.dispatch_floor([]) is None

@@ -77,7 +77,8 @@ class LeaderSide:
         self.assigning.clear()
         self.completing.clear()
         self.completing_attempt.clear()
-        self.run_ewma = None
+        self.run_s_by_kind = {}
+        self.kind_of.clear()
         for w in self.workers.values():
             w.last_seen = now
         self.leader_ready = False
@@ -125,7 +126,7 @@ class LeaderSide:
         decisions.plan_round, one assign command with random fencing tokens."""
         s = self.replica
         assert s is not None
-        if not s.queued_by_priority and self.floor is None:
+        if not s.queued_by_priority:
             return  # nothing to plan (a shortcut: plan_round would return nothing)
         now = self.world.now
         live = d.live_workers([w.view() for w in self.workers.values()], now,
@@ -134,28 +135,33 @@ class LeaderSide:
             return
         in_flight = tuple(d.InFlight(t, c, w) for units in self.assigning.values()
                           for t, c, w in units)
-        floor = self.floor
+        floors = self.floors
+        live_floors = d.live_floors(floors, now, s.tasks.__contains__, s.queued_by_priority)
+        self.floors = live_floors
+        floor = d.top_floor(live_floors)
+        prios = set(s.queued_by_priority)
+        for tid, _chunk in s.delayed:
+            t = s.tasks.get(tid)
+            if t is not None:
+                prios.add(t.priority)
         held = {w.node_id: n for w in live if w.running
                 if (n := d.stale_held(w.node_id, w.running, s.running, self.replica_unit))}
         view = d.PlanView(
             now, live, in_flight=in_flight, held=held,
             completing=frozenset((t, c, w) for (t, c), w in self.completing.items()),
-            floor=floor, run_ewma=self.run_ewma,
+            floor=floor, run_s_by_kind=self.run_s_by_kind,
             running=tuple(d.RunningView(tid, chunk, w, t.priority if t is not None else None)
                           for (tid, chunk), w in s.running.items()
                           for t in (s.tasks.get(tid),)),
-            queued_priorities=frozenset(s.queued_by_priority))
+            queued_priorities=frozenset(prios))
         depth = d.queue_depth_needed(view)
         if depth:
             head = s.peek_queued(depth)
             view = replace(view, queued=tuple(
                 QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
-                           len(t.spec.get("items") or ()), t.chunk_count) for t, chunk in head))
+                           len(t.spec.get("items") or ()), t.chunk_count, d.unit_kind(t.spec))
+                for t, chunk in head))
         actions = d.plan_round(view)
-        if actions.floor_lifted and floor is not None and d.current_floor(floor, now):
-            self.early_lift = floor  # (for the checker's diagnosis) lifted before it expired
-        if actions.floor_lifted and self.floor == floor:
-            self.floor = None
         if not actions.assignments:
             return
         assignments = actions.assignments
@@ -175,7 +181,7 @@ class LeaderSide:
                 stale.setdefault(self.completing[(t, c)], []).append(f"{t}/{c}")
         for a, tok in zip(assignments, tokens):
             self.world.checker.on_plan(tok, self.applied, cuts, stale.get(a.worker, []),
-                                       d.current_floor(self.early_lift, now))
+                                       self.floor_gone_early(floors, live_floors, now))
         self.world.trace(f"{self.id} assigns " + ", ".join(
             f"{a.task_id}/{a.chunk}->{a.worker}" for a in assignments))
 
@@ -199,14 +205,21 @@ class LeaderSide:
             if t is not None:
                 by_worker.setdefault(worker, []).append(
                     Work(tid, chunk, count, attempt, token, t.priority))
+        prios = list(s.queued_by_priority)
+        for tid, _chunk in (*s.running, *s.delayed):
+            t = s.tasks.get(tid)
+            if t is not None:
+                prios.append(t.priority)
+        floor = d.dispatch_floor(prios)
         bid = self.dispatch_put_n
         left = self.dispatching[bid] = set()
         for worker, works in by_worker.items():
             if worker == self.id:
-                self.dispatch_works(works)
+                self.dispatch_works(works, floor)
             elif worker in self.workers:
                 left.add(worker)
-                self.rpc(worker, "dispatch", {"works": works}, DISPATCH_TIMEOUT_S,
+                self.rpc(worker, "dispatch", {"works": works, "floor": floor},
+                         DISPATCH_TIMEOUT_S,
                          lambda _v, worker=worker: self.dispatched(bid, worker))
         self.dispatched(bid, "")
 
@@ -294,6 +307,9 @@ class LeaderSide:
             u = self.replica_unit((r["task_id"], r["chunk"]))
             if u is not None and u.worker == node_id and u.token == r["token"]:
                 ok.append(dict(r, node=node_id))
+                assert self.replica is not None
+                self.kind_of[(r["task_id"], int(r["chunk"]))] = d.unit_kind(
+                    self.replica.tasks[r["task_id"]].spec)
         if not ok:
             reply(True)
             return
@@ -344,7 +360,10 @@ class LeaderSide:
                 for r, _ in group:
                     self.completing.pop((r["task_id"], int(r["chunk"])), None)
                     self.completing_attempt.pop((r["task_id"], int(r["chunk"])), None)
-                self.run_ewma = d.update_run_ewma(self.run_ewma, [r for r, _ in group])
+                kinds = [(self.kind_of.pop((r["task_id"], int(r["chunk"])), None), r)
+                         for r, _ in group]
+                self.run_s_by_kind = d.update_run_times(
+                    self.run_s_by_kind, [(k, r) for k, r in kinds if k is not None])
             else:
                 self.completions.extend(g for g in group if g[1] is None or g[1].value is None)
             for _, fut in group:
@@ -358,19 +377,33 @@ class LeaderSide:
 
     # ------------------------------------------------------------------ holds
 
+    def floor_gone_early(self, before: tuple[d.Floor, ...], after: tuple[d.Floor, ...],
+                         now: float) -> d.Floor | None:
+        """(for the checker's diagnosis) a floor lifted before it expired while the
+        tasks it was set for were not all in this replica."""
+        s = self.replica
+        assert s is not None
+        for f in before:
+            if f not in after and now <= f.until and f.task_ids \
+                    and not all(t in s.tasks for t in f.task_ids):
+                return f
+        return None
+
     def handle_hold_fan(self, m: Msg) -> None:
         if not self.is_leader():
             self.reply(m, False)
             return
-        self.hold_workers(m.body["min_priority"], lambda ok: self.reply(m, ok))
+        self.hold_workers(m.body["min_priority"], lambda ok: self.reply(m, ok),
+                          tuple(m.body.get("task_ids", ())))
 
-    def hold_workers(self, priority: int, on_done: Callable[[bool], None]) -> None:
+    def hold_workers(self, priority: int, on_done: Callable[[bool], None],
+                     task_ids: tuple[str, ...] = ()) -> None:
         """hold_workers: stop planning below priority (the floor), let assignments
         already proposed reach their workers, then have every worker with a prefetch
         window hand back its waiting units below priority. on_done(True) when every
         worker answered within HOLD_TIMEOUT_S."""
         deadline = self.world.now + HOLD_TIMEOUT_S
-        self.floor = d.hold_floor(priority, deadline)
+        self.floors = (*self.floors, d.hold_floor(priority, deadline, task_ids))
         self.world.trace(f"{self.id} holds below {priority}")
         self.holds.append(HoldOp(priority, deadline, set(self.assigning), on_done))
         self.progress_holds()

@@ -85,7 +85,7 @@ class SimNode(WorkerSide, LeaderSide):
         self.report_wait: Pending | None = None
         self.report_try = 0
         self.backoff = 0.0
-        self.dispatch_checks: list[tuple[float, str, int, list[Work]]] = []
+        self.dispatch_checks: list[tuple[float, str, int, int | None, list[Work]]] = []
         self.rpcs: dict[int, Pending] = {}
         # leader side
         self.workers: dict[str, WorkerInfo] = {}
@@ -98,9 +98,9 @@ class SimNode(WorkerSide, LeaderSide):
         self.complete_inflight = 0
         self.result_waits: list[Pending] = []
         self.requeue_recent: dict[d.AttemptKey, float] = {}
-        self.floor: d.Floor | None = None
-        self.early_lift: d.Floor | None = None
-        self.run_ewma: float | None = None
+        self.floors: tuple[d.Floor, ...] = ()
+        self.run_s_by_kind: dict[str, float] = {}  # Scheduler._run_s_by_kind
+        self.kind_of: dict[tuple[str, int], str] = {}
         self.self_hb_at = -1.0
         self.last_lease_check = 0.0
         self.last_compact = -10.0
@@ -111,6 +111,7 @@ class SimNode(WorkerSide, LeaderSide):
         # submits
         self.submit_q: list[tuple[list, tuple[ClientCall, int], float]] = []
         self.submit_inflight = 0
+        self.lowest_seen: int | None = None  # Submitter._lowest_seen
 
     # ------------------------------------------------------------------ process
 
@@ -275,22 +276,33 @@ class SimNode(WorkerSide, LeaderSide):
             call.hold = "ok" if complete else "failed"
             self.submit_q.append((specs, (call, try_no), self.world.now + SUBMIT_RETRY_S))
 
-        if self.replica.running_below(top):
-            self.hold_for(top, go)
+        s = self.replica
+        prios = set(s.queued_by_priority)
+        for tid, _chunk in (*s.running, *s.delayed):
+            t = s.tasks.get(tid)
+            if t is not None:
+                prios.add(t.priority)
+        seen = [p for p in (self.lowest_seen, min(prios, default=None)) if p is not None]
+        seen_low = min(seen) if seen else None
+        low = min(sp["priority"] for sp in specs)
+        self.lowest_seen = low if seen_low is None else min(seen_low, low)
+        if d.needs_hold(top, seen_low):
+            self.hold_for(top, tuple(sp["id"] for sp in specs), go)
         else:
             call.hold = "none"
             self.submit_q.append((specs, (call, try_no), self.world.now + SUBMIT_RETRY_S))
 
-    def hold_for(self, priority: int, then: Callable[[bool], None]) -> None:
+    def hold_for(self, priority: int, task_ids: tuple[str, ...],
+                 then: Callable[[bool], None]) -> None:
         if self.is_leader():
-            self.hold_workers(priority, then)
+            self.hold_workers(priority, then, task_ids)
             return
         target = self.leader_grpc()
         if not target:
             then(False)
             return
-        self.rpc(target, "hold_fan", {"min_priority": priority}, HOLD_TIMEOUT_S + 0.5,
-                 lambda v: then(bool(v)))
+        self.rpc(target, "hold_fan", {"min_priority": priority, "task_ids": task_ids},
+                 HOLD_TIMEOUT_S + 0.5, lambda v: then(bool(v)))
 
     def submit_loop(self) -> None:
         """_submit_loop + _propose_submit."""

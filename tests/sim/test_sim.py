@@ -49,27 +49,9 @@ class Known:
 
 
 KNOWN: dict[str, Known] = {
-    # A hold's floor stops planning below the urgent priority until the urgent task
-    # is queued; plan_round lifts it as soon as any unit at or above that priority
-    # is queued (a retry, another task), before the held-for submit has committed.
-    # Lower units planned then into windows start after it is queued.
-    "floor-lifted-early": Known("priority", "was lifted before it expired", 2585,
-                                "node/decisions.py plan_round (floor_lifted)"),
-    # A submit holds lower units back only if its node's replica shows one running
-    # (running_below) when it checks; otherwise there is no hold and no floor, and
-    # until the submit commits the leader keeps planning lower units into prefetch
-    # windows (assignments in flight at the check are not seen either). When a slot
-    # frees, a lower unit starts from its window while the urgent task is queued.
-    "hold-skipped": Known("priority", "skipped the hold", 61,
-                          "node/submitting.py (running_below before the submit commits)"),
-    # A unit that comes back to the queue (a failed attempt's retry falling due, a
-    # requeue) does not hold back lower units already waiting in prefetch windows,
-    # and a retry waiting for its backoff counts for no priority when the leader
-    # sizes windows (free_slots sees queued and running units only). When a slot
-    # frees, the window's lower unit starts while the returned unit is queued.
-    "requeue-no-hold": Known("priority", "no hold followed", 1652,
-                             "node/decisions.py free_slots (delayed retries) and "
-                             "node/scheduling.py (no hold for a returning unit)"),
+    # None known. (Fixed: floor-lifted-early, seed 2585; hold-skipped, seed 61;
+    # requeue-no-hold, seed 1652: see decisions.live_floors, needs_hold, hold_targets
+    # and free_slots.)
 }
 
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from taskandgo.node import decisions as d
+
 if TYPE_CHECKING:
     from .world import Msg
 
@@ -69,15 +71,21 @@ class WorkerSide:
     world: Any
     id: str
 
-    def dispatch_works(self, works: list[Work]) -> int:
+    def dispatch_works(self, works: list[Work], floor: int | None = None) -> int:
         """WorkerSide._run + Executor.dispatch: kill older attempts of the units
-        dispatched, queue units (a duplicate is ignored); start what fits."""
+        dispatched, hand back at once those below the leader's floor that find no
+        free slot (decisions.gate_arrivals), queue the others (a duplicate is
+        ignored); start what fits."""
         newer = {(w.task_id, w.chunk): w.attempt for w in works}
         older = [k for k in self.active if k[2] < newer.get((k[0], k[1]), -1)]
         if older:
             self.kill(older)
             for k in older:
                 self.unreported.pop(k, None)
+        take, back = d.gate_arrivals([w.priority for w in works], self.free_slots(), floor)
+        if back:
+            self.hand_back([works[i] for i in back])
+        works = [works[i] for i in take]
         n = 0
         for w in works:
             if w.key in self.active:
@@ -225,28 +233,28 @@ class WorkerSide:
         """handle_dispatch: only from the leader this node follows; a voter runs only
         units its replica holds as running here (waiting up to DISPATCH_CHECK_S)."""
         self.dispatch_checks.append((self.world.now + DISPATCH_CHECK_S, m.src,
-                                     m.body["rid"], m.body["works"]))
+                                     m.body["rid"], m.body.get("floor"), m.body["works"]))
         self.check_dispatches()
 
     def check_dispatches(self) -> None:
         keep = []
-        for deadline, src, rid, works in self.dispatch_checks:
+        for deadline, src, rid, floor, works in self.dispatch_checks:
             late = self.world.now >= deadline
             if not self.require_leader(src):
                 if late:
                     self.send(src, "reply", {"rid": rid, "value": False})
                 else:
-                    keep.append((deadline, src, rid, works))
+                    keep.append((deadline, src, rid, floor, works))
                 continue
             found = [w for w in works if self.replica_holds(w)]
             if len(found) == len(works) or late:
                 if len(found) < len(works):
                     self.world.trace(f"{self.id} refuses {len(works) - len(found)} "
                                      f"dispatched unit(s) from {src}")
-                self.dispatch_works(found)
+                self.dispatch_works(found, floor)
                 self.send(src, "reply", {"rid": rid, "value": True})
             else:
-                keep.append((deadline, src, rid, works))
+                keep.append((deadline, src, rid, floor, works))
         self.dispatch_checks = keep
 
     def replica_holds(self, w: Work) -> bool:
@@ -269,6 +277,10 @@ class WorkerSide:
 
     def hold_here(self, min_priority: int) -> int:
         works = self.hold_units(min_priority)
+        self.hand_back(works)
+        return len(works)
+
+    def hand_back(self, works: list[Work]) -> None:
         for w in works:
             self.world.trace(f"{self.id} hands back {w.task_id}/{w.chunk} (prio {w.priority})")
             self.unreported[w.key] = {
@@ -276,7 +288,6 @@ class WorkerSide:
                 "token": w.token, "ok": False, "exit_code": 0, "result": "", "error": "",
                 "node": self.id, "started_at": 0.0, "finished_at": self.wall(),
                 "requeue": True, "held": True}
-        return len(works)
 
     def report(self) -> None:
         """_reporter_loop: send unreported results until the leader commits them."""
