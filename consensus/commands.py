@@ -27,7 +27,8 @@ if TYPE_CHECKING:
     from taskandgo.consensus.state import Event, SchedulerState
 
 #: The replicated methods, in the order PySyncObj numbers them (sorted by name).
-COMMAND_IDS = ("assign", "cancel", "compact", "complete", "requeue", "submit", "verify")
+COMMAND_IDS = ("assign", "cancel", "compact", "complete", "requeue", "submit", "verify",
+               "write_settings")
 
 
 class AssignEntry(NamedTuple):
@@ -159,8 +160,26 @@ class Verify:
         return self.cluster_id, self.prev_index, self.prev_window, list(self.prev_summary)
 
 
+@dataclass(frozen=True, slots=True)
+class WriteSettings:
+    """Set cluster-wide settings (see consensus/state.py SETTINGS: the default
+    strategy). ``only_if_unset``: keep a value already set (a new cluster's first
+    leader proposes its own configuration this way; the first applied wins)."""
+
+    NAME: ClassVar[str] = "write_settings"
+    values: tuple[tuple[str, str], ...]
+    now: float
+    only_if_unset: bool = False
+
+    def args(self) -> tuple[Any, ...]:
+        return dict(self.values), self.now, self.only_if_unset
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_settings(self.values, self.now, self.only_if_unset)
+
+
 #: A command the scheduler state applies.
-StateCommand = Submit | Assign | Complete | Cancel | Requeue | Compact
+StateCommand = Submit | Assign | Complete | Cancel | Requeue | Compact | WriteSettings
 Command = StateCommand | Verify
 
 
@@ -181,8 +200,20 @@ def from_args(name: str, args: Sequence[Any]) -> Command:
         return Compact(args[0], args[1], args[2])
     if name == "verify":
         return Verify(args[0], args[1], args[2], tuple(args[3]))
+    if name == "write_settings":
+        return WriteSettings(settings_items(args[0]), args[1], bool(args[2]))
     raise ValueError(f"unknown replicated command {name!r}")
 
 
+def settings_items(values: Any) -> tuple[tuple[str, str], ...]:
+    """A settings mapping from a log entry as sorted (key, value) string pairs; anything
+    else in it is left out (applying a command never raises)."""
+    if not isinstance(values, dict):
+        return ()
+    return tuple(sorted((k, v) for k, v in values.items()
+                        if isinstance(k, str) and isinstance(v, str)))
+
+
 __all__ = ["COMMAND_IDS", "Assign", "AssignEntry", "Cancel", "Command", "Compact", "Complete",
-           "Requeue", "StateCommand", "Submit", "Verify", "from_args"]
+           "Requeue", "StateCommand", "Submit", "Verify", "WriteSettings", "from_args",
+           "settings_items"]

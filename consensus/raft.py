@@ -47,8 +47,8 @@ MAYBE_COMMITTED = {FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME}
 #: read differently (diverging) or not at all (wedging). 1: the verify command;
 #: 2: fencing tokens chosen by the leader in assign; 3: requeue carries the requeuing
 #: node's start time (a loss counts towards the poison rule only if that node
-#: outlived it).
-RAFT_PROTOCOL = 3
+#: outlived it); 4: write_settings (the cluster-wide default strategy).
+RAFT_PROTOCOL = 4
 
 
 class SafeSyncObj(SyncObj):

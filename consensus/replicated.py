@@ -26,6 +26,8 @@ from taskandgo.consensus.commands import (
     Requeue,
     StateCommand,
     Submit,
+    WriteSettings,
+    settings_items,
 )
 from taskandgo.consensus.state import SchedulerState
 
@@ -122,8 +124,11 @@ class ReplicatedState(SyncObjConsumer):
                 self.state = SchedulerState.from_snapshot(data["state"])
                 self.cluster_id = str(data.get("cluster_id") or "")
             elif isinstance(data, dict) and isinstance(data.get("state"), SchedulerState):
-                # Release 0.1.0 pickled the SchedulerState object itself.
+                # Release 0.1.0 pickled the SchedulerState object itself (without the
+                # attributes added since, which start empty).
                 self.state = data["state"]
+                if not hasattr(self.state, "settings"):
+                    self.state.settings = {}
                 self.cluster_id = str(data.get("cluster_id") or "")
             else:
                 self._fatal(f"unrecognised snapshot contents ({type(data).__name__})")
@@ -189,6 +194,12 @@ class ReplicatedState(SyncObjConsumer):
     @replicated
     def compact(self, now: float, retention_s: float, max_finished: int) -> Any:
         return self._run(Compact(now, retention_s, max_finished))
+
+    @replicated
+    def write_settings(self, values: dict, now: float, only_if_unset: bool) -> Any:
+        """Cluster-wide settings (RAFT_PROTOCOL 4; sorts after every earlier command,
+        so journals written before it keep their method numbers)."""
+        return self._run(WriteSettings(settings_items(values), now, bool(only_if_unset)))
 
     @replicated
     def verify(self, cluster_id: str, prev_index: int, prev_window: str,

@@ -43,6 +43,9 @@ from taskandgo.consensus.model import (
     priority_name,
 )
 
+#: Cluster-wide settings (WriteSettings) and the values each may take.
+SETTINGS: dict[str, tuple[str, ...]] = {"default_strategy": ("split", "batch")}
+
 
 class SchedulerState:
     """Everything that must survive the loss of a node. See the module docstring."""
@@ -61,6 +64,8 @@ class SchedulerState:
         self.committed_results = 0
         self.rejected_commands = 0
         self.now = 0.0
+        #: Cluster-wide settings (see SETTINGS); a key absent is not set yet.
+        self.settings: dict[str, str] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -440,6 +445,17 @@ class SchedulerState:
             events.append(("task", tid, "requeued", chunk, unit.node, now))
         return n, events
 
+    def apply_settings(self, values: Iterable[tuple[str, str]], now: float,
+                       only_if_unset: bool) -> tuple[dict[str, str], list[Event]]:
+        """Set cluster-wide settings: each (key, value) of SETTINGS with a value it may
+        take (anything else is skipped); with ``only_if_unset`` a key already set keeps
+        its value. Returns the settings after."""
+        events = self._advance(now)
+        for key, value in values:
+            if value in SETTINGS.get(key, ()) and not (only_if_unset and key in self.settings):
+                self.settings[key] = value
+        return dict(self.settings), events
+
     def apply_compact(self, now: float, retention_s: float,
                       max_finished: int) -> tuple[int, list[Event]]:
         """Forget finished tasks older than retention_s or beyond the newest max_finished."""
@@ -572,6 +588,7 @@ class SchedulerState:
             "dropped_results": self.dropped_results,
             "committed_results": self.committed_results,
             "rejected_commands": self.rejected_commands, "now": self.now,
+            "settings": dict(self.settings),
         }
 
     @classmethod
@@ -605,6 +622,7 @@ class SchedulerState:
         for name in ("seq", "next_token", "dropped_results", "committed_results",
                      "rejected_commands", "now"):
             setattr(st, name, data.get(name, getattr(st, name)))
+        st.settings = {str(k): str(v) for k, v in dict(data.get("settings", {})).items()}
         return st
 
     def fingerprint(self) -> tuple:
@@ -615,7 +633,7 @@ class SchedulerState:
             tuple(sorted(e for e in self.heap if self._is_live_entry(e))),
             tuple(self.delayed.items()), tuple(self.running.items()),
             tuple(self.finished.items()), self.next_token, self.dropped_results,
-            self.committed_results, self.now,
+            self.committed_results, self.now, tuple(sorted(self.settings.items())),
         )
 
 
@@ -629,6 +647,7 @@ __all__ = [
     "PRIORITY_LEVELS",
     "QUEUED",
     "RUNNING",
+    "SETTINGS",
     "STATUSES",
     "SUCCEEDED",
     "WHOLE",

@@ -347,7 +347,10 @@ class NodeApp:
             # resources_source says which): node/resources.py.
             **self.worker.resources.sample().as_status(),
             "memory_rss": self.worker.memory_rss(),
-            "strategy": self.cfg.strategy, "ready": False, "leader_id": "",
+            # The cluster's default strategy (a non-voter: the one it was started with,
+            # the voters decide), and this node's own when it differs.
+            "strategy": self.default_strategy() or self.cfg.strategy,
+            "strategy_configured": self.cfg.strategy, "ready": False, "leader_id": "",
             "queue_by_priority": {}, "queued": 0, "fatal": self.fatal or "",
             "sandbox": self.executor.sandbox.describe(),
         }
@@ -363,6 +366,40 @@ class NodeApp:
             st["leader_id"] = self.worker.followed_leader_id()
             st["ready"] = bool(st["leader_id"])
         return st
+
+    def default_strategy(self) -> str:
+        return self.replica.default_strategy()
+
+    def settings(self) -> dict[str, str]:
+        """The cluster-wide settings (a non-voter asks a voter)."""
+        if self.replica.replicated is None:
+            with self.forward_client() as c:
+                return c.settings()
+        return self.replica.settings()
+
+    def set_settings(self, values: dict[str, str]) -> dict[str, str]:
+        """Change cluster-wide settings (checked here; a non-voter forwards)."""
+        from taskandgo.consensus.state import SETTINGS
+
+        for key, value in values.items():
+            if key not in SETTINGS:
+                raise InvalidTask(key, "not a setting")
+            if value not in SETTINGS[key]:
+                raise InvalidTask(key, f"{value!r}: expected {' or '.join(SETTINGS[key])}")
+        if not values:
+            return self.settings()
+        if self.replica.replicated is None:
+            with self.forward_client() as c:
+                return c.settings(**values)
+        if not self.replica.is_leader():
+            # Only the leader knows every voter's release (from their heartbeats),
+            # which must all know the command before it is proposed.
+            leader = self.replica.leader_voter()
+            if leader is None:
+                raise Unavailable("no leader known")
+            with self.client([leader.grpc], timeout_s=10.0) as c:
+                return c.settings(**values)
+        return self.replica.write_settings(values)
 
     def cluster_status(self) -> dict[str, Any]:
         return self.scheduler.cluster_status()

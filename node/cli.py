@@ -142,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which chunk of a split task (required for one)")
     sp.add_argument("--stderr", action="store_true", help="stderr instead of stdout")
 
+    sp = sub.add_parser("settings", help="show (or change) the cluster-wide settings")
+    client_args(sp)
+    sp.add_argument("--default-strategy", choices=("split", "batch"), default=None,
+                    help="the strategy of a task that names none, for every node")
+
     sp = sub.add_parser("tasks", help="list tasks")
     client_args(sp)
     sp.add_argument("--status", default="")
@@ -486,6 +491,11 @@ def print_status(nodes: list[dict[str, Any]], as_json: bool, many: bool) -> int:
         if st.get("cluster_id") or st.get("fsync"):
             print(f"  cluster {st.get('cluster_id') or '(not yet agreed)'}  "
                   f"fsync {st.get('fsync') or '-'}  sandbox {st.get('sandbox') or '-'}")
+        strategy = st.get("strategy") or "-"
+        mine = st.get("strategy_configured") or strategy
+        print(f"  default strategy {strategy}"
+              + (f" (the cluster's; this node was started with {mine})"
+                 if mine != strategy else ""))
         for peer in st.get("foreign_peers", []):
             print(f"  REFUSED peer of another cluster: {peer}")
         if st.get("fatal"):
@@ -506,8 +516,19 @@ def cmd_top(c: Any, args: argparse.Namespace) -> int:
     return run_top(c, args.interval, args.once)
 
 
+def cmd_settings(c: Any, args: argparse.Namespace) -> int:
+    settings = c.settings(default_strategy=args.default_strategy)
+    if args.json:
+        print(json.dumps(settings))
+    else:
+        for key, value in settings.items():
+            print(f"{key.replace('_', '-')}: {value or '(not set: each node its own)'}")
+    return 0
+
+
 COMMANDS = {"submit": cmd_submit, "get": cmd_get, "output": cmd_output, "tasks": cmd_tasks,
-            "cancel": cmd_cancel, "watch": cmd_watch, "status": cmd_status, "top": cmd_top}
+            "cancel": cmd_cancel, "watch": cmd_watch, "status": cmd_status, "top": cmd_top,
+            "settings": cmd_settings}
 
 if __name__ == "__main__":
     raise SystemExit(main())

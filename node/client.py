@@ -318,6 +318,15 @@ class Client:
                                    pb.NodeStatusRequest(include_digest=include_digest),
                                    node=node, timeout_s=5.0))
 
+    def settings(self, default_strategy: str | None = None) -> dict[str, str]:
+        """The cluster-wide settings (one value for every node); with a value given,
+        change it first (``default_strategy``: "split" or "batch")."""
+        if default_strategy:
+            msg = self._call("SetSettings", pb.Settings(default_strategy=default_strategy))
+        else:
+            msg = self._call("GetSettings", pb.GetSettingsRequest())
+        return {"default_strategy": msg.default_strategy}
+
     def cluster_status(self) -> dict[str, Any]:
         return dict_from_message(self._call("GetClusterStatus", pb.ClusterStatusRequest()))
 

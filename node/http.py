@@ -546,7 +546,7 @@ class Handler(EventStream):
         self._submit_one(self._body())
 
     def _submit_one(self, body: Any) -> None:
-        out = self.app.submit([TaskSpec.from_json(body, self.app.cfg.strategy)])[0]
+        out = self.app.submit([TaskSpec.from_json(body, self.app.default_strategy())])[0]
         self._send(201 if out["created"] else 200, out)
 
     def h_create_tasks(self, params: dict[str, str], q: dict[str, str],
@@ -562,7 +562,8 @@ class Handler(EventStream):
         # Every body's JSON form first, then every spec's fields, each error naming
         # tasks[i] (the node's default strategy where a task names none).
         raws = [request_from_json(b, f"tasks[{i}].") for i, b in enumerate(body["tasks"])]
-        specs = [TaskSpec.check(r, self.app.cfg.strategy, f"tasks[{i}].")
+        default = self.app.default_strategy()
+        specs = [TaskSpec.check(r, default, f"tasks[{i}].")
                  for i, r in enumerate(raws)]
         try:
             results = self.app.submit(specs)

@@ -16,9 +16,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from taskandgo.consensus.commands import Command, Verify
+from taskandgo.consensus.commands import Command, Verify, WriteSettings
 from taskandgo.consensus.identity import (
     ClusterIdentity,
     check_data_dir,
@@ -77,6 +79,7 @@ class Replica:
         # Raft address -> RAFT_PROTOCOL reported by that voter (see voters_at).
         self._voter_levels: dict[str, int] = {}
         self._last_verify = 0.0
+        self._warned_strategy = ""
         self._started_wall = time.time()  # see requeue_tail
 
     # ------------------------------------------------------------------ lifecycle
@@ -280,8 +283,56 @@ class Replica:
             return  # nothing applied since: an idle cluster writes nothing
         proposal = self.replicated.cluster_id or uuid.uuid4().hex
         self.send(Verify(proposal, index, window, tuple(summary)))
+        if self.voters_at(4) and not self.read(lambda s: "default_strategy" in s.settings):
+            # A cluster without a default strategy yet takes its first leader's (the
+            # first applied wins; operators change it with `taskandgo settings`).
+            self.send(WriteSettings((("default_strategy", self.cfg.strategy),), time.time(),
+                                    only_if_unset=True))
         if self.raft is not None:
             self.raft.wake()
+
+    # ------------------------------------------------------------------ settings
+
+    def default_strategy(self) -> str:
+        """The strategy of a task that names none: the cluster's (replicated, one
+        value for every node), this node's --strategy until the cluster has one; ""
+        on a node without a replica (the voter it forwards a submit to decides)."""
+        if self.replicated is None:
+            return ""
+        cluster = self.read(lambda s: s.settings.get("default_strategy", ""))
+        if cluster and cluster != self.cfg.strategy and self._warned_strategy != cluster:
+            self._warned_strategy = cluster
+            log.warning("node %s was started with strategy %s, but the cluster's default "
+                        "strategy is %s: tasks naming none use %s (`taskandgo settings` "
+                        "shows and changes it)", self.cfg.node_id, self.cfg.strategy,
+                        cluster, cluster)
+        return cluster or self.cfg.strategy
+
+    def settings(self) -> dict[str, str]:
+        """The cluster-wide settings this replica has applied."""
+        return self.read(lambda s: dict(s.settings))
+
+    def write_settings(self, values: dict[str, str], timeout_s: float = 10.0) -> dict[str, str]:
+        """Propose settings and wait until applied here (voters; the caller checked
+        the values). Unavailable when not committed in time, or while a voter runs a
+        release that does not know the command."""
+        if not self.voters_at(4):
+            raise Unavailable("a voter runs an earlier release that cannot store settings; "
+                              "upgrade every voter first")
+        fut: Future = Future()
+
+        def done(result: Any, err: int) -> None:
+            if err == 0 and isinstance(result, dict):
+                fut.set_result(result)
+            elif not fut.done():
+                fut.set_exception(Unavailable("settings were not committed (no leader?)"))
+
+        self.propose(WriteSettings(tuple(sorted(values.items())), time.time()),
+                     callback=done, timeout_s=timeout_s)
+        try:
+            return dict(fut.result(timeout=timeout_s + 1.0))
+        except FutureTimeout:
+            raise Unavailable("settings were not committed in time") from None
 
     # ------------------------------------------------------------------ client reads
 

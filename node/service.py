@@ -94,7 +94,7 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
 
     @_errors
     def SubmitTask(self, request: Any, context: Any) -> Any:
-        spec = TaskSpec.from_proto(request.task, self.app.cfg.strategy)
+        spec = TaskSpec.from_proto(request.task, self.app.default_strategy())
         out = self.app.submit([spec], timeout_s=_left(context))
         return message_from_dict(taskandgo_pb2.SubmitTaskResponse, out[0])
 
@@ -102,7 +102,8 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
     def SubmitTasks(self, request: Any, context: Any) -> Any:
         if not request.tasks:
             raise InvalidTask("tasks", "at least one task")
-        specs = check_many([request_from_proto(t) for t in request.tasks], self.app.cfg.strategy)
+        specs = check_many([request_from_proto(t) for t in request.tasks],
+                           self.app.default_strategy())
         out = self.app.submit(specs, timeout_s=_left(context))
         return taskandgo_pb2.SubmitTasksResponse(
             results=[message_from_dict(taskandgo_pb2.SubmitTaskResponse, r) for r in out])
@@ -182,6 +183,16 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
     def GetNodeStatus(self, request: Any, context: Any) -> Any:
         return message_from_dict(taskandgo_pb2.NodeStatus,
                                  self.app.node_status(request.include_digest))
+
+    @_errors
+    def GetSettings(self, request: Any, context: Any) -> Any:
+        return taskandgo_pb2.Settings(**self.app.settings())
+
+    @_errors
+    def SetSettings(self, request: Any, context: Any) -> Any:
+        values = {"default_strategy": request.default_strategy} if request.default_strategy \
+            else {}
+        return taskandgo_pb2.Settings(**self.app.set_settings(values))
 
     @_errors
     def GetTaskOutput(self, request: Any, context: Any) -> Any:

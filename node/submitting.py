@@ -85,7 +85,7 @@ class Submitter:
         specs = []
         for i, raw in enumerate(raw_specs):
             try:
-                spec = normalize(raw, self.cfg.strategy)
+                spec = normalize(raw, self.replica.default_strategy() or self.cfg.strategy)
                 self.cfg.policy.check(spec, self.cfg.default_runner)
                 specs.append(spec)
             except InvalidTask as exc:

@@ -242,7 +242,7 @@ class NodeStatusRequest(_message.Message):
     def __init__(self, include_digest: _Optional[bool] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "role", "raft_term", "commit_index", "applied_index", "leader_id", "queue_by_priority", "queued", "running", "slots", "free_slots", "cpu_percent", "memory_percent", "memory_rss", "grpc_address", "http_address", "raft_address", "voter", "strategy", "ready", "last_seen_s", "state_digest", "prefetch", "held_back", "fatal", "cluster_id", "fsync", "foreign_peers", "raft_syncs", "sandbox", "resources_source", "cpu_limit_cores", "memory_used", "memory_limit", "cgroup")
+    __slots__ = ("id", "role", "raft_term", "commit_index", "applied_index", "leader_id", "queue_by_priority", "queued", "running", "slots", "free_slots", "cpu_percent", "memory_percent", "memory_rss", "grpc_address", "http_address", "raft_address", "voter", "strategy", "ready", "last_seen_s", "state_digest", "prefetch", "held_back", "fatal", "cluster_id", "fsync", "foreign_peers", "raft_syncs", "sandbox", "resources_source", "cpu_limit_cores", "memory_used", "memory_limit", "cgroup", "strategy_configured")
     class QueueByPriorityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -285,6 +285,7 @@ class NodeStatus(_message.Message):
     MEMORY_USED_FIELD_NUMBER: _ClassVar[int]
     MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
     CGROUP_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     raft_term: int
@@ -320,7 +321,8 @@ class NodeStatus(_message.Message):
     memory_used: int
     memory_limit: int
     cgroup: str
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_id: _Optional[str] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ..., queued: _Optional[int] = ..., running: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., strategy: _Optional[str] = ..., ready: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., state_digest: _Optional[str] = ..., prefetch: _Optional[int] = ..., held_back: _Optional[int] = ..., fatal: _Optional[str] = ..., cluster_id: _Optional[str] = ..., fsync: _Optional[str] = ..., foreign_peers: _Optional[_Iterable[str]] = ..., raft_syncs: _Optional[int] = ..., sandbox: _Optional[str] = ..., resources_source: _Optional[str] = ..., cpu_limit_cores: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., cgroup: _Optional[str] = ...) -> None: ...
+    strategy_configured: str
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_id: _Optional[str] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ..., queued: _Optional[int] = ..., running: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., strategy: _Optional[str] = ..., ready: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., state_digest: _Optional[str] = ..., prefetch: _Optional[int] = ..., held_back: _Optional[int] = ..., fatal: _Optional[str] = ..., cluster_id: _Optional[str] = ..., fsync: _Optional[str] = ..., foreign_peers: _Optional[_Iterable[str]] = ..., raft_syncs: _Optional[int] = ..., sandbox: _Optional[str] = ..., resources_source: _Optional[str] = ..., cpu_limit_cores: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., cgroup: _Optional[str] = ..., strategy_configured: _Optional[str] = ...) -> None: ...
 
 class GetTaskOutputRequest(_message.Message):
     __slots__ = ("task_id", "chunk", "stream", "offset", "limit", "local")
@@ -395,3 +397,13 @@ class ClusterStatusResponse(_message.Message):
     committed_results: int
     queue_by_priority: _containers.ScalarMap[str, int]
     def __init__(self, leader_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., tasks_by_status: _Optional[_Mapping[str, int]] = ..., dropped_results: _Optional[int] = ..., committed_results: _Optional[int] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class GetSettingsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Settings(_message.Message):
+    __slots__ = ("default_strategy",)
+    DEFAULT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    default_strategy: str
+    def __init__(self, default_strategy: _Optional[str] = ...) -> None: ...

@@ -84,6 +84,16 @@ class SchedulerStub:
                 request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputRequest.SerializeToString,
                 response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputResponse.FromString,
                 _registered_method=True)
+        self.GetSettings = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/GetSettings',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetSettingsRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Settings.FromString,
+                _registered_method=True)
+        self.SetSettings = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/SetSettings',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Settings.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Settings.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -149,6 +159,20 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSettings(self, request, context):
+        """The cluster-wide settings (replicated: one value for every node).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetSettings(self, request, context):
+        """Change cluster-wide settings (fields left empty keep their value).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -201,6 +225,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetTaskOutput,
                     request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputRequest.FromString,
                     response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputResponse.SerializeToString,
+            ),
+            'GetSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSettings,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetSettingsRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Settings.SerializeToString,
+            ),
+            'SetSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSettings,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Settings.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Settings.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -473,6 +507,60 @@ class Scheduler:
             '/taskandgo.v1.Scheduler/GetTaskOutput',
             taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputRequest.SerializeToString,
             taskandgo_dot_protos_dot_taskandgo__pb2.GetTaskOutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/GetSettings',
+            taskandgo_dot_protos_dot_taskandgo__pb2.GetSettingsRequest.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.Settings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/SetSettings',
+            taskandgo_dot_protos_dot_taskandgo__pb2.Settings.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.Settings.FromString,
             options,
             channel_credentials,
             insecure,
