@@ -161,7 +161,7 @@ function renderTasks(tasks = shownTasks) {
       h("td", {class: "mono"}, t.id, t.chunk_count ? chunkProgress(t) : ""),
       h("td", {class: "status"}, badge(t.status)),
       h("td", {}, t.priority_name || t.priority),
-      h("td", {}, t.strategy),
+      h("td", {}, (t.spec && t.spec.on_every_node) ? `${t.strategy} (on every node)` : t.strategy),
       h("td", {class: "nowrap"}, nodes || "–"),
       h("td", {class: "num"}, t.attempts),
       h("td", {class: "nowrap"}, clock(t.created_at)),

@@ -173,6 +173,11 @@ def test_task_submitted_through_the_form_reaches_succeeded_without_a_reload(
     page.wait_for_selector(f'#tasks tr[data-task-id="{other}"]')
     assert time.monotonic() - accepted < 2.5, "the page did not update from the event stream"
     page.wait_for_selector(f'#tasks tr[data-task-id="{other}"][data-status="succeeded"]')
+    # A task run once on every node is shown as such.
+    with cluster3.client() as c:
+        every = c.submit("sh: echo here", on_every_node=True)
+    page.wait_for_selector(f'#tasks tr[data-task-id="{every}"][data-status="succeeded"]')
+    assert "split (on every node)" in page.inner_text(f'#tasks tr[data-task-id="{every}"]')
     # Free slots and running sets come with the workers' heartbeats, after the
     # results: the page catches up without a reload too.
     page.wait_for_function("[...document.querySelectorAll('#nodes td.runs')]"
