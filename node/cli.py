@@ -65,7 +65,7 @@ MAX_SECONDS = 3.2e9
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from taskandgo.node.config import add_node_arguments
+    from taskandgo.node.flags import add_node_arguments
 
     p = argparse.ArgumentParser(prog="taskandgo", description="TaskAndGo: a peer-to-peer, "
                                 "Raft-replicated task scheduler.")

@@ -595,6 +595,7 @@ def test_node_config_discovers_the_voters(helm, case, tmp_path):
     """Feed the rendered environment to the node's own config loader."""
     config = pytest.importorskip(
         "taskandgo.node.config", reason="the taskandgo package is not installed")
+    flags = pytest.importorskip("taskandgo.node.flags")
     docs = render(helm, case, "auth.raftPassword=pw", "auth.apiToken=tok")
     values = values_of(case)
     secret_dir = tmp_path / "secret"
@@ -607,7 +608,7 @@ def test_node_config_discovers_the_voters(helm, case, tmp_path):
     expected = [f"{sts_name}-{i}.{headless}.{NAMESPACE}.svc.{domain}"
                 for i in range(values["voters"])]
     parser = argparse.ArgumentParser()
-    config.add_node_arguments(parser)
+    flags.add_node_arguments(parser)
     for ordinal in range(values["replicaCount"]):
         env = _pod_env(docs, ordinal, {"/etc/taskandgo/secret": secret_dir})
         cfg = config.config_from(parser.parse_args([]), env)
