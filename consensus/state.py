@@ -556,74 +556,17 @@ class SchedulerState:
     # ------------------------------------------------------------------ snapshots
 
     def to_snapshot(self) -> dict[str, Any]:
-        """The state as plain data (dicts, lists, str, int, float, bool, None): the
-        versioned snapshot format documented in docs/architecture.md ("Snapshot
-        format"). Unlike a pickle of these classes it does not change when their
-        layout does; :meth:`from_snapshot` reads every version ever written."""
-        def unit(u: Unit) -> dict[str, Any]:
-            return {s: getattr(u, s) for s in Unit.__slots__}
+        """The state as plain data (see consensus/snapshot.py)."""
+        from taskandgo.consensus.snapshot import to_snapshot
 
-        tasks = []
-        for t in self.tasks.values():
-            u = t.unit_state()
-            tasks.append({
-                "id": t.id, "spec": t.spec, "priority": t.priority, "strategy": t.strategy,
-                "status": t.status, "created_at": t.created_at,
-                "finished_at": t.finished_at, "retries": t.retries,
-                # an int while the whole-task unit is untouched (its queue seq), else a unit
-                "unit": u if isinstance(u, int) else unit(t.unit),
-                "chunks": None if t.chunks is None else [unit(c) for c in t.chunks],
-                "chunk_count": t.chunk_count, "chunks_done": t.chunks_done, "key": t.key,
-                "result": t.result, "error": t.error, "exit_code": t.exit_code,
-                "node": t.node,
-            })
-        return {
-            "tasks": tasks,
-            "heap": [list(e) for e in self.heap],
-            "delayed": [[k[0], k[1], v] for k, v in self.delayed.items()],
-            "running": [[k[0], k[1], v] for k, v in self.running.items()],
-            "finished": [[k, v] for k, v in self.finished.items()],
-            "queued_by_priority": [[k, v] for k, v in self.queued_by_priority.items()],
-            "seq": self.seq, "next_token": self.next_token, "aging_per_s": self.aging_per_s,
-            "dropped_results": self.dropped_results,
-            "committed_results": self.committed_results,
-            "rejected_commands": self.rejected_commands, "now": self.now,
-            "settings": dict(self.settings),
-        }
+        return to_snapshot(self)
 
     @classmethod
     def from_snapshot(cls, data: dict[str, Any]) -> SchedulerState:
         """Rebuild a state from :meth:`to_snapshot`'s plain data."""
-        def unit(d: dict[str, Any]) -> Unit:
-            u = Unit()
-            for s in Unit.__slots__:
-                if s in d:
-                    setattr(u, s, d[s])
-            return u
+        from taskandgo.consensus.snapshot import from_snapshot
 
-        st = cls(aging_per_s=float(data.get("aging_per_s", 1.0 / 60.0)))
-        for d in data.get("tasks", []):
-            t = Task(d["id"], d["spec"], d["priority"], d["strategy"], d["created_at"])
-            t.status = d["status"]
-            t.finished_at = d["finished_at"]
-            t.retries = d["retries"]
-            t._u = d["unit"] if isinstance(d["unit"], int) else unit(d["unit"])
-            t.chunks = None if d["chunks"] is None else [unit(c) for c in d["chunks"]]
-            for name in ("chunk_count", "chunks_done", "key", "result", "error",
-                         "exit_code", "node"):
-                setattr(t, name, d[name])
-            st.tasks[t.id] = t
-        st.heap = [tuple(e) for e in data.get("heap", [])]
-        heapq.heapify(st.heap)
-        st.delayed = {(k0, k1): v for k0, k1, v in data.get("delayed", [])}
-        st.running = {(k0, k1): v for k0, k1, v in data.get("running", [])}
-        st.finished = dict(data.get("finished", []))
-        st.queued_by_priority = dict(data.get("queued_by_priority", []))
-        for name in ("seq", "next_token", "dropped_results", "committed_results",
-                     "rejected_commands", "now"):
-            setattr(st, name, data.get(name, getattr(st, name)))
-        st.settings = {str(k): str(v) for k, v in dict(data.get("settings", {})).items()}
-        return st
+        return from_snapshot(data)
 
     def fingerprint(self) -> tuple:
         """A value equal on two replicas exactly when their states are equal."""
