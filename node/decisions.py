@@ -94,11 +94,13 @@ class RunningView(NamedTuple):
 
 @dataclass(frozen=True)
 class InFlight:
-    """An assignment proposed (in an assign command) and not applied yet."""
+    """An assignment proposed (in an assign command) and not applied yet, and its
+    unit's priority (None: not known)."""
 
     task_id: str
     chunk: int
     worker: str
+    priority: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,8 @@ class PlanView:
     #: by the kinds at the queue's head (:func:`window_run_s`). None: by ``run_ewma``,
     #: one average over every unit.
     run_s_by_kind: Mapping[str, float] | None = None
+    #: Priorities of assignments committed and not yet delivered to their workers.
+    undelivered: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -364,7 +368,10 @@ def plan_round(view: PlanView) -> PlanActions:
     in priority order onto the free slots (strategies.plan). A unit in flight is
     never planned again, nor a whole task any of whose units is in flight. Lower
     units are never planned while a higher queued one could not be (the plan is a
-    prefix of the eligible units). ``floor_lifted``: the view's floor has expired."""
+    prefix of the eligible units). Nothing below a more urgent unit in flight or
+    not yet delivered to its worker is planned, and one round plans one priority
+    level, so a lower unit never reaches a worker before a more urgent one
+    accepted earlier. ``floor_lifted``: the view's floor has expired."""
     floor = current_floor(view.floor, view.now)
     lifted = view.floor is not None and floor is None
     workers = free_slots(view)
@@ -382,15 +389,29 @@ def plan_round(view: PlanView) -> PlanActions:
             continue
         if (u.task_id, u.chunk) not in pending_keys:
             units.append(u)
+    # A lower unit is planned only once every more urgent assignment has reached
+    # its worker: dispatched together or ahead of it, it could start first.
+    above = [p.priority for p in view.in_flight if p.priority is not None]
+    above.extend(view.undelivered)
     if floor is not None:
-        # Stop at the first unit below the floor (order is a prefix).
+        above.append(floor.priority)
+    cut = max(above, default=None)
+    if cut is not None:
+        # Stop at the first unit below the cut (order is a prefix).
         for i, u in enumerate(units):
-            if u.priority < floor.priority:
+            if u.priority < cut:
                 units = units[:i]
                 break
     if not units:
         return PlanActions((), lifted)
-    return PlanActions(tuple(plan(units, list(workers))), lifted)
+    out = plan(units, list(workers))
+    if out:
+        # One priority per round, for the same reason: the next level goes once
+        # this one is delivered.
+        prio = {u.task_id: u.priority for u in units}
+        top = max(prio[a.task_id] for a in out)
+        out = [a for a in out if prio[a.task_id] == top]
+    return PlanActions(tuple(out), lifted)
 
 
 # ---------------------------------------------------------------------- leases

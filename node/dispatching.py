@@ -98,6 +98,10 @@ def _priorities(s: Any) -> Iterator[int]:
             yield t.priority
 
 
+#: See Dispatcher.undelivered (above any Dispatch's own deadline).
+UNDELIVERED_S = 10.0
+
+
 class Dispatcher:
     """Delivers committed assign batches. ``address_of(worker)`` gives a worker's
     gRPC address (None: unknown to the leader; its units are left to the lease
@@ -124,16 +128,34 @@ class Dispatcher:
         # Committed assign batches handed to the dispatcher / delivered to workers.
         self._put_n = 0
         self._done_n = 0
+        # Batch number -> (the highest priority in it, when put), until delivered.
+        self._undelivered: dict[int, tuple[int, float]] = {}
 
     def start(self) -> None:
         threading.Thread(target=self._guard(self._loop), name="dispatch", daemon=True).start()
 
-    def put(self, batch: list) -> None:
+    def put(self, batch: list, priority: int | None = None) -> None:
         """A committed assign command's result: (task_id, chunk, chunk_count,
-        attempt, token, worker) per unit. Counted at once (see wait_delivered)."""
+        attempt, token, worker) per unit, and the highest priority among them.
+        Counted at once (see wait_delivered, undelivered)."""
         with self._cond:
             self._put_n += 1
-        self._q.put(batch)
+            seq = self._put_n
+            if priority is not None:
+                self._undelivered[seq] = (priority, time.monotonic())
+        self._q.put((seq, batch))
+
+    def undelivered(self) -> frozenset[int]:
+        """The priorities of batches put and not yet delivered to their workers (or
+        failed). One older than UNDELIVERED_S is forgotten: a batch a bug left
+        behind must not stop planning below its priority for ever."""
+        with self._cond:
+            if not self._undelivered:
+                return frozenset()
+            old = time.monotonic() - UNDELIVERED_S
+            for seq in [s for s, (_p, t) in self._undelivered.items() if t < old]:
+                del self._undelivered[seq]
+            return frozenset(p for p, _t in self._undelivered.values())
 
     def wait_delivered(self, deadline: float) -> None:
         """Wait (until the monotonic deadline) until every batch put so far has
@@ -146,12 +168,12 @@ class Dispatcher:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                batch = self._q.get(timeout=0.2)
+                seq, batch = self._q.get(timeout=0.2)
             except queue.Empty:
                 continue
-            self._dispatch(batch)
+            self._dispatch(seq, batch)
 
-    def _dispatch(self, batch: list) -> None:
+    def _dispatch(self, seq: int, batch: list) -> None:
         t0 = time.monotonic()
         observe = self._observe
 
@@ -178,6 +200,7 @@ class Dispatcher:
                 left[0] -= 1
                 if left[0] == 0:
                     self._done_n += 1
+                    self._undelivered.pop(seq, None)
                     self._cond.notify_all()
 
         for worker, works in by_worker.items():

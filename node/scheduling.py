@@ -86,7 +86,7 @@ class Scheduler:
         self._last_leader: str | None = None
         # Assignments proposed but not yet applied, by command: planning skips their
         # units and counts their slots, so several assign commands can be in flight.
-        self._assigning: dict[int, list[tuple[str, int, str]]] = {}
+        self._assigning: dict[int, list[tuple[str, int, str, int | None]]] = {}
         self._assign_seq = 0
         # Units whose result is being committed: they no longer hold a slot.
         self._completing: dict[tuple[str, int], str] = {}
@@ -197,13 +197,14 @@ class Scheduler:
                                   self.cfg.lease_s)
             if not live:
                 return
-            in_flight = tuple(d.InFlight(t, c, w) for units in self._assigning.values()
-                              for t, c, w in units)
+            in_flight = tuple(d.InFlight(t, c, w, p) for units in self._assigning.values()
+                              for t, c, w, p in units)
             completing = frozenset((t, c, w) for (t, c), w in self._completing.items())
             reported = [(w.node_id, w.running) for w in live if w.running]
             floors = self._floors
         base = d.PlanView(now, live, in_flight=in_flight, completing=completing,
-                          run_s_by_kind=self._run_s_by_kind)
+                          run_s_by_kind=self._run_s_by_kind,
+                          undelivered=self.dispatcher.undelivered())
 
         # Two short reads, not one long one: the running units (as plain tuples),
         # then, once the free slots are known, just enough of the queue's head. The
@@ -250,18 +251,28 @@ class Scheduler:
             view = replace(view, queued=head, queued_priorities=prios | view.queued_priorities)
         actions = d.plan_round(view)
         if actions.assignments:
-            self._propose_assign(actions.assignments)
+            prio = {u.task_id: u.priority for u in view.queued}
+            self._propose_assign(actions.assignments, prio, floors)
 
-    def _propose_assign(self, assignments: tuple) -> None:
+    def _propose_assign(self, assignments: tuple, prio: dict[str, int],
+                        floors: tuple[d.Floor, ...]) -> None:
         t0 = time.monotonic()
+        top = max((prio.get(a.task_id, 0) for a in assignments), default=None)
         with self._lock:
+            if any(f not in floors and top is not None and top < f.priority
+                   for f in self._floors):
+                # A hold set a floor above this plan since it was made: it does not
+                # wait for a proposal it did not see, so drop the plan (the next
+                # round plans again).
+                return
             self._assign_seq += 1
             cid = self._assign_seq
-            self._assigning[cid] = [(a.task_id, a.chunk, a.worker) for a in assignments]
+            self._assigning[cid] = [(a.task_id, a.chunk, a.worker, prio.get(a.task_id))
+                                    for a in assignments]
 
         def done(result: Any, err: int) -> None:
             if err == 0 and result:
-                self.dispatcher.put(result)  # counted before the hold sees cid gone
+                self.dispatcher.put(result, top)  # counted before the hold sees cid gone
             with self._lock:
                 self._assigning.pop(cid, None)
                 self._assign_cond.notify_all()

@@ -71,3 +71,40 @@ def test_prefetched_low_units_never_start_after_a_high_one_is_accepted(
     assert late == []
     assert held > 0, "no low unit was waiting in a prefetch window: the test proves nothing"
     prefetching.check_invariants(low_ids + high_ids)
+
+
+def test_urgent_tasks_one_call_at_a_time_never_wait_behind_a_lower_start(
+        prefetching: Cluster) -> None:
+    """Urgent tasks arriving one call each, about 10 ms apart, through a follower into
+    a deep queue of 10 ms low tasks that fill the workers' prefetch windows: no low
+    unit starts on its worker (its real start time) after an urgent task was
+    accepted (its created_at, stamped before the commit) and before that urgent
+    task started. Units already running do not count: they started before."""
+    sleep = "taskandgo.node.builtins:sleep"
+    leader = prefetching.leader_index()
+    assert leader is not None
+    follower = (leader + 2) % 3
+    with prefetching.client(follower, timeout_s=60) as c:
+        held_before = sum(int(c.node_status(prefetching.addr(i))["held_back"])
+                          for i in range(3))
+        lows = c.submit_many([{"call": sleep, "args": [0.01], "priority": "low",
+                               "strategy": "batch"} for _ in range(600)])
+        low_ids = [x["task_id"] for x in lows]
+        wait_for(lambda: len(c.list_tasks(status="running", limit=1000)) > 3,
+                 20, "low units to fill the prefetch windows")
+        high_ids = []
+        for _ in range(15):
+            high_ids.append(c.submit(call=sleep, args=[0.01], priority="high",
+                                     strategy="batch"))
+            time.sleep(0.01)  # pacing the arrivals (not waiting for an outcome)
+        done = {t["id"]: t for t in c.wait(low_ids + high_ids, timeout_s=120)}
+        held = sum(int(c.node_status(prefetching.addr(i))["held_back"])
+                   for i in range(3)) - held_before
+    assert all(t["status"] == "succeeded" for t in done.values())
+    late = sorted({(lo, h) for h in high_ids for lo in low_ids
+                   if done[h]["created_at"] < done[lo]["started_at"] < done[h]["started_at"]})
+    assert late == [], f"{len(late)} low units started while an urgent one waited: " + ", ".join(
+        f"{lo} on {done[lo].get('node')} {1000 * (done[lo]['started_at'] - done[h]['created_at']):.1f}"
+        f" ms after {h} was accepted (created {done[lo]['created_at']:.3f})" for lo, h in late[:5])
+    assert held > 0, "no low unit was waiting in a prefetch window: the test proves nothing"
+    prefetching.check_invariants(low_ids + high_ids)

@@ -491,3 +491,26 @@ def test_a_worker_never_keeps_a_unit_below_the_floor_that_would_wait(
 
 def test_the_dispatch_floor_is_the_highest_priority_in_the_system() -> None:
     assert d.dispatch_floor([0, 30, 10]) == 30 and d.dispatch_floor([]) is None
+
+
+@given(plan_views(), st.frozensets(st.sampled_from([0, 10, 20, 30])))
+@settings(max_examples=300, deadline=None)
+def test_a_lower_unit_never_goes_out_before_a_more_urgent_one_is_delivered(
+        view: d.PlanView, undelivered: frozenset) -> None:
+    """Given assignments in flight (with their priorities) and committed ones not yet
+    delivered to their workers, when the leader plans, then it plans one priority
+    level, at or above every one of those: a lower unit sent with or ahead of a
+    more urgent one accepted earlier could start before it (the one-call-at-a-time
+    case of tests/cluster/test_priority.py)."""
+    prio = {u.task_id: u.priority for u in view.queued}
+    in_flight = tuple(d.InFlight(p.task_id, p.chunk, p.worker, prio.get(p.task_id))
+                      for p in view.in_flight)
+    view = d.PlanView(view.now, view.workers, view.queued, view.queued_priorities,
+                      view.running, in_flight, view.completing, view.floor, view.run_ewma,
+                      undelivered=undelivered)
+    out = d.plan_round(view).assignments
+    levels = {prio[a.task_id] for a in out}
+    assert len(levels) <= 1
+    above = [p.priority for p in in_flight if p.priority is not None] + list(undelivered)
+    if out and above:
+        assert min(levels) >= max(above)

@@ -133,8 +133,8 @@ class LeaderSide:
                               self.world.cfg.lease_s)
         if not live:
             return
-        in_flight = tuple(d.InFlight(t, c, w) for units in self.assigning.values()
-                          for t, c, w in units)
+        in_flight = tuple(d.InFlight(t, c, w, p) for units in self.assigning.values()
+                          for t, c, w, p in units)
         floors = self.floors
         live_floors = d.live_floors(floors, now, s.tasks.__contains__, s.queued_by_priority)
         self.floors = live_floors
@@ -150,6 +150,8 @@ class LeaderSide:
             now, live, in_flight=in_flight, held=held,
             completing=frozenset((t, c, w) for (t, c), w in self.completing.items()),
             floor=floor, run_s_by_kind=self.run_s_by_kind,
+            undelivered=frozenset(self.dispatch_prio[b] for b in self.dispatching
+                                  if b in self.dispatch_prio),
             running=tuple(d.RunningView(tid, chunk, w, t.priority if t is not None else None)
                           for (tid, chunk), w in s.running.items()
                           for t in (s.tasks.get(tid),)),
@@ -166,7 +168,10 @@ class LeaderSide:
             return
         assignments = actions.assignments
         cid = self.world.pid()
-        self.assigning[cid] = [(a.task_id, a.chunk, a.worker) for a in assignments]
+        prio = {u.task_id: u.priority for u in view.queued}
+        top = max(prio[a.task_id] for a in assignments)
+        self.assigning[cid] = [(a.task_id, a.chunk, a.worker, prio[a.task_id])
+                               for a in assignments]
         tokens = [self.world.rng.getrandbits(63) or 1 for _ in assignments]
         # (for the checker's diagnosis) split tasks left out because their cut is in flight
         flying = {p.task_id for p in in_flight}
@@ -188,6 +193,7 @@ class LeaderSide:
         def done(result: Any, err: int) -> None:
             if err == 0 and result:
                 self.dispatch_put_n += 1
+                self.dispatch_prio[self.dispatch_put_n] = top
                 self.dispatch(result)
             self.assigning.pop(cid, None)
 
@@ -230,6 +236,7 @@ class LeaderSide:
         left.discard(worker)
         if not left:
             del self.dispatching[bid]
+            self.dispatch_prio.pop(bid, None)
             self.dispatch_done_n += 1
 
     def check_leases(self, now: float) -> None:

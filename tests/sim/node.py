@@ -91,7 +91,7 @@ class SimNode(WorkerSide, LeaderSide):
         self.workers: dict[str, WorkerInfo] = {}
         self.leader_since: float | None = None
         self.leader_ready = False
-        self.assigning: dict[int, list[tuple[str, int, str]]] = {}
+        self.assigning: dict[int, list[tuple[str, int, str, int]]] = {}
         self.completing: dict[tuple[str, int], str] = {}
         self.completing_attempt: dict[tuple[str, int], tuple[int, int]] = {}
         self.completions: list[tuple[dict[str, Any], Pending | None]] = []
@@ -108,6 +108,7 @@ class SimNode(WorkerSide, LeaderSide):
         self.dispatch_put_n = 0
         self.dispatch_done_n = 0
         self.dispatching: dict[int, set[str]] = {}
+        self.dispatch_prio: dict[int, int] = {}  # Dispatcher._undelivered
         # submits
         self.submit_q: list[tuple[list, tuple[ClientCall, int], float]] = []
         self.submit_inflight = 0
