@@ -18,10 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cluster import BenchCluster  # noqa: E402
-
-from taskandgo import Client  # noqa: E402
-from taskandgo.node.client import task_spec  # noqa: E402
+from _cluster import BenchCluster
+from taskandgo import Client
+from taskandgo.node.client import task_spec
 
 SLEEP = "taskandgo.node.builtins:sleep"
 
@@ -69,7 +68,8 @@ def main() -> int:
             a < by_id[s["id"]]["started_at"] < b for a, b in windows))
         print(f"priority ({args.mode}): {exceptions} low-priority tasks started after a high "
               f"one was accepted and before it started ({args.low} low, {args.high} high, "
-              f"10 ms tasks, prefetch {'node default' if args.prefetch is None else args.prefetch}, "
+              f"10 ms tasks, prefetch "
+              f"{'node default' if args.prefetch is None else args.prefetch}, "
               f"{held} waiting units handed back); last high started "
               f"{(last_high - accepted) * 1000:.0f} ms after acceptance")
     finally:
