@@ -252,7 +252,10 @@ class History:
         return {priority_name(p): n for p, n in sorted(byp.items(), reverse=True)}
 
     def _node_resources(self, now: float) -> dict[str, dict[str, float]]:
-        if self.cluster is None or now - self._nodes_at < NODES_EVERY_S:
+        # Every NODES_EVERY_S; every second until the first answer (a node that asked
+        # before there was a leader would otherwise show no nodes for that long).
+        wait = NODES_EVERY_S if self._nodes else 1.0
+        if self.cluster is None or now - self._nodes_at < wait:
             return self._nodes
         self._nodes_at = now
         try:

@@ -47,7 +47,10 @@ def test_every_node_serves_the_same_history_of_a_split_task(cluster: Cluster) ->
     def settled(i: int) -> dict[str, Any] | None:
         status, body = get(cluster.http(i) + "/api/v1/history?window_s=120")
         assert status == 200, body
-        return body if totals(body) == (9, 9, 5) else None
+        # Settled: every run counted, and the node figures in (asked of the leader
+        # every few seconds, so a node started before the leader has none at first).
+        nodes = set(body["samples"][-1]["nodes"]) if body.get("samples") else set()
+        return body if totals(body) == (9, 9, 5) and len(nodes) == 3 else None
 
     views = [wait_for(lambda i=i: settled(i), 30, f"node-{i}'s history") for i in range(3)]
     leader = cluster.leader_index()
