@@ -11,7 +11,6 @@ legitimate cluster still runs tasks on every node, across a leader failover.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import hmac
 import json
@@ -23,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+from certs import make_cert
 from harness import Cluster, wait_for
 from taskandgo import Client
 from taskandgo.protos import peer_pb2, peer_pb2_grpc
@@ -324,30 +324,7 @@ def test_peer_calls_are_rate_limited_and_the_worker_table_is_bounded(tmp_path: P
 
 
 def _cert(cn: str, issuer_key: Any = None, issuer_name: Any = None, ca: bool = False) -> tuple:
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(subject)
-               .issuer_name(issuer_name or subject).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName(f"{cn}.peers.test"),
-             x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    return key, cert, cert.public_bytes(serialization.Encoding.PEM), key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption())
+    return make_cert(cn, issuer_key, issuer_name, ca, dns=f"{cn}.peers.test")
 
 
 def test_under_mtls_peers_need_a_node_certificate(tmp_path: Path) -> None:

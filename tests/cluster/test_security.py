@@ -4,7 +4,6 @@ per-client rate limits, and a Raft port that drops garbage and crafted pickles."
 
 from __future__ import annotations
 
-import datetime
 import os
 import pickle
 import socket
@@ -13,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from certs import make_cert
 from harness import Cluster
 from taskandgo import Client
 from taskandgo.node.client import TaskAndGoError, task_spec
@@ -69,30 +69,7 @@ def test_tokens_guard_the_grpc_api_and_the_cluster_still_works(tmp_path: Path) -
 
 
 def _cert(name: str, issuer_key=None, issuer_name=None, ca: bool = False):
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(subject)
-               .issuer_name(issuer_name or subject).public_key(key.public_key())
-               .serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-    if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False)
-    cert = builder.sign(issuer_key or key, hashes.SHA256())
-    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return key, cert, cert.public_bytes(serialization.Encoding.PEM), pem_key
+    return make_cert(name, issuer_key, issuer_name, ca)
 
 
 def _pki(d: Path) -> dict[str, str]:
