@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 #: The replicated methods, in the order PySyncObj numbers them (sorted by name).
 COMMAND_IDS = ("assign", "cancel", "compact", "complete", "requeue", "submit", "verify",
-               "write_settings")
+               "write_settings", "write_start_due")
 
 
 class AssignEntry(NamedTuple):
@@ -178,8 +178,27 @@ class WriteSettings:
         return state.apply_settings(self.values, self.now, self.only_if_unset)
 
 
+@dataclass(frozen=True, slots=True)
+class StartDue:
+    """Queue delayed tasks whose start time has come (the leader's decision,
+    node/timing.py ``due_starts``; RAFT_PROTOCOL 5). Applying it releases only tasks
+    still scheduled and due by the replicated clock, so a repeat is a no-op. Its
+    method is ``write_start_due``: every new command's name must sort after the
+    earlier ones (see COMMAND_IDS)."""
+
+    NAME: ClassVar[str] = "write_start_due"
+    task_ids: tuple[str, ...]
+    now: float
+
+    def args(self) -> tuple[Any, ...]:
+        return list(self.task_ids), self.now
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_start_due(list(self.task_ids), self.now)
+
+
 #: A command the scheduler state applies.
-StateCommand = Submit | Assign | Complete | Cancel | Requeue | Compact | WriteSettings
+StateCommand = Submit | Assign | Complete | Cancel | Requeue | Compact | WriteSettings | StartDue
 Command = StateCommand | Verify
 
 
@@ -202,6 +221,9 @@ def from_args(name: str, args: Sequence[Any]) -> Command:
         return Verify(args[0], args[1], args[2], tuple(args[3]))
     if name == "write_settings":
         return WriteSettings(settings_items(args[0]), args[1], bool(args[2]))
+    if name == "write_start_due":
+        return StartDue(tuple(str(t) for t in args[0]) if isinstance(args[0], list) else (),
+                        args[1])
     raise ValueError(f"unknown replicated command {name!r}")
 
 
@@ -215,5 +237,5 @@ def settings_items(values: Any) -> tuple[tuple[str, str], ...]:
 
 
 __all__ = ["COMMAND_IDS", "Assign", "AssignEntry", "Cancel", "Command", "Compact", "Complete",
-           "Requeue", "StateCommand", "Submit", "Verify", "WriteSettings", "from_args",
+           "Requeue", "StartDue", "StateCommand", "Submit", "Verify", "WriteSettings", "from_args",
            "settings_items"]

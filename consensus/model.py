@@ -15,8 +15,11 @@ RUNNING = "running"
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
+#: Accepted with a start time still ahead (spec ``run_at``): kept out of the queue
+#: until a leader's ``start_due`` command releases it (RAFT_PROTOCOL 5).
+SCHEDULED = "scheduled"
 FINAL = (SUCCEEDED, FAILED, CANCELLED)
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SCHEDULED)
 
 PRIORITY_LEVELS = {"low": 0, "medium": 10, "high": 20, "critical": 30}
 WHOLE = -1  # chunk index of a unit that is a whole task
@@ -231,4 +234,6 @@ class Task:
                 for i, c in enumerate(chunks)
             ],
             "stderr": stderr, "truncated": truncated, "output_bytes": output_bytes,
+            # When a delayed task becomes runnable (0.0: at once); in its spec.
+            "run_at": float(self.spec.get("run_at", 0.0) or 0.0),
         }

@@ -24,11 +24,13 @@ from taskandgo.consensus.commands import (
     Compact,
     Complete,
     Requeue,
+    StartDue,
     StateCommand,
     Submit,
     WriteSettings,
     settings_items,
 )
+from taskandgo.consensus.snapshot import needs_version
 from taskandgo.consensus.state import SchedulerState
 
 log = logging.getLogger("taskandgo.raft")
@@ -39,7 +41,7 @@ Fatal = Callable[[str], None]
 #: The snapshot format (docs/architecture.md, "Snapshot format"): a snapshot holds
 #: {"format": SNAPSHOT_FORMAT, "version": N, ...} of plain data, never pickled classes.
 SNAPSHOT_FORMAT = "taskandgo.snapshot"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 
 
 class _SnapshotData:
@@ -107,8 +109,11 @@ class ReplicatedState(SyncObjConsumer):
         if locked:
             with self._lock:
                 return self.snapshot(locked=False)
-        return {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION,
-                "cluster_id": self.cluster_id, "state": self.state.to_snapshot()}
+        state = self.state.to_snapshot()
+        # The oldest version that holds it: an earlier release still reads a snapshot
+        # without the newer records (delayed tasks), and refuses one with them.
+        return {"format": SNAPSHOT_FORMAT, "version": needs_version(state),
+                "cluster_id": self.cluster_id, "state": state}
 
     def _serialize(self) -> Any:
         return _SnapshotData(self)
@@ -129,6 +134,8 @@ class ReplicatedState(SyncObjConsumer):
                 self.state = data["state"]
                 if not hasattr(self.state, "settings"):
                     self.state.settings = {}
+                if not hasattr(self.state, "scheduled"):
+                    self.state.scheduled = {}
                 self.cluster_id = str(data.get("cluster_id") or "")
             else:
                 self._fatal(f"unrecognised snapshot contents ({type(data).__name__})")
@@ -200,6 +207,13 @@ class ReplicatedState(SyncObjConsumer):
         """Cluster-wide settings (RAFT_PROTOCOL 4; sorts after every earlier command,
         so journals written before it keep their method numbers)."""
         return self._run(WriteSettings(settings_items(values), now, bool(only_if_unset)))
+
+    @replicated
+    def write_start_due(self, task_ids: list, now: float) -> Any:
+        """Release due delayed tasks (RAFT_PROTOCOL 5; spelled to sort after every
+        earlier command)."""
+        return self._run(StartDue(tuple(str(t) for t in task_ids)
+                                  if isinstance(task_ids, list) else (), now))
 
     @replicated
     def verify(self, cluster_id: str, prev_index: int, prev_window: str,

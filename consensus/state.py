@@ -34,6 +34,7 @@ from taskandgo.consensus.model import (
     PRIORITY_LEVELS,
     QUEUED,
     RUNNING,
+    SCHEDULED,
     STATUSES,
     SUCCEEDED,
     WHOLE,
@@ -66,6 +67,9 @@ class SchedulerState:
         self.now = 0.0
         #: Cluster-wide settings (see SETTINGS); a key absent is not set yet.
         self.settings: dict[str, str] = {}
+        #: Delayed tasks not yet runnable: task id -> run_at (apply_start_due releases
+        #: them; nothing here reads a clock).
+        self.scheduled: dict[str, float] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -149,12 +153,56 @@ class SchedulerState:
                 key = keys[prio] = now * self.aging_per_s - prio
             task.key = key
             self.tasks[tid] = task
+            run_at = spec.get("run_at") if isinstance(spec, dict) else None
+            if isinstance(run_at, (int, float)) and not isinstance(run_at, bool) \
+                    and run_at > now:
+                # Delayed: accepted (and durable) now, out of the queue until a
+                # start_due command at or after run_at releases it.
+                task.status = SCHEDULED
+                self.scheduled[tid] = float(run_at)
+                out.append((tid, True, SCHEDULED))
+                events.append(("task", tid, SCHEDULED, WHOLE, "", now))
+                continue
             self.seq += 1
             task._u = self.seq  # a queued unit at its defaults (see Task)
             heapq.heappush(self.heap, (task.key, self.seq, task.id, WHOLE))
             self.queued_by_priority[prio] = self.queued_by_priority.get(prio, 0) + 1
             out.append((tid, True, QUEUED))
             events.append(("task", tid, QUEUED, WHOLE, "", now))
+        return out, events
+
+    def _release(self, task: Task) -> None:
+        """Queue a task that was kept out of the queue (a delayed task now due), as a
+        fresh submit would: its queue key from the replicated clock now, so its wait
+        before run_at earns it no aging."""
+        task.status = QUEUED
+        task.key = self.now * self.aging_per_s - task.priority
+        self.seq += 1
+        task._u = self.seq
+        heapq.heappush(self.heap, (task.key, self.seq, task.id, WHOLE))
+        self.queued_by_priority[task.priority] = \
+            self.queued_by_priority.get(task.priority, 0) + 1
+
+    def apply_start_due(self, task_ids: list, now: float) -> tuple[list, list[Event]]:
+        """Release delayed tasks whose run_at is at or before the replicated clock
+        (after moving it to ``now``): each named task still scheduled and due is
+        queued. A task not scheduled (already released, cancelled, unknown) or not
+        due yet is left as it is, so a repeated or early command is harmless.
+        Returns the ids released."""
+        events = self._advance(now)
+        out: list[str] = []
+        for raw in task_ids if isinstance(task_ids, list) else []:
+            tid = str(raw)
+            at = self.scheduled.get(tid)
+            task = self.tasks.get(tid)
+            if at is None or at > self.now or task is None:
+                continue
+            del self.scheduled[tid]
+            if task.status != SCHEDULED:
+                continue
+            self._release(task)
+            out.append(tid)
+            events.append(("task", tid, QUEUED, WHOLE, "", self.now))
         return out, events
 
     def apply_assign(self, assignments: list, now: float,
@@ -187,7 +235,7 @@ class SchedulerState:
                 self.rejected_commands += 1
                 continue
             task = self.tasks.get(tid)
-            if task is None or task.status in FINAL:
+            if task is None or task.status in FINAL or task.status == SCHEDULED:
                 continue
             if chunk != WHOLE and task.chunks is None:
                 # First dispatch of a split task: cut it now.
@@ -355,6 +403,7 @@ class SchedulerState:
                 unit.error = why
                 unit.finished_at = now
             self.delayed.pop((task.id, chunk), None)
+        self.scheduled.pop(task.id, None)
         if task.chunks is not None and task.unit.status in (QUEUED, RUNNING):
             task.unit.status = CANCELLED
         return killed
@@ -577,6 +626,7 @@ class SchedulerState:
             tuple(self.delayed.items()), tuple(self.running.items()),
             tuple(self.finished.items()), self.next_token, self.dropped_results,
             self.committed_results, self.now, tuple(sorted(self.settings.items())),
+            tuple(self.scheduled.items()),
         )
 
 
@@ -590,6 +640,7 @@ __all__ = [
     "PRIORITY_LEVELS",
     "QUEUED",
     "RUNNING",
+    "SCHEDULED",
     "SETTINGS",
     "STATUSES",
     "SUCCEEDED",

@@ -130,7 +130,7 @@ class NodeApp:
                                    accepting=lambda: self.worker.accepting,
                                    hold_for=self.scheduler.hold_for,
                                    forward=self.forward_client, observe=self._observe,
-                                   guard=self._guard)
+                                   guard=self._guard, to_leader=self.leader_client)
         # A voter records from its own replica; a non-voter has none (its HTTP route
         # forwards to a voter).
         self.history = History(cfg.node_id, self.bus,
@@ -292,6 +292,14 @@ class NodeApp:
         targets = [hint] if hint else []
         targets += [v.grpc for v in self.cfg.voters if v.grpc not in targets]
         return self.client(targets, timeout_s=10.0)
+
+    def leader_client(self) -> Any:
+        """A Client to the leader (a voter's call that only the leader may decide:
+        it alone knows every voter's release); Unavailable when none is known."""
+        leader = self.replica.leader_voter()
+        if leader is None:
+            raise Unavailable("no leader known")
+        return self.client([leader.grpc], timeout_s=10.0)
 
     def client(self, targets: list[str], timeout_s: float) -> Any:
         """A Client that talks to other nodes with this node's credentials."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -123,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per-attempt time limit in seconds")
     sp.add_argument("--retries", type=_ranged(int, 0), default=0)
     sp.add_argument("--label", type=_label, action="append", default=[], metavar="K=V")
+    when = sp.add_mutually_exclusive_group()
+    when.add_argument("--at", default=None, metavar="TIME",
+                      help="run at this RFC 3339 time (2026-12-01T08:00:00Z); accepted now, "
+                      "shown as scheduled until then")
+    when.add_argument("--in", type=_duration, default=0.0, dest="delay_s", metavar="DURATION",
+                      help="run after this long (90, 90s, 5m, 1h30m, 2d)")
     sp.add_argument("--data", default=None, help="payload in the seed's form ('python: ...')")
     sp.add_argument("--call", default=None, help="module:function run in the warm pool")
     sp.add_argument("--args", type=_json_value, default=None, help="JSON arguments for --call")
@@ -275,7 +282,8 @@ def cmd_submit(c: Any, args: argparse.Namespace) -> int:
     spec = task_spec(
         **_payload(args), id=args.id, priority=args.priority, strategy=args.strategy,
         shards=args.shards, items=args.items, timeout_s=args.task_timeout,
-        retries=args.retries, labels=dict(args.label), on_every_node=args.on_every_node)
+        retries=args.retries, labels=dict(args.label), on_every_node=args.on_every_node,
+        run_at=args.at, delay_s=args.delay_s)
     res = c.submit_many([spec])[0]
     if not args.wait:
         if args.json:
@@ -329,7 +337,9 @@ def _print_task(t: dict[str, Any], brief: bool = False) -> None:
         ("strategy", t["strategy"] + (" (on every node)" if spec.get("on_every_node") else "")),
         ("payload", payload[:200]),
         ("attempts", t["attempts"]), ("node", t["node"]), ("exit code", t["exit_code"]),
-        ("created", _ts(t["created_at"])), ("started", _ts(t["started_at"])),
+        ("created", _ts(t["created_at"])),
+        *([("run at", _when(t["run_at"]))] if t.get("run_at") else []),
+        ("started", _ts(t["started_at"])),
         ("finished", _ts(t["finished_at"])),
     ]
     if t.get("chunk_count"):
@@ -355,6 +365,42 @@ def _cut_note(t: dict[str, Any]) -> str:
     """The line saying a task's result is only the head of its output."""
     return (f"[output truncated: {t.get('output_bytes', 0)} bytes written; "
             f"`taskandgo output {t['id']}` fetches the full output if the node kept it]")
+
+
+def _when(x: float) -> str:
+    """A start time as a user reads it: the date and time in UTC and how far off."""
+    left = x - time.time()
+    rel = f"in {_span(left)}" if left > 0 else f"{_span(-left)} ago"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(x)) + f" ({rel})"
+
+
+def _span(seconds: float) -> str:
+    """A length of time in its two largest units (1h30m, 2d4h, 45s)."""
+    s = round(seconds)
+    d, r = divmod(s, 86400)
+    h, r = divmod(r, 3600)
+    m, sec = divmod(r, 60)
+    parts = [f"{n}{u}" for n, u in ((d, "d"), (h, "h"), (m, "m"), (sec, "s")) if n]
+    return "".join(parts[:2]) or "0s"
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)([smhd]?)")
+_UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(text: str) -> float:
+    """An argparse type: a duration such as 90, 90s, 5m, 1h30m or 2d, in seconds."""
+    t = text.strip().lower()
+    pos, total = 0, 0.0
+    for m in _DURATION_RE.finditer(t):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT_S[m.group(2)]
+        pos = m.end()
+    if not t or pos != len(t):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 5m, "
+                                         "1h30m or 2d")
+    return total
 
 
 def _ts(x: float) -> str:
@@ -390,6 +436,8 @@ def cmd_tasks(c: Any, args: argparse.Namespace) -> int:
     print(f"{'ID':34} {'STATUS':10} {'PRIO':8} {'STRATEGY':8} {'NODE':10} {'ATT':>3}  RESULT")
     for t in tasks:
         res = (t["result"] or t["error"]).replace("\n", " ")[:40]
+        if t["status"] == "scheduled" and t.get("run_at"):
+            res = f"runs at {_when(t['run_at'])}"
         print(f"{t['id'][:34]:34} {t['status']:10} {t.get('priority_name') or t['priority']:8} "
               f"{t['strategy']:8} {t['node'][:10]:10} {t['attempts']:>3}  {res}")
     return 0

@@ -9,6 +9,7 @@ leader change) can never create a second task.
 
 from __future__ import annotations
 
+import datetime
 import math
 import time
 import uuid
@@ -39,7 +40,8 @@ def task_spec(
     args: Any = None, id: str | None = None, priority: str | int = "medium",
     strategy: str = "", shards: int = 0, items: list | None = None,
     timeout_s: float = 0.0, retries: int = 0, labels: Mapping[str, str] | None = None,
-    on_every_node: bool = False,
+    on_every_node: bool = False, run_at: str | float | datetime.datetime | None = None,
+    delay_s: float = 0.0,
 ) -> dict[str, Any]:
     """A TaskSpec dict (the fields of ``taskandgo.v1.TaskSpec``: what
     :meth:`Client.submit_many` takes, as in earlier releases), checked here by the
@@ -47,11 +49,19 @@ def task_spec(
     it, as the node would answer. An id is chosen here when none is given; a
     strategy left out is the node's default (``SCHEDULER_STRATEGY``). A task with
     nothing to cut (no ``shards``, no ``items``) runs once; ``on_every_node=True``
-    runs it once on every live node instead."""
+    runs it once on every live node instead.
+
+    A delayed task: ``run_at`` (an RFC 3339 time, seconds since the epoch, or an aware
+    datetime) or ``delay_s`` (seconds from now, by this machine's clock); it is
+    accepted at once, shown as ``scheduled``, and queued at that time."""
+    if isinstance(run_at, datetime.datetime):
+        if run_at.tzinfo is None:
+            raise TaskAndGoError("INVALID_ARGUMENT", "run_at: a datetime needs a time zone")
+        run_at = run_at.timestamp()
     raw = {"id": id, "priority": priority, "data": data, "argv": argv, "call": call,
            "args": args, "strategy": strategy, "shards": shards, "items": items,
            "timeout_s": timeout_s, "retries": retries, "labels": labels,
-           "on_every_node": on_every_node}
+           "on_every_node": on_every_node, "run_at": run_at, "delay_s": delay_s}
     try:
         spec = TaskSpec.check(raw, default_strategy="")
     except InvalidTask as exc:

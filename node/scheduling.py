@@ -36,6 +36,7 @@ from taskandgo.node.dispatching import Dispatcher, Peers
 from taskandgo.node.events import EventBus, event
 from taskandgo.node.replica import Replica, Unavailable
 from taskandgo.node.security import PeerIdentity, PermissionDenied
+from taskandgo.node.timing import Timekeeper
 from taskandgo.node.worker import WorkerSide
 from taskandgo.node.worker_table import WorkerInfo, WorkerTable
 from taskandgo.protos import peer_pb2
@@ -109,6 +110,8 @@ class Scheduler:
         self._kind_of: dict[tuple[str, int], str] = {}
         self._last_compact = 0.0
         self._self_hb_at = 0.0
+        # Delayed tasks (and schedules): released by the leader (node/timing.py).
+        self.timing = Timekeeper(replica.read, replica.propose, observe=observe)
 
     def start(self) -> None:
         if self.replica.raft is not None:
@@ -145,6 +148,7 @@ class Scheduler:
                 continue
             self._heartbeat_self()
             self._flush_completions()
+            self.timing.step()
             if len(self._assigning) < MAX_INFLIGHT_ASSIGNS:
                 self._plan_and_assign()
             if now - last_lease_check > 0.2:
@@ -164,6 +168,7 @@ class Scheduler:
         self.leader_since = now
         self._missing = {}
         self._retry_seen = {}
+        self.timing.reset()
         with self._lock:
             self._assigning.clear()
             self._completing.clear()

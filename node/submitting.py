@@ -29,6 +29,7 @@ from taskandgo.node.config import NodeConfig
 from taskandgo.node.replica import NotFound, Replica, Unavailable, spec_to_api
 from taskandgo.node.security import Overloaded
 from taskandgo.node.tasks import InvalidTask, normalize, spec_bytes
+from taskandgo.node.timing import DELAYED_PROTOCOL
 
 log = logging.getLogger("taskandgo.node")
 
@@ -52,7 +53,8 @@ class Submitter:
                  accepting: Callable[[], bool],
                  hold_for: Callable[[int, tuple[str, ...]], None],
                  forward: Callable[[], Any], observe: Callable[[str, float], None],
-                 guard: Callable[[Callable[[], None]], Callable[[], None]]) -> None:
+                 guard: Callable[[Callable[[], None]], Callable[[], None]],
+                 to_leader: Callable[[], Any] | None = None) -> None:
         self.cfg = cfg
         self.replica = replica
         self._stop = stop
@@ -61,6 +63,7 @@ class Submitter:
         self._forward = forward
         self._observe = observe
         self._guard = guard
+        self._to_leader = to_leader
         # (specs, future, monotonic deadline, payload bytes) per submit call
         self._q: queue.Queue = queue.Queue()
         self._inflight = 0
@@ -94,6 +97,14 @@ class Submitter:
                 raise
         if self.replica.replicated is None:
             with self._forward() as c:
+                return c.submit_many([spec_to_api(s) for s in specs])
+        if any(s.get("run_at") for s in specs) and not self.replica.voters_at(DELAYED_PROTOCOL):
+            # A replica of an earlier release would queue a delayed task at once (and
+            # diverge): only the leader knows every voter's release, from heartbeats.
+            if self.replica.is_leader() or self._to_leader is None:
+                raise Unavailable("a voter runs an earlier release that cannot keep delayed "
+                                  "tasks (run_at); upgrade every voter first")
+            with self._to_leader() as c:
                 return c.submit_many([spec_to_api(s) for s in specs])
         queued, lowest = self.replica.read(lambda s: (s.queued_count(), _lowest(s)))
         if queued + len(specs) > self.cfg.max_queued:

@@ -32,9 +32,11 @@ Thread-safe: everything here is a pure function or an immutable value.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import json
 import math
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,6 +102,9 @@ class TaskSpec:
     labels: Mapping[str, str] = field(default_factory=dict)
     #: Run once on every live node (a split task cut into one chunk per node).
     on_every_node: bool = False
+    #: Not before this time (seconds since the epoch; 0: at once). Given as
+    #: ``run_at`` (RFC 3339) or ``delay_s`` (from the checking node's clock).
+    run_at: float = 0.0
 
     # ------------------------------------------------------------ made here
 
@@ -215,10 +220,11 @@ class TaskSpec:
             if not isinstance(v, str) or len(v) > 255:
                 raise InvalidTask("labels",
                                   f"label {k}: value must be a string of at most 255 chars")
+        run_at = start_time(raw.get("run_at"), raw.get("delay_s"))
         return cls(id=tid, priority=priority, strategy=strategy, data=data,
                    argv=tuple(argv), call=call, args=args, shards=shards,
                    items=items or None, timeout_s=float(timeout), retries=retries,
-                   labels=dict(labels), on_every_node=every)
+                   labels=dict(labels), on_every_node=every, run_at=run_at)
 
     def resolved(self, default_strategy: str) -> TaskSpec:
         """This spec with the node's default strategy where it names none (checked
@@ -253,6 +259,8 @@ class TaskSpec:
             out["retries"] = self.retries
         if self.labels:
             out["labels"] = dict(self.labels)
+        if self.run_at:
+            out["run_at"] = self.run_at
         return out
 
     @classmethod
@@ -265,7 +273,7 @@ class TaskSpec:
                    args=stored.get("args"), shards=stored.get("shards", 0),
                    items=stored.get("items"), timeout_s=stored.get("timeout_s", 0.0),
                    retries=stored.get("retries", 0), labels=dict(stored.get("labels", {})),
-                   on_every_node=every_node(stored))
+                   on_every_node=every_node(stored), run_at=stored.get("run_at", 0.0))
 
     # ------------------------------------------------------------ protobuf
 
@@ -311,6 +319,8 @@ class TaskSpec:
             out["labels"] = dict(self.labels)
         if self.on_every_node:
             out["on_every_node"] = True
+        if self.run_at:
+            out["run_at"] = rfc3339(self.run_at)
         return out
 
     @classmethod
@@ -356,7 +366,64 @@ def spec_to_api(stored: Mapping[str, Any]) -> dict[str, Any]:
         out["labels"] = dict(stored["labels"])
     if every_node(stored):
         out["on_every_node"] = True
+    if stored.get("run_at"):
+        out["run_at"] = rfc3339(stored["run_at"])
     return out
+
+
+#: How far ahead a delayed task may be scheduled.
+MAX_DELAY_S = 366 * 24 * 3600.0
+
+
+def rfc3339(t: float) -> str:
+    """Seconds since the epoch as RFC 3339 text in UTC (``2026-12-01T08:00:00Z``;
+    microseconds when there are any), as the API shows times it was given."""
+    text = datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat()
+    return text.replace("+00:00", "Z")
+
+
+def parse_time(field: str, value: Any) -> float:
+    """An RFC 3339 time (with its offset: ``2026-12-01T09:00:00+01:00``, ``...Z``) or
+    seconds since the epoch as a number -> seconds since the epoch; InvalidTask
+    naming ``field`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise InvalidTask(field, "expected an RFC 3339 time such as 2026-12-01T08:00:00Z")
+    if isinstance(value, str):
+        try:
+            when = datetime.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise InvalidTask(field, f"{value[:64]!r} is not an RFC 3339 time such as "
+                              "2026-12-01T08:00:00Z") from None
+        if when.tzinfo is None:
+            raise InvalidTask(field, f"{value[:64]!r} has no time zone offset (add Z for "
+                              "UTC, or +01:00)")
+        t = when.timestamp()
+    else:
+        t = float(value)
+    if not math.isfinite(t) or t <= 0:
+        raise InvalidTask(field, "expected a time after 1970")
+    return t
+
+
+def start_time(run_at: Any, delay_s: Any, now: float | None = None) -> float:
+    """When a task may start (0.0: at once) from a request's ``run_at`` (RFC 3339 or
+    epoch seconds) or ``delay_s`` (seconds from ``now``, this node's clock): at most
+    one of them, at most :data:`MAX_DELAY_S` ahead; a time in the past means at once
+    (its task is queued when accepted)."""
+    clock = time.time() if now is None else now
+    if run_at not in (None, "", 0, 0.0):
+        if delay_s not in (None, 0, 0.0):
+            raise InvalidTask("delay_s", "give run_at or delay_s, not both")
+        t = parse_time("run_at", run_at)
+        if t > clock + MAX_DELAY_S:
+            raise InvalidTask("run_at", f"more than {MAX_DELAY_S / 86400:g} days ahead")
+        return t
+    if delay_s in (None, 0, 0.0):
+        return 0.0
+    if isinstance(delay_s, bool) or not isinstance(delay_s, (int, float)) \
+            or not math.isfinite(delay_s) or not 0 <= delay_s <= MAX_DELAY_S:
+        raise InvalidTask("delay_s", f"expected seconds 0..{MAX_DELAY_S:g}")
+    return clock + float(delay_s)
 
 
 # ---------------------------------------------------------------------- requests
@@ -366,7 +433,7 @@ def spec_to_api(stored: Mapping[str, Any]) -> dict[str, Any]:
 #: ``items`` are JSON values, ``args_json`` and ``items_json`` JSON text).
 REQUEST_FIELDS = ("id", "task_id", "priority", "data", "argv", "call", "args", "args_json",
                   "strategy", "shards", "items", "items_json", "timeout_s", "retries", "labels",
-                  "on_every_node")
+                  "on_every_node", "run_at", "delay_s")
 #: JSON types of the optional fields of an HTTP body (``null`` only where it means
 #: "the default"). The checker takes absent, empty and zero alike (as protobuf
 #: does); over JSON a value of the wrong type is refused, even a falsy one like
@@ -380,6 +447,8 @@ JSON_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "items_json": ((str,), "a string of JSON"), "timeout_s": ((int, float), "a number"),
     "retries": ((int,), "an integer"), "labels": ((dict,), "an object of strings"),
     "on_every_node": ((bool,), "true or false"),
+    "run_at": ((str, int, float, type(None)), "an RFC 3339 time such as 2026-12-01T08:00:00Z"),
+    "delay_s": ((int, float, type(None)), "seconds"),
 }
 
 
@@ -390,6 +459,7 @@ def request_from_proto(m: pb.TaskSpec) -> dict[str, Any]:
         "call": m.call, "args_json": m.args_json, "strategy": m.strategy, "shards": m.shards,
         "items_json": m.items_json, "timeout_s": m.timeout_s, "retries": m.retries,
         "labels": dict(m.labels), "on_every_node": m.on_every_node,
+        "run_at": m.run_at, "delay_s": m.delay_s,
     }
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskSpec(_message.Message):
-    __slots__ = ("id", "priority", "data", "argv", "call", "args_json", "strategy", "shards", "items_json", "timeout_s", "retries", "labels", "on_every_node")
+    __slots__ = ("id", "priority", "data", "argv", "call", "args_json", "strategy", "shards", "items_json", "timeout_s", "retries", "labels", "on_every_node", "run_at", "delay_s")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,8 @@ class TaskSpec(_message.Message):
     RETRIES_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     ON_EVERY_NODE_FIELD_NUMBER: _ClassVar[int]
+    RUN_AT_FIELD_NUMBER: _ClassVar[int]
+    DELAY_S_FIELD_NUMBER: _ClassVar[int]
     id: str
     priority: str
     data: str
@@ -41,7 +43,9 @@ class TaskSpec(_message.Message):
     retries: int
     labels: _containers.ScalarMap[str, str]
     on_every_node: bool
-    def __init__(self, id: _Optional[str] = ..., priority: _Optional[str] = ..., data: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., call: _Optional[str] = ..., args_json: _Optional[str] = ..., strategy: _Optional[str] = ..., shards: _Optional[int] = ..., items_json: _Optional[str] = ..., timeout_s: _Optional[float] = ..., retries: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_every_node: _Optional[bool] = ...) -> None: ...
+    run_at: str
+    delay_s: float
+    def __init__(self, id: _Optional[str] = ..., priority: _Optional[str] = ..., data: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., call: _Optional[str] = ..., args_json: _Optional[str] = ..., strategy: _Optional[str] = ..., shards: _Optional[int] = ..., items_json: _Optional[str] = ..., timeout_s: _Optional[float] = ..., retries: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_every_node: _Optional[bool] = ..., run_at: _Optional[str] = ..., delay_s: _Optional[float] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "status", "attempts", "node", "exit_code", "result", "error", "started_at", "finished_at", "stderr", "truncated", "output_bytes")
@@ -72,7 +76,7 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., node: _Optional[str] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., output_bytes: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "spec", "priority", "strategy", "status", "attempts", "node", "exit_code", "result", "error", "created_at", "started_at", "finished_at", "chunks", "chunk_count", "chunks_done", "priority_name", "stderr", "truncated", "output_bytes")
+    __slots__ = ("id", "spec", "priority", "strategy", "status", "attempts", "node", "exit_code", "result", "error", "created_at", "started_at", "finished_at", "chunks", "chunk_count", "chunks_done", "priority_name", "stderr", "truncated", "output_bytes", "run_at")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +97,7 @@ class Task(_message.Message):
     STDERR_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUN_AT_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: TaskSpec
     priority: int
@@ -113,7 +118,8 @@ class Task(_message.Message):
     stderr: str
     truncated: bool
     output_bytes: int
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., node: _Optional[str] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., chunk_count: _Optional[int] = ..., chunks_done: _Optional[int] = ..., priority_name: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., output_bytes: _Optional[int] = ...) -> None: ...
+    run_at: float
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., node: _Optional[str] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., chunk_count: _Optional[int] = ..., chunks_done: _Optional[int] = ..., priority_name: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., output_bytes: _Optional[int] = ..., run_at: _Optional[float] = ...) -> None: ...
 
 class SubmitTaskRequest(_message.Message):
     __slots__ = ("task",)

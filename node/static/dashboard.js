@@ -7,8 +7,8 @@ const PERIODIC_MS = 3000;     // refresh without events (CPU, memory, heartbeats
 const DEBOUNCE_MS = 150;      // events within this window cause one refetch
 const FETCH_TIMEOUT_MS = 6000;
 const PRIORITIES = ["critical", "high", "medium", "low"];
-const STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"];
-const STATUS_ORDER = {running: 0, queued: 1};
+const STATUSES = ["scheduled", "queued", "running", "succeeded", "failed", "cancelled"];
+const STATUS_ORDER = {running: 0, queued: 1, scheduled: 2};
 const SETTLE_MS = 800;        // one more refetch after a burst (slots, running sets)
 
 const $ = (id) => document.getElementById(id);
@@ -62,6 +62,12 @@ function secs(a, b) {
   if (!a) return "–";
   const s = Math.max(0, (b || Date.now() / 1000) - a);
   return s < 10 ? `${s.toFixed(2)} s` : s < 120 ? `${s.toFixed(1)} s` : `${Math.round(s / 60)} min`;
+}
+/** How far off a start time is ("in 42 s", "in 5 min", "due"). */
+function startsIn(at) {
+  const s = at - Date.now() / 1000;
+  return s <= 0 ? "due" : s < 120 ? `in ${Math.ceil(s)} s` : s < 7200 ? `in ${Math.round(s / 60)} min`
+    : `in ${(s / 3600).toFixed(1)} h`;
 }
 const badge = (text) => h("span", {class: `badge s-${text}`}, text);
 function meter(value, label) {
@@ -153,7 +159,7 @@ let shownTasks = [];
 function renderTasks(tasks = shownTasks) {
   shownTasks = tasks;
   $("tasks").replaceChildren(...tasks.flatMap((t) => {
-    const active = t.status === "running" || t.status === "queued";
+    const active = t.status === "running" || t.status === "queued" || t.status === "scheduled";
     const cancel = active ? h("button", {class: "small cancel", title: "Cancel (kills it if running)",
       onclick: (e) => cancelTask(t.id, e.target)}, "Cancel") : "";
     const nodes = t.node || [...new Set(t.chunks.map((c) => c.node).filter(Boolean))].join(" ");
@@ -167,8 +173,11 @@ function renderTasks(tasks = shownTasks) {
       h("td", {class: "nowrap"}, clock(t.created_at)),
       h("td", {class: "num"}, secs(t.created_at, t.started_at || null)),
       h("td", {class: "num"}, t.started_at ? secs(t.started_at, t.finished_at || null) : "–"),
-      h("td", {class: `result mono ${t.error && t.status !== "succeeded" ? "err" : ""}`,
-        title: t.result || t.error}, t.status === "succeeded" ? t.result : (t.error || t.result)),
+      t.status === "scheduled" && t.run_at
+        ? h("td", {class: "result nowrap", "data-run-at": t.run_at},
+          `runs at ${clock(t.run_at)} (${startsIn(t.run_at)})`)
+        : h("td", {class: `result mono ${t.error && t.status !== "succeeded" ? "err" : ""}`,
+          title: t.result || t.error}, t.status === "succeeded" ? t.result : (t.error || t.result)),
       h("td", {}, cancel));
     return t.chunk_count && openChunks.has(t.id) ? [row, chunkRow(t)] : [row];
   }));
@@ -177,16 +186,19 @@ function renderTasks(tasks = shownTasks) {
 // ------------------------------------------------------------------ data
 
 async function loadTasks() {
-  const [running, queued, head] = await Promise.all([
+  const [running, queued, head, scheduled] = await Promise.all([
     api("/api/v1/tasks?status=running&limit=200"),
     api("/api/v1/tasks?status=queued&limit=100"),
     api("/api/v1/tasks?limit=1"),
+    api("/api/v1/tasks?status=scheduled&limit=100"),
   ]);
   const offset = Math.max(0, head.total - RECENT);
   const recent = head.total > 1 ? (await api(`/api/v1/tasks?limit=${RECENT}&page_token=${offset}`)).tasks
                                 : head.tasks;
   const byId = new Map();
-  for (const t of [...running.tasks, ...queued.tasks, ...recent]) byId.set(t.id, t);
+  for (const t of [...running.tasks, ...queued.tasks, ...scheduled.tasks, ...recent]) {
+    byId.set(t.id, t);
+  }
   const tasks = [...byId.values()].sort((a, b) =>
     (STATUS_ORDER[a.status] ?? 2) - (STATUS_ORDER[b.status] ?? 2) || b.created_at - a.created_at);
   return {tasks, queued: queued.tasks};

@@ -36,6 +36,9 @@ commit (``World.truth``, a real SchedulerState); an index is a position in the l
    many again whose assignment has ended (cancelled, requeued, finished) that it has
    not been told to kill yet; the network, the leader's pending completions and a
    worker's unreported results stay bounded.
+8. **Not before its time.** A delayed task (spec ``run_at``) is queued (released by a
+   ``write_start_due`` command) or assigned only once the committed state's clock has
+   reached its ``run_at``; until then it is ``scheduled`` and in no queue.
 """
 
 from __future__ import annotations
@@ -110,6 +113,11 @@ class Checker:
     def after_commit(self, index: int, name: str, args: tuple, events: list) -> None:
         truth = self.world.truth
         for kind, tid, status, chunk, *_ in events:
+            run_at = truth.tasks[tid].spec.get("run_at") if tid in truth.tasks else None
+            if kind == "task" and status in ("queued", "running") and run_at \
+                    and truth.now < run_at:
+                self.fail("before its time", f"task {tid} {status} at index {index} by "
+                          f"{name}, clock {truth.now:.3f} < run_at {run_at:.3f}")
             if status != "running":
                 self.progress_at = self.world.now
             if kind != "task" or chunk != WHOLE:

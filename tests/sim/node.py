@@ -22,6 +22,7 @@ from taskandgo.consensus.state import SchedulerState
 from taskandgo.node import decisions as d
 
 from .leader import HoldOp, LeaderSide, WorkerInfo
+from .timing import TimingSide
 from .worker import Pending, Run, UnitKey, Work, WorkerSide
 
 
@@ -44,7 +45,7 @@ HOLD_TIMEOUT_S = 1.0
 __all__ = ["Run", "SimNode", "Work"]
 
 
-class SimNode(WorkerSide, LeaderSide):
+class SimNode(WorkerSide, LeaderSide, TimingSide):
     """One node process. ``reset()`` is a fresh process: nothing in memory survives."""
 
     def __init__(self, world: World, nid: str, voter: bool) -> None:
@@ -233,6 +234,7 @@ class SimNode(WorkerSide, LeaderSide):
         self.submit_loop()
         if self.is_leader():
             self.leader_tick()
+            self.timing_tick()
 
     def leader_fallback(self) -> None:
         """PySyncObj's leaderFallbackTimeout: a leader cut off from a majority steps

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from taskandgo.consensus.state import SchedulerState
-from taskandgo.node import decisions
+from taskandgo.node import decisions, timing
 from taskandgo.strategies import QueuedUnit
 
 from . import node as sim_node
@@ -240,7 +240,20 @@ def skip_completes(apply_to: Any) -> Any:
     return apply
 
 
+def early_starts(apply_start_due: Any) -> Any:
+    """A state that releases a delayed task named in start_due whatever its time."""
+    def apply(self: SchedulerState, task_ids: list, now: float) -> Any:
+        for tid in task_ids:
+            if tid in self.scheduled:
+                self.scheduled[tid] = 0.0
+        return apply_start_due(self, task_ids, now)
+    return apply
+
+
 PLANTED: dict[str, list[tuple[Any, str, Callable[[Any], Any]]]] = {
+    "before its time": [(SchedulerState, "apply_start_due", early_starts),
+                        (timing, "due_starts", lambda f: lambda scheduled, now, *a: f(
+                            scheduled, now + 1e6, *a))],
     "fenced result": [(SchedulerState, "apply_complete", unfenced),
                       (sim_node.SimNode, "handle_results", from_anyone),
                       (sim_node.SimNode, "accept_from", any_attempt)],

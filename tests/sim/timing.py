@@ -1,0 +1,52 @@
+"""The leader's clock-driven work in a simulated node: node/timing.py without threads.
+
+A mixin of :class:`~.node.SimNode`. The decision is the node's own
+(``node/timing.py`` ``due_starts``); what is modelled here is how ``Timekeeper``
+carries it out: the view it reads from its replica, the releases it has in flight
+(forgotten by a new leader), the ``StartDue`` command it proposes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from taskandgo.consensus.commands import StartDue
+from taskandgo.node import timing
+
+START_RETRY_S = timing.START_RETRY_S
+
+
+class TimingSide:
+    """Timekeeper.step of :class:`~.node.SimNode`, one pass per leader tick."""
+
+    world: Any
+    id: str
+    replica: Any
+    leader_ready: bool
+    leading_term: int | None
+
+    def timing_tick(self) -> None:
+        """Timekeeper.step (and Timekeeper.reset when this node leads a new term)."""
+        if not self.leader_ready or self.replica is None:
+            return
+        if getattr(self, "timing_term", None) != self.leading_term:
+            self.timing_term = self.leading_term
+            self.starting: dict[str, float] = {}
+        now = self.world.now
+        self.starting = {t: at for t, at in self.starting.items() if now - at <= START_RETRY_S}
+        wall = self.wall()  # type: ignore[attr-defined]
+        s = self.replica
+        view = list(s.scheduled.items())
+        ids = timing.due_starts(view, wall, frozenset(self.starting))
+        if not ids:
+            return
+        for tid in ids:
+            self.starting[tid] = now
+        self.world.trace(f"{self.id} releases delayed {list(ids)}")
+
+        def done(_: Any, err: int, term: int | None = self.leading_term) -> None:
+            if term == self.leading_term:
+                for tid in ids:
+                    self.starting.pop(tid, None)
+
+        self.propose(StartDue(ids, wall), callback=done)  # type: ignore[attr-defined]
