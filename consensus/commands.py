@@ -26,9 +26,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 if TYPE_CHECKING:
     from taskandgo.consensus.state import Event, SchedulerState
 
-#: The replicated methods, in the order PySyncObj numbers them (sorted by name).
+#: The replicated methods, in the order PySyncObj numbers them: sorted by name with its
+#: version suffix (``_v0``), so ``write_timetable_change`` must come before
+#: ``write_timetable_fire`` and a name that is a prefix of another sorts after it.
 COMMAND_IDS = ("assign", "cancel", "compact", "complete", "requeue", "submit", "verify",
-               "write_settings", "write_start_due")
+               "write_settings", "write_start_due", "write_timetable_change",
+               "write_timetable_fire")
 
 
 class AssignEntry(NamedTuple):
@@ -197,8 +200,44 @@ class StartDue:
         return state.apply_start_due(list(self.task_ids), self.now)
 
 
+@dataclass(frozen=True, slots=True)
+class WriteSchedules:
+    """Create, pause, resume or delete periodic schedules (RAFT_PROTOCOL 6): each op
+    a dict with ``op`` and ``id`` (see SchedulerState.apply_schedules). Method
+    ``write_timetable_change`` (sorts after every earlier command)."""
+
+    NAME: ClassVar[str] = "write_timetable_change"
+    ops: tuple[Mapping[str, Any], ...]
+    now: float
+
+    def args(self) -> tuple[Any, ...]:
+        return [dict(o) if isinstance(o, Mapping) else o for o in self.ops], self.now
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_schedules(list(self.ops), self.now)
+
+
+@dataclass(frozen=True, slots=True)
+class FireSchedules:
+    """Fire schedule slots (RAFT_PROTOCOL 6): each ``(schedule_id, slot, run)``,
+    keyed by (schedule, slot) and applied at most once per slot (see
+    SchedulerState.apply_fire), the leader's decision (node/timing.py due_fires).
+    Method ``write_timetable_fire``."""
+
+    NAME: ClassVar[str] = "write_timetable_fire"
+    fires: tuple[tuple[str, float, bool], ...]
+    now: float
+
+    def args(self) -> tuple[Any, ...]:
+        return [list(f) for f in self.fires], self.now
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_fire([list(f) for f in self.fires], self.now)
+
+
 #: A command the scheduler state applies.
-StateCommand = Submit | Assign | Complete | Cancel | Requeue | Compact | WriteSettings | StartDue
+StateCommand = (Submit | Assign | Complete | Cancel | Requeue | Compact | WriteSettings
+                | StartDue | WriteSchedules | FireSchedules)
 Command = StateCommand | Verify
 
 
@@ -221,6 +260,11 @@ def from_args(name: str, args: Sequence[Any]) -> Command:
         return Verify(args[0], args[1], args[2], tuple(args[3]))
     if name == "write_settings":
         return WriteSettings(settings_items(args[0]), args[1], bool(args[2]))
+    if name == "write_timetable_change":
+        return WriteSchedules(tuple(args[0]) if isinstance(args[0], list) else (), args[1])
+    if name == "write_timetable_fire":
+        return FireSchedules(tuple(tuple(f) for f in args[0] if isinstance(f, (list, tuple)))
+                             if isinstance(args[0], list) else (), args[1])
     if name == "write_start_due":
         return StartDue(tuple(str(t) for t in args[0]) if isinstance(args[0], list) else (),
                         args[1])
@@ -236,6 +280,22 @@ def settings_items(values: Any) -> tuple[tuple[str, str], ...]:
                         if isinstance(k, str) and isinstance(v, str)))
 
 
-__all__ = ["COMMAND_IDS", "Assign", "AssignEntry", "Cancel", "Command", "Compact", "Complete",
-           "Requeue", "StartDue", "StateCommand", "Submit", "Verify", "WriteSettings", "from_args",
-           "settings_items"]
+__all__ = [
+    "COMMAND_IDS",
+    "Assign",
+    "AssignEntry",
+    "Cancel",
+    "Command",
+    "Compact",
+    "Complete",
+    "FireSchedules",
+    "Requeue",
+    "StartDue",
+    "StateCommand",
+    "Submit",
+    "Verify",
+    "WriteSchedules",
+    "WriteSettings",
+    "from_args",
+    "settings_items",
+]

@@ -236,4 +236,7 @@ class Task:
             "stderr": stderr, "truncated": truncated, "output_bytes": output_bytes,
             # When a delayed task becomes runnable (0.0: at once); in its spec.
             "run_at": float(self.spec.get("run_at", 0.0) or 0.0),
+            # A schedule's task: which schedule created it, for which slot.
+            "schedule_id": str(self.spec.get("schedule", "") or ""),
+            "slot": float(self.spec.get("slot", 0.0) or 0.0),
         }

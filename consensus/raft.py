@@ -48,8 +48,9 @@ MAYBE_COMMITTED = {FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME}
 #: 2: fencing tokens chosen by the leader in assign; 3: requeue carries the requeuing
 #: node's start time (a loss counts towards the poison rule only if that node
 #: outlived it); 4: write_settings (the cluster-wide default strategy); 5: delayed
-#: tasks (a submit's ``run_at`` keeps a task out of the queue; write_start_due).
-RAFT_PROTOCOL = 5
+#: tasks (a submit's ``run_at`` keeps a task out of the queue; write_start_due);
+#: 6: periodic schedules (write_timetable_change, write_timetable_fire).
+RAFT_PROTOCOL = 6
 
 
 class SafeSyncObj(SyncObj):

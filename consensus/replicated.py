@@ -23,10 +23,12 @@ from taskandgo.consensus.commands import (
     Cancel,
     Compact,
     Complete,
+    FireSchedules,
     Requeue,
     StartDue,
     StateCommand,
     Submit,
+    WriteSchedules,
     WriteSettings,
     settings_items,
 )
@@ -136,6 +138,10 @@ class ReplicatedState(SyncObjConsumer):
                     self.state.settings = {}
                 if not hasattr(self.state, "scheduled"):
                     self.state.scheduled = {}
+                if not hasattr(self.state, "schedules"):
+                    self.state.schedules = {}
+                if not hasattr(self.state, "schedule_rev"):
+                    self.state.schedule_rev = 0
                 self.cluster_id = str(data.get("cluster_id") or "")
             else:
                 self._fatal(f"unrecognised snapshot contents ({type(data).__name__})")
@@ -214,6 +220,17 @@ class ReplicatedState(SyncObjConsumer):
         earlier command)."""
         return self._run(StartDue(tuple(str(t) for t in task_ids)
                                   if isinstance(task_ids, list) else (), now))
+
+    @replicated
+    def write_timetable_change(self, ops: list, now: float) -> Any:
+        """Create, pause, resume, delete schedules (RAFT_PROTOCOL 6)."""
+        return self._run(WriteSchedules(tuple(ops) if isinstance(ops, list) else (), now))
+
+    @replicated
+    def write_timetable_fire(self, fires: list, now: float) -> Any:
+        """Fire schedule slots, each at most once (RAFT_PROTOCOL 6)."""
+        return self._run(FireSchedules(tuple(tuple(f) for f in fires)
+                                       if isinstance(fires, list) else (), now))
 
     @replicated
     def verify(self, cluster_id: str, prev_index: int, prev_window: str,

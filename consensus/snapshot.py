@@ -51,6 +51,7 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "settings": dict(state.settings),
         # Version 2 (written only when set; see replicated.py snapshot_version):
         "scheduled": [[k, v] for k, v in state.scheduled.items()],
+        "schedules": list(state.schedules.values()),
     }
 
 
@@ -86,12 +87,13 @@ def from_snapshot(data: dict[str, Any]) -> SchedulerState:
         setattr(st, name, data.get(name, getattr(st, name)))
     st.settings = {str(k): str(v) for k, v in dict(data.get("settings", {})).items()}
     st.scheduled = {str(k): float(v) for k, v in data.get("scheduled", [])}
+    st.schedules = {str(r["id"]): dict(r) for r in data.get("schedules", [])}
     return st
 
 
 def needs_version(data: dict[str, Any]) -> int:
     """The lowest snapshot version that holds ``data`` (a :func:`to_snapshot`):
-    1 unless it carries what only version 2 has (delayed tasks), so a release that
+    1 unless it carries what only version 2 has (delayed tasks, schedules), so a release that
     reads version 1 only refuses (fail-stop) a snapshot it would read wrong, and
     reads every other one as before."""
-    return 2 if data.get("scheduled") else 1
+    return 2 if data.get("scheduled") or data.get("schedules") else 1

@@ -47,6 +47,24 @@ from taskandgo.consensus.model import (
 #: Cluster-wide settings (WriteSettings) and the values each may take.
 SETTINGS: dict[str, tuple[str, ...]] = {"default_strategy": ("split", "batch")}
 
+#: A schedule's overlap policy (what a fire does while its previous task has not
+#: ended) and missed-slot policy (see node/timing.py due_fires), as Kubernetes
+#: CronJob's concurrencyPolicy: allow runs both, forbid skips the new slot, replace
+#: cancels the previous task.
+OVERLAP_POLICIES = ("allow", "forbid", "replace")
+MISSED_POLICIES = ("latest", "skip")
+#: The most recent fires a schedule keeps (shown by get and the dashboard).
+KEEP_FIRES = 20
+#: Fire outcomes (apply_fire): a task was created; the slot was skipped because the
+#: previous task still ran (forbid) or because it was missed (skip policy).
+FIRED, SKIPPED_OVERLAP, SKIPPED_MISSED = "fired", "skipped_overlap", "skipped_missed"
+
+
+def slot_task_id(schedule_id: str, slot: float) -> str:
+    """The id of the task schedule ``schedule_id`` creates for ``slot``: derived from
+    the two, so every replica and every leader names the same one."""
+    return f"{schedule_id}@{int(slot)}"
+
 
 class SchedulerState:
     """Everything that must survive the loss of a node. See the module docstring."""
@@ -70,6 +88,12 @@ class SchedulerState:
         #: Delayed tasks not yet runnable: task id -> run_at (apply_start_due releases
         #: them; nothing here reads a clock).
         self.scheduled: dict[str, float] = {}
+        #: Periodic schedules by id (plain dicts: see apply_schedules); the leader
+        #: fires their slots (apply_fire).
+        self.schedules: dict[str, dict[str, Any]] = {}
+        #: Counts changes to schedules on this replica (not replicated state: a reader
+        #: sees whether to look again; it restarts at 0 with the process).
+        self.schedule_rev = 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -203,6 +227,131 @@ class SchedulerState:
             self._release(task)
             out.append(tid)
             events.append(("task", tid, QUEUED, WHOLE, "", self.now))
+        return out, events
+
+    def apply_schedules(self, ops: list, now: float) -> tuple[list, list[Event]]:
+        """Create, pause, resume or delete schedules. Each op is a dict with ``op``
+        and ``id``; ``create`` carries ``cron``, ``tz``, ``template`` (a stored spec
+        without id, checked by the proposer), ``overlap``, ``missed`` and
+        ``catchup_s``. Creating an id that exists leaves it unchanged (idempotent: a
+        client retries with the same id). A new schedule's first slot is the first
+        after ``now``; a resumed one skips the slots of its pause. Returns
+        ``(id, outcome)`` per op: created, exists, paused, resumed, deleted,
+        not_found or rejected."""
+        events = self._advance(now)
+        out: list[tuple[str, str]] = []
+        for op in ops if isinstance(ops, list) else []:
+            try:
+                kind, sid = str(op["op"]), str(op["id"])
+            except Exception:  # noqa: BLE001 - totality: a bad entry is skipped
+                self.rejected_commands += 1
+                out.append(("", "rejected"))
+                continue
+            sc = self.schedules.get(sid)
+            if kind == "create":
+                if sc is not None:
+                    out.append((sid, "exists"))
+                    continue
+                try:
+                    record = {
+                        "id": sid, "cron": str(op["cron"]), "tz": str(op["tz"]),
+                        "template": dict(op["template"]),
+                        "overlap": str(op.get("overlap") or "allow"),
+                        "missed": str(op.get("missed") or "latest"),
+                        "catchup_s": float(op.get("catchup_s", 0.0) or 0.0),
+                        "paused": False, "created_at": self.now, "last_slot": self.now,
+                        "last_task": "", "fires": [], "fired": 0, "skipped": 0,
+                    }
+                except Exception:  # noqa: BLE001
+                    self.rejected_commands += 1
+                    out.append((sid, "rejected"))
+                    continue
+                if record["overlap"] not in OVERLAP_POLICIES \
+                        or record["missed"] not in MISSED_POLICIES:
+                    self.rejected_commands += 1
+                    out.append((sid, "rejected"))
+                    continue
+                self.schedules[sid] = record
+                self.schedule_rev += 1
+                out.append((sid, "created"))
+                events.append(("schedule", sid, "created", WHOLE, "", self.now))
+            elif sc is None:
+                out.append((sid, "not_found"))
+            elif kind == "pause":
+                self.schedule_rev += 1
+                sc["paused"] = True
+                out.append((sid, "paused"))
+                events.append(("schedule", sid, "paused", WHOLE, "", self.now))
+            elif kind == "resume":
+                self.schedule_rev += 1
+                if sc["paused"]:
+                    # The slots of the pause are not missed: they were not wanted.
+                    sc["paused"] = False
+                    sc["last_slot"] = max(sc["last_slot"], self.now)
+                out.append((sid, "resumed"))
+                events.append(("schedule", sid, "resumed", WHOLE, "", self.now))
+            elif kind == "delete":
+                self.schedule_rev += 1
+                del self.schedules[sid]
+                out.append((sid, "deleted"))
+                events.append(("schedule", sid, "deleted", WHOLE, "", self.now))
+            else:
+                self.rejected_commands += 1
+                out.append((sid, "rejected"))
+        return out, events
+
+    def apply_fire(self, fires: list, now: float) -> tuple[list, list[Event]]:
+        """Fire schedule slots: each fire is ``(schedule_id, slot, run)``. A slot at
+        or before the schedule's last fired slot (fired already, by this leader or an
+        earlier one), or of a paused or deleted schedule, is a no-op: so each slot
+        of a schedule creates at most one task, whoever leads and however often a
+        fire is proposed. Otherwise the slot becomes the last one and, with ``run``
+        (False: a missed slot skipped by the missed-slot policy), the overlap policy
+        decides: allow creates the slot's task (id from slot_task_id, its spec the
+        template plus ``schedule`` and ``slot``), forbid skips the slot while the
+        previous task has not ended, replace cancels that task first. Returns
+        ``(schedule_id, slot, outcome, task_id)`` per fire that took effect."""
+        events = self._advance(now)
+        out: list[tuple[str, float, str, str]] = []
+        for f in fires if isinstance(fires, list) else []:
+            try:
+                sid, slot, run = str(f[0]), float(f[1]), bool(f[2])
+            except Exception:  # noqa: BLE001
+                self.rejected_commands += 1
+                continue
+            sc = self.schedules.get(sid)
+            if sc is None or sc["paused"] or not slot > sc["last_slot"]:
+                continue
+            self.schedule_rev += 1
+            sc["last_slot"] = slot
+            prev = self.tasks.get(sc["last_task"]) if sc["last_task"] else None
+            running = prev is not None and prev.status not in FINAL
+            tid = slot_task_id(sid, slot)
+            if not run:
+                outcome = SKIPPED_MISSED
+            elif running and sc["overlap"] == "forbid":
+                outcome = SKIPPED_OVERLAP
+            elif tid in self.tasks:
+                # Taken by a task a client submitted under that id: not ours to reuse.
+                outcome = "skipped_id_taken"
+            else:
+                if running and sc["overlap"] == "replace":
+                    _, cancelled = self.apply_cancel([sc["last_task"]], self.now)
+                    events.extend(cancelled)
+                spec = dict(sc["template"], id=tid, schedule=sid, slot=slot)
+                _, submitted = self.apply_submit([spec], self.now)
+                events.extend(submitted)
+                sc["last_task"] = tid
+                outcome = FIRED
+            if outcome == FIRED:
+                sc["fired"] += 1
+            else:
+                sc["skipped"] += 1
+            sc["fires"] = [*sc["fires"][-(KEEP_FIRES - 1):],
+                           [slot, tid if outcome == FIRED else "", outcome]]
+            out.append((sid, slot, outcome, tid if outcome == FIRED else ""))
+            events.append(("schedule", sid, outcome, WHOLE, tid if outcome == FIRED else "",
+                           self.now))
         return out, events
 
     def apply_assign(self, assignments: list, now: float,
@@ -627,6 +776,7 @@ class SchedulerState:
             tuple(self.finished.items()), self.next_token, self.dropped_results,
             self.committed_results, self.now, tuple(sorted(self.settings.items())),
             tuple(self.scheduled.items()),
+            json.dumps(self.schedules, sort_keys=True),
         )
 
 
@@ -634,14 +784,19 @@ __all__ = [
     "CANCELLED",
     "FAILED",
     "FINAL",
+    "FIRED",
     "MAX_LOST_ATTEMPTS",
     "MAX_TOKEN",
+    "MISSED_POLICIES",
+    "OVERLAP_POLICIES",
     "POISON_AFTER_NODE_LOSSES",
     "PRIORITY_LEVELS",
     "QUEUED",
     "RUNNING",
     "SCHEDULED",
     "SETTINGS",
+    "SKIPPED_MISSED",
+    "SKIPPED_OVERLAP",
     "STATUSES",
     "SUCCEEDED",
     "WHOLE",
@@ -650,4 +805,5 @@ __all__ = [
     "Task",
     "Unit",
     "priority_name",
+    "slot_task_id",
 ]

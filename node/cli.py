@@ -111,32 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
                         usage="taskandgo submit [options] "
                         "[-- 'python: CODE' | 'sh: CODE' | ARGV...]")
     client_args(sp)
-    sp.add_argument("--priority", default="medium", help="low|medium|high|critical|INT")
     sp.add_argument("--id", default=None, help="task id; doubles as idempotency key")
-    sp.add_argument("--strategy", choices=("split", "batch"), default="")
-    sp.add_argument("--shards", type=_ranged(int, 0), default=0)
-    sp.add_argument("--items", type=_json_list, default=None, help="JSON list for split chunks")
-    sp.add_argument("--on-every-node", action="store_true",
-                    help="run the task once on every live node (a split task cut into one "
-                    "chunk per node); a task with nothing to cut otherwise runs once")
-    sp.add_argument("--task-timeout", "--timeout-s", type=_ranged(float, 0, MAX_SECONDS),
-                    default=0.0, dest="task_timeout",
-                    help="per-attempt time limit in seconds")
-    sp.add_argument("--retries", type=_ranged(int, 0), default=0)
-    sp.add_argument("--label", type=_label, action="append", default=[], metavar="K=V")
+    task_args(sp)
     when = sp.add_mutually_exclusive_group()
     when.add_argument("--at", default=None, metavar="TIME",
                       help="run at this RFC 3339 time (2026-12-01T08:00:00Z); accepted now, "
                       "shown as scheduled until then")
     when.add_argument("--in", type=_duration, default=0.0, dest="delay_s", metavar="DURATION",
                       help="run after this long (90, 90s, 5m, 1h30m, 2d)")
-    sp.add_argument("--data", default=None, help="payload in the seed's form ('python: ...')")
-    sp.add_argument("--call", default=None, help="module:function run in the warm pool")
-    sp.add_argument("--args", type=_json_value, default=None, help="JSON arguments for --call")
     sp.add_argument("--wait", action="store_true", help="wait for the result and show it")
     sp.add_argument("--wait-timeout", type=_ranged(float, 0, MAX_SECONDS, above=True),
                     default=3600.0, help="seconds --wait waits for the result (3600)")
     sp.add_argument("payload", nargs=argparse.REMAINDER)
+
 
     sp = sub.add_parser("get", help="show a task")
     client_args(sp)
@@ -188,7 +175,58 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--interval", type=_ranged(float, 0.05, 3600), default=1.0,
                     help="seconds between frames (1)")
     sp.add_argument("--once", action="store_true", help="print one frame and exit")
+
+    sp = sub.add_parser("schedule", help="periodic schedules: create, list, get, pause, "
+                        "resume, delete (docs/schedules.md)")
+    ssub = sp.add_subparsers(dest="schedule_cmd", required=True)
+    sp = ssub.add_parser("create", help="create a schedule: a task run once per cron slot",
+                         usage="taskandgo schedule create --cron EXPR [options] ID "
+                         "[-- 'python: CODE' | 'sh: CODE' | ARGV...]")
+    client_args(sp)
+    sp.add_argument("--cron", required=True, help="'*/5 * * * *' (5 fields), 6 with seconds "
+                    "last, or @hourly, @daily, @weekly, @monthly, @yearly")
+    sp.add_argument("--tz", default="UTC", help="IANA time zone of the expression (UTC)")
+    sp.add_argument("--overlap", choices=("allow", "forbid", "replace"), default="allow",
+                    help="while the previous run goes on: run both (allow), skip the slot "
+                    "(forbid) or cancel the previous run (replace)")
+    sp.add_argument("--missed", choices=("latest", "skip"), default="latest",
+                    help="slots missed while the cluster was down: run the latest once "
+                    "(latest) or none (skip)")
+    sp.add_argument("--catchup", type=_duration, default=0.0, metavar="DURATION",
+                    help="slots at most this late are each run (10s)")
+    task_args(sp)
+    sp.add_argument("payload", nargs=argparse.REMAINDER, metavar="ID [-- PAYLOAD]",
+                    help="the schedule id (slot t's task is ID@t), then the task's payload "
+                    "(options go before the id)")
+    sp = ssub.add_parser("list", help="every schedule with its next fire")
+    client_args(sp)
+    for verb, text in (("get", "a schedule and its recent fires"),
+                       ("pause", "stop firing until resumed"),
+                       ("resume", "fire again from now on"),
+                       ("delete", "delete a schedule (its tasks stay)")):
+        sp = ssub.add_parser(verb, help=text)
+        client_args(sp)
+        sp.add_argument("id")
     return p
+
+
+def task_args(sp: argparse.ArgumentParser) -> None:
+    """The options of a task (submit, and the template of schedule create)."""
+    sp.add_argument("--priority", default="medium", help="low|medium|high|critical|INT")
+    sp.add_argument("--strategy", choices=("split", "batch"), default="")
+    sp.add_argument("--shards", type=_ranged(int, 0), default=0)
+    sp.add_argument("--items", type=_json_list, default=None, help="JSON list for split chunks")
+    sp.add_argument("--on-every-node", action="store_true",
+                    help="run the task once on every live node (a split task cut into one "
+                    "chunk per node); a task with nothing to cut otherwise runs once")
+    sp.add_argument("--task-timeout", "--timeout-s", type=_ranged(float, 0, MAX_SECONDS),
+                    default=0.0, dest="task_timeout",
+                    help="per-attempt time limit in seconds")
+    sp.add_argument("--retries", type=_ranged(int, 0), default=0)
+    sp.add_argument("--label", type=_label, action="append", default=[], metavar="K=V")
+    sp.add_argument("--data", default=None, help="payload in the seed's form ('python: ...')")
+    sp.add_argument("--call", default=None, help="module:function run in the warm pool")
+    sp.add_argument("--args", type=_json_value, default=None, help="JSON arguments for --call")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -574,9 +612,64 @@ def cmd_settings(c: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schedule(c: Any, args: argparse.Namespace) -> int:
+    """taskandgo schedule create|list|get|pause|resume|delete."""
+    from taskandgo.node.client import task_spec
+
+    verb = args.schedule_cmd
+    if verb == "create":
+        if not args.payload or args.payload[0].startswith("-"):
+            raise SystemExit("taskandgo schedule create: give the schedule id after the "
+                             "options: schedule create --cron EXPR [options] ID -- PAYLOAD")
+        args.id, args.payload = args.payload[0], args.payload[1:]
+        task = task_spec(
+            **_payload(args), priority=args.priority, strategy=args.strategy,
+            shards=args.shards, items=args.items, timeout_s=args.task_timeout,
+            retries=args.retries, labels=dict(args.label), on_every_node=args.on_every_node)
+        task.pop("id", None)  # each slot's task gets its own (ID@slot)
+        out: Any = c.create_schedule(id=args.id, cron=args.cron, time_zone=args.tz, task=task,
+                                     overlap=args.overlap, missed=args.missed,
+                                     catchup_s=args.catchup)
+    elif verb == "list":
+        out = c.list_schedules()
+    else:
+        out = getattr(c, f"{verb}_schedule")(args.id)
+    if args.json:
+        print(json.dumps(out))
+    elif verb == "list":
+        print(f"{'ID':24} {'CRON':18} {'TZ':16} {'STATE':7} {'FIRES':>6}  NEXT FIRE")
+        for sc in out:
+            state = "paused" if sc["paused"] else "active"
+            nxt = _when(sc["next_fire"]) if sc["next_fire"] else "-"
+            print(f"{sc['id'][:24]:24} {sc['cron'][:18]:18} {sc['time_zone'][:16]:16} "
+                  f"{state:7} {sc['fires_total']:>6}  {nxt}")
+    else:
+        _print_schedule(out, deleted=verb == "delete")
+    return 0
+
+
+def _print_schedule(sc: dict[str, Any], deleted: bool = False) -> None:
+    task = sc.get("task", {})
+    payload = task.get("data") or " ".join(task.get("argv", [])) or task.get("call", "")
+    rows = [("id", sc["id"] + ("  (deleted)" if deleted else "")),
+            ("cron", f"{sc['cron']}  ({sc['time_zone']})"),
+            ("state", "paused" if sc["paused"] else "active"),
+            ("overlap", sc["overlap"]), ("missed", sc["missed"]),
+            ("catch-up", f"{sc['catchup_s']:g} s"), ("task", payload[:200]),
+            ("next fire", _when(sc["next_fire"]) if sc["next_fire"] else "-"),
+            ("fires", f"{sc['fires_total']} fired, {sc['skipped_total']} skipped")]
+    for k, v in rows:
+        print(f"{k:10} {v}")
+    if sc.get("recent"):
+        print("recent fires:")
+        for f in sc["recent"]:
+            slot = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(f["slot"]))
+            print(f"  {slot}  {f['outcome']:16} {f['task_id'] or '-'} {f['task_status']}")
+
+
 COMMANDS = {"submit": cmd_submit, "get": cmd_get, "output": cmd_output, "tasks": cmd_tasks,
             "cancel": cmd_cancel, "watch": cmd_watch, "status": cmd_status, "top": cmd_top,
-            "settings": cmd_settings}
+            "settings": cmd_settings, "schedule": cmd_schedule}
 
 if __name__ == "__main__":
     raise SystemExit(main())

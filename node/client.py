@@ -328,6 +328,44 @@ class Client:
                                    pb.NodeStatusRequest(include_digest=include_digest),
                                    node=node, timeout_s=5.0))
 
+    # -------------------------------------------------------------- schedules
+
+    def create_schedule(self, schedule: Mapping[str, Any] | None = None, *, id: str = "",
+                        cron: str = "", time_zone: str = "UTC",
+                        task: Mapping[str, Any] | None = None, overlap: str = "allow",
+                        missed: str = "latest", catchup_s: float = 0.0) -> dict[str, Any]:
+        """Create a periodic schedule (or give ``schedule``, a dict of
+        ``taskandgo.v1.Schedule`` fields): ``task`` (a :func:`task_spec` dict without
+        an id) is created once per slot of ``cron`` in ``time_zone``. ``overlap``:
+        allow, forbid (skip a slot while the previous run goes on) or replace (cancel
+        it); ``missed``: latest (after downtime the latest missed slot runs once) or
+        skip. Creating an id that exists returns that schedule unchanged."""
+        body = dict(schedule) if schedule is not None else {
+            "id": id, "cron": cron, "time_zone": time_zone, "task": dict(task or {}),
+            "overlap": overlap, "missed": missed, "catchup_s": catchup_s}
+        req = pb.CreateScheduleRequest(schedule=message_from_dict(pb.Schedule, body))
+        return dict_from_message(self._call("CreateSchedule", req))
+
+    def list_schedules(self) -> list[dict[str, Any]]:
+        msg = self._call("ListSchedules", pb.ListSchedulesRequest())
+        return [dict_from_message(s) for s in msg.schedules]
+
+    def get_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return dict_from_message(self._call("GetSchedule", pb.ScheduleRequest(id=schedule_id)))
+
+    def pause_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return dict_from_message(self._call("PauseSchedule",
+                                            pb.ScheduleRequest(id=schedule_id)))
+
+    def resume_schedule(self, schedule_id: str) -> dict[str, Any]:
+        return dict_from_message(self._call("ResumeSchedule",
+                                            pb.ScheduleRequest(id=schedule_id)))
+
+    def delete_schedule(self, schedule_id: str) -> dict[str, Any]:
+        """Delete a schedule (the tasks it created stay); returns it as it was."""
+        return dict_from_message(self._call("DeleteSchedule",
+                                            pb.ScheduleRequest(id=schedule_id)))
+
     def settings(self, default_strategy: str | None = None) -> dict[str, str]:
         """The cluster-wide settings (one value for every node); with a value given,
         change it first (``default_strategy``: "split" or "batch")."""

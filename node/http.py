@@ -170,6 +170,35 @@ class Handler(RequestHandler):
             result = self.app.wait(ids, timeout)
         self._send(200, result)
 
+    # ---- schedules (node/schedules.py)
+
+    def h_create_schedule(self, params: dict[str, str], q: dict[str, str],
+                          query: dict[str, list[str]]) -> None:
+        from taskandgo.node.schedules import check_schedule
+
+        op = check_schedule(self._body(), self.app.default_strategy())
+        self._send(201, self.app.schedules.create(op))
+
+    def h_list_schedules(self, params: dict[str, str], q: dict[str, str],
+                         query: dict[str, list[str]]) -> None:
+        self._send(200, {"schedules": self.app.schedules.list()})
+
+    def h_get_schedule(self, params: dict[str, str], q: dict[str, str],
+                       query: dict[str, list[str]]) -> None:
+        self._send(200, self.app.schedules.get(_schedule_id(params)))
+
+    def h_pause_schedule(self, params: dict[str, str], q: dict[str, str],
+                         query: dict[str, list[str]]) -> None:
+        self._send(200, self.app.schedules.change(_schedule_id(params), "pause"))
+
+    def h_resume_schedule(self, params: dict[str, str], q: dict[str, str],
+                          query: dict[str, list[str]]) -> None:
+        self._send(200, self.app.schedules.change(_schedule_id(params), "resume"))
+
+    def h_delete_schedule(self, params: dict[str, str], q: dict[str, str],
+                          query: dict[str, list[str]]) -> None:
+        self._send(200, self.app.schedules.change(_schedule_id(params), "delete"))
+
     def h_events_ticket(self, params: dict[str, str], q: dict[str, str],
                         query: dict[str, list[str]]) -> None:
         """A stream ticket for ``GET /api/v1/events?ticket=`` (see StreamTickets),
@@ -258,6 +287,13 @@ def _task_id(params: dict[str, str]) -> str:
     if not tid:
         raise NotFound("task '' not found")
     return tid
+
+
+def _schedule_id(params: dict[str, str]) -> str:
+    sid = params.get("id", "")
+    if not sid:
+        raise NotFound("schedule '' not found")
+    return sid
 
 
 class Server(ThreadingHTTPServer):

@@ -92,6 +92,10 @@ ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
     (("api", "v1", "history"), {"GET": "history"}),
     (("api", "v1", "events"), {"GET": "events"}),
     (("api", "v1", "events", "ticket"), {"POST": "events_ticket"}),
+    (("api", "v1", "schedules"), {"GET": "list_schedules", "POST": "create_schedule"}),
+    (("api", "v1", "schedules", "{id}"), {"GET": "get_schedule", "DELETE": "delete_schedule"}),
+    (("api", "v1", "schedules", "{id}", "pause"), {"POST": "pause_schedule"}),
+    (("api", "v1", "schedules", "{id}", "resume"), {"POST": "resume_schedule"}),
 ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -114,9 +114,28 @@ def _registry(app: Any) -> tuple[CollectorRegistry, dict[str, Histogram]]:
                                     buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 5, 30, 300)),
             "submit_commit": Histogram("taskandgo_submit_commit_seconds",
                                        "Submit command propose-to-apply time", registry=reg),
+            "schedule_lateness": Histogram(
+                "taskandgo_schedule_lateness_seconds",
+                "Schedule slot time to its task's creation committed (leader)", registry=reg,
+                buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 300)),
+            "start_lateness": Histogram(
+                "taskandgo_start_lateness_seconds",
+                "Delayed task's start time to its release into the queue (leader)",
+                registry=reg, buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 60)),
         }
+        fires = Counter("taskandgo_schedule_fires", "Schedule slots this node fired as leader, "
+                        "by outcome (fired: a task was created; skipped_overlap: the "
+                        "previous run had not ended, policy forbid; skipped_missed: a "
+                        "missed slot, policy skip)", ["outcome"], registry=reg)
         _registries[key] = (reg, hists)
-        app.metrics_hook = lambda name, v: hists[name].observe(v) if name in hists else None
+
+        def hook(name: str, v: float) -> None:
+            if name in hists:
+                hists[name].observe(v)
+            elif name.startswith("schedule_fire:"):
+                fires.labels(name.split(":", 1)[1]).inc(v)
+
+        app.metrics_hook = hook
     return _registries[key]
 
 

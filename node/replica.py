@@ -453,7 +453,8 @@ def task_to_api(t: dict[str, Any]) -> dict[str, Any]:
                              "exit_code", "result", "error", "created_at", "started_at",
                              "finished_at", "chunk_count", "chunks_done", "chunks",
                              "stderr", "truncated", "output_bytes")}
-    out["run_at"] = t.get("run_at", 0.0)
+    for k, default in (("run_at", 0.0), ("schedule_id", ""), ("slot", 0.0)):
+        out[k] = t.get(k, default)
     out["spec"] = spec_to_api(t["spec"])
     out["priority_name"] = t.get("priority_name", "")
     return out

@@ -195,6 +195,39 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
         return taskandgo_pb2.Settings(**self.app.set_settings(values))
 
     @_errors
+    def CreateSchedule(self, request: Any, context: Any) -> Any:
+        from taskandgo.node.schedules import check_schedule, schedule_from_proto
+
+        op = check_schedule(schedule_from_proto(request.schedule), self.app.default_strategy(),
+                            task_from="mapping")
+        return message_from_dict(taskandgo_pb2.Schedule, self.app.schedules.create(op))
+
+    @_errors
+    def ListSchedules(self, request: Any, context: Any) -> Any:
+        return message_from_dict(taskandgo_pb2.ListSchedulesResponse,
+                                 {"schedules": self.app.schedules.list()})
+
+    @_errors
+    def GetSchedule(self, request: Any, context: Any) -> Any:
+        return message_from_dict(taskandgo_pb2.Schedule,
+                                 self.app.schedules.get(_schedule_id(request)))
+
+    @_errors
+    def PauseSchedule(self, request: Any, context: Any) -> Any:
+        return message_from_dict(taskandgo_pb2.Schedule,
+                                 self.app.schedules.change(_schedule_id(request), "pause"))
+
+    @_errors
+    def ResumeSchedule(self, request: Any, context: Any) -> Any:
+        return message_from_dict(taskandgo_pb2.Schedule,
+                                 self.app.schedules.change(_schedule_id(request), "resume"))
+
+    @_errors
+    def DeleteSchedule(self, request: Any, context: Any) -> Any:
+        return message_from_dict(taskandgo_pb2.Schedule,
+                                 self.app.schedules.change(_schedule_id(request), "delete"))
+
+    @_errors
     def GetTaskOutput(self, request: Any, context: Any) -> Any:
         from taskandgo.node.outputs import fetch_output
 
@@ -498,3 +531,9 @@ def create_server(app: NodeApp, address: str, max_workers: int | None = None,
 
     threading.Thread(target=track_readiness, name="readiness", daemon=True).start()
     return server, port
+
+
+def _schedule_id(request: Any) -> str:
+    if not request.id:
+        raise InvalidTask("id", "required")
+    return str(request.id)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskSpec(_message.Message):
-    __slots__ = ("id", "priority", "data", "argv", "call", "args_json", "strategy", "shards", "items_json", "timeout_s", "retries", "labels", "on_every_node", "run_at", "delay_s")
+    __slots__ = ("id", "priority", "data", "argv", "call", "args_json", "strategy", "shards", "items_json", "timeout_s", "retries", "labels", "on_every_node", "run_at", "delay_s", "after", "after_any")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class TaskSpec(_message.Message):
     ON_EVERY_NODE_FIELD_NUMBER: _ClassVar[int]
     RUN_AT_FIELD_NUMBER: _ClassVar[int]
     DELAY_S_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ANY_FIELD_NUMBER: _ClassVar[int]
     id: str
     priority: str
     data: str
@@ -45,7 +47,9 @@ class TaskSpec(_message.Message):
     on_every_node: bool
     run_at: str
     delay_s: float
-    def __init__(self, id: _Optional[str] = ..., priority: _Optional[str] = ..., data: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., call: _Optional[str] = ..., args_json: _Optional[str] = ..., strategy: _Optional[str] = ..., shards: _Optional[int] = ..., items_json: _Optional[str] = ..., timeout_s: _Optional[float] = ..., retries: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_every_node: _Optional[bool] = ..., run_at: _Optional[str] = ..., delay_s: _Optional[float] = ...) -> None: ...
+    after: _containers.RepeatedScalarFieldContainer[str]
+    after_any: bool
+    def __init__(self, id: _Optional[str] = ..., priority: _Optional[str] = ..., data: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., call: _Optional[str] = ..., args_json: _Optional[str] = ..., strategy: _Optional[str] = ..., shards: _Optional[int] = ..., items_json: _Optional[str] = ..., timeout_s: _Optional[float] = ..., retries: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_every_node: _Optional[bool] = ..., run_at: _Optional[str] = ..., delay_s: _Optional[float] = ..., after: _Optional[_Iterable[str]] = ..., after_any: _Optional[bool] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "status", "attempts", "node", "exit_code", "result", "error", "started_at", "finished_at", "stderr", "truncated", "output_bytes")
@@ -76,7 +80,7 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., node: _Optional[str] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., output_bytes: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "spec", "priority", "strategy", "status", "attempts", "node", "exit_code", "result", "error", "created_at", "started_at", "finished_at", "chunks", "chunk_count", "chunks_done", "priority_name", "stderr", "truncated", "output_bytes", "run_at")
+    __slots__ = ("id", "spec", "priority", "strategy", "status", "attempts", "node", "exit_code", "result", "error", "created_at", "started_at", "finished_at", "chunks", "chunk_count", "chunks_done", "priority_name", "stderr", "truncated", "output_bytes", "run_at", "schedule_id", "slot", "parents", "children")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +102,10 @@ class Task(_message.Message):
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RUN_AT_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    CHILDREN_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: TaskSpec
     priority: int
@@ -119,7 +127,11 @@ class Task(_message.Message):
     truncated: bool
     output_bytes: int
     run_at: float
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., node: _Optional[str] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., chunk_count: _Optional[int] = ..., chunks_done: _Optional[int] = ..., priority_name: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., output_bytes: _Optional[int] = ..., run_at: _Optional[float] = ...) -> None: ...
+    schedule_id: str
+    slot: float
+    parents: _containers.RepeatedScalarFieldContainer[str]
+    children: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., node: _Optional[str] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., chunk_count: _Optional[int] = ..., chunks_done: _Optional[int] = ..., priority_name: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., output_bytes: _Optional[int] = ..., run_at: _Optional[float] = ..., schedule_id: _Optional[str] = ..., slot: _Optional[float] = ..., parents: _Optional[_Iterable[str]] = ..., children: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SubmitTaskRequest(_message.Message):
     __slots__ = ("task",)
@@ -413,3 +425,71 @@ class Settings(_message.Message):
     DEFAULT_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     default_strategy: str
     def __init__(self, default_strategy: _Optional[str] = ...) -> None: ...
+
+class Schedule(_message.Message):
+    __slots__ = ("id", "cron", "time_zone", "task", "overlap", "missed", "catchup_s", "paused", "created_at", "last_slot", "next_fire", "fires_total", "skipped_total", "recent", "last_task")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CRON_FIELD_NUMBER: _ClassVar[int]
+    TIME_ZONE_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    MISSED_FIELD_NUMBER: _ClassVar[int]
+    CATCHUP_S_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SLOT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIRE_FIELD_NUMBER: _ClassVar[int]
+    FIRES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FIELD_NUMBER: _ClassVar[int]
+    LAST_TASK_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    cron: str
+    time_zone: str
+    task: TaskSpec
+    overlap: str
+    missed: str
+    catchup_s: float
+    paused: bool
+    created_at: float
+    last_slot: float
+    next_fire: float
+    fires_total: int
+    skipped_total: int
+    recent: _containers.RepeatedCompositeFieldContainer[ScheduleFire]
+    last_task: str
+    def __init__(self, id: _Optional[str] = ..., cron: _Optional[str] = ..., time_zone: _Optional[str] = ..., task: _Optional[_Union[TaskSpec, _Mapping]] = ..., overlap: _Optional[str] = ..., missed: _Optional[str] = ..., catchup_s: _Optional[float] = ..., paused: _Optional[bool] = ..., created_at: _Optional[float] = ..., last_slot: _Optional[float] = ..., next_fire: _Optional[float] = ..., fires_total: _Optional[int] = ..., skipped_total: _Optional[int] = ..., recent: _Optional[_Iterable[_Union[ScheduleFire, _Mapping]]] = ..., last_task: _Optional[str] = ...) -> None: ...
+
+class ScheduleFire(_message.Message):
+    __slots__ = ("slot", "task_id", "outcome", "task_status")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    TASK_STATUS_FIELD_NUMBER: _ClassVar[int]
+    slot: float
+    task_id: str
+    outcome: str
+    task_status: str
+    def __init__(self, slot: _Optional[float] = ..., task_id: _Optional[str] = ..., outcome: _Optional[str] = ..., task_status: _Optional[str] = ...) -> None: ...
+
+class CreateScheduleRequest(_message.Message):
+    __slots__ = ("schedule",)
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    schedule: Schedule
+    def __init__(self, schedule: _Optional[_Union[Schedule, _Mapping]] = ...) -> None: ...
+
+class ScheduleRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListSchedulesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListSchedulesResponse(_message.Message):
+    __slots__ = ("schedules",)
+    SCHEDULES_FIELD_NUMBER: _ClassVar[int]
+    schedules: _containers.RepeatedCompositeFieldContainer[Schedule]
+    def __init__(self, schedules: _Optional[_Iterable[_Union[Schedule, _Mapping]]] = ...) -> None: ...

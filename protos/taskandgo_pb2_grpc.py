@@ -94,6 +94,36 @@ class SchedulerStub:
                 request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Settings.SerializeToString,
                 response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Settings.FromString,
                 _registered_method=True)
+        self.CreateSchedule = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/CreateSchedule',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.CreateScheduleRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ListSchedules = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/ListSchedules',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.ListSchedulesRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.ListSchedulesResponse.FromString,
+                _registered_method=True)
+        self.GetSchedule = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/GetSchedule',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.PauseSchedule = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/PauseSchedule',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.ResumeSchedule = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/ResumeSchedule',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
+                _registered_method=True)
+        self.DeleteSchedule = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/DeleteSchedule',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -173,6 +203,44 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSchedule(self, request, context):
+        """Periodic schedules: a task template fired once per slot of a cron expression.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSchedules(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeSchedule(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSchedule(self, request, context):
+        """Deletes the schedule (tasks it created stay); returns it as it was.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -235,6 +303,36 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.SetSettings,
                     request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Settings.FromString,
                     response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Settings.SerializeToString,
+            ),
+            'CreateSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSchedule,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.CreateScheduleRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.SerializeToString,
+            ),
+            'ListSchedules': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSchedules,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.ListSchedulesRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.ListSchedulesResponse.SerializeToString,
+            ),
+            'GetSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSchedule,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.SerializeToString,
+            ),
+            'PauseSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseSchedule,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.SerializeToString,
+            ),
+            'ResumeSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeSchedule,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.SerializeToString,
+            ),
+            'DeleteSchedule': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSchedule,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -561,6 +659,168 @@ class Scheduler:
             '/taskandgo.v1.Scheduler/SetSettings',
             taskandgo_dot_protos_dot_taskandgo__pb2.Settings.SerializeToString,
             taskandgo_dot_protos_dot_taskandgo__pb2.Settings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/CreateSchedule',
+            taskandgo_dot_protos_dot_taskandgo__pb2.CreateScheduleRequest.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSchedules(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/ListSchedules',
+            taskandgo_dot_protos_dot_taskandgo__pb2.ListSchedulesRequest.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.ListSchedulesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/GetSchedule',
+            taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/PauseSchedule',
+            taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/ResumeSchedule',
+            taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSchedule(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/DeleteSchedule',
+            taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
             options,
             channel_credentials,
             insecure,

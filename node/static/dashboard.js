@@ -153,6 +153,24 @@ function chunkRow(t) {
           c.result || c.error || ""))))));
 }
 
+/** The schedules table: next fire time and the last slot's task and its status. */
+function renderSchedules(schedules) {
+  $("schedules-panel").hidden = schedules.length === 0;
+  $("schedules").replaceChildren(...schedules.map((s) => {
+    const last = s.recent.length ? s.recent[s.recent.length - 1] : null;
+    return h("tr", {"data-schedule-id": s.id},
+      h("td", {class: "mono"}, s.id),
+      h("td", {class: "mono nowrap"}, `${s.cron} (${s.time_zone})`),
+      h("td", {}, badge(s.paused ? "paused" : "active")),
+      h("td", {class: "nowrap", "data-next-fire": s.next_fire},
+        s.next_fire ? `${clock(s.next_fire)} (${startsIn(s.next_fire)})` : "–"),
+      h("td", {class: "num"}, s.fires_total),
+      h("td", {class: "num"}, s.skipped_total),
+      h("td", {class: "mono nowrap"}, last ? [last.task_id || last.outcome, " ",
+        last.task_status ? badge(last.task_status) : ""] : "–"));
+  }));
+}
+
 let shownTasks = [];
 
 /** Render the task table (again, from the last data when called without any). */
@@ -218,11 +236,14 @@ async function refresh() {
     unauthorized ||= e.status === 401;
     return null;
   });
-  const [node, cluster, tasks] = await Promise.all([
+  const [node, cluster, tasks, schedules] = await Promise.all([
     attempt("this node", api("/api/v1/node")),
     attempt("cluster", api("/api/v1/cluster")),
     attempt("tasks", loadTasks()),
+    attempt("schedules", api("/api/v1/schedules")),
   ]);
+  if (schedules) renderSchedules(schedules.schedules);
+  $("schedules-panel").classList.toggle("stale", !schedules);
   if (node) {
     $("self").textContent = `${node.id} (${node.role})`;
     $("term").textContent = node.raft_term ?? "–";

@@ -39,6 +39,12 @@ commit (``World.truth``, a real SchedulerState); an index is a position in the l
 8. **Not before its time.** A delayed task (spec ``run_at``) is queued (released by a
    ``write_start_due`` command) or assigned only once the committed state's clock has
    reached its ``run_at``; until then it is ``scheduled`` and in no queue.
+9. **One task per slot.** A schedule creates at most one task per (schedule, slot),
+   whichever leader fires it and however often.
+10. **No slot missed.** A fire that moves a schedule past slots without firing them
+   (the missed-slot policy) does so only for slots more than the schedule's
+   ``catchup_s`` late by the firing leader's clock: a leader change or a slow leader
+   delays slots, it never loses one.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from taskandgo.consensus.state import FINAL, RUNNING
+from taskandgo.node.timing import next_slot
 
 if TYPE_CHECKING:
     from .node import Run, SimNode
@@ -87,6 +94,8 @@ class Checker:
         self.progress_at = 0.0  # when a unit last ended
         self.delayed_since: dict[tuple[str, int], float] = {}
         self.held_by_clock: set[tuple[str, int]] = set()  # retries the wall clock kept
+        self.slot_tasks: dict[str, int] = {}  # a schedule's task id -> fires that made it
+        self.last_slots: dict[str, float] = {}  # schedule -> last slot before a fire
 
     def fail(self, kind: str, detail: str) -> None:
         self.world.trace(f"VIOLATION {kind}: {detail}")
@@ -102,6 +111,9 @@ class Checker:
 
     def before_commit(self, name: str, args: tuple) -> None:
         self.before = {}
+        if name == "write_timetable_fire":
+            self.last_slots = {sid: sc["last_slot"]
+                               for sid, sc in self.world.truth.schedules.items()}
         if name != "complete":
             return
         for r in args[0]:
@@ -112,6 +124,8 @@ class Checker:
 
     def after_commit(self, index: int, name: str, args: tuple, events: list) -> None:
         truth = self.world.truth
+        if name == "write_timetable_fire":
+            self.check_fires(index, args[1], events)
         for kind, tid, status, chunk, *_ in events:
             run_at = truth.tasks[tid].spec.get("run_at") if tid in truth.tasks else None
             if kind == "task" and status in ("queued", "running") and run_at \
@@ -145,6 +159,25 @@ class Checker:
             del self.queued_since[key]
         for key in sorted(live):
             self.queued_since.setdefault(key, index)
+
+    def check_fires(self, index: int, now: float, events: list) -> None:
+        """Invariants 9 and 10 for one fire command (``now``: the leader's clock)."""
+        truth = self.world.truth
+        for kind, _sid, outcome, _chunk, tid, _at in events:
+            if kind == "schedule" and outcome == "fired":
+                self.slot_tasks[tid] = self.slot_tasks.get(tid, 0) + 1
+                if self.slot_tasks[tid] > 1:
+                    self.fail("one task per slot", f"{tid} created again at index {index}")
+        for sid, before in self.last_slots.items():
+            sc = truth.schedules.get(sid)
+            if sc is None or sc["last_slot"] == before:
+                continue
+            first = next_slot(sc["cron"], sc["tz"], before)
+            if first is not None and first < sc["last_slot"] \
+                    and now - first <= sc["catchup_s"]:
+                self.fail("slot missed", f"schedule {sid} moved from {before} to "
+                          f"{sc['last_slot']} at index {index}, skipping slot {first} only "
+                          f"{now - first:.2f}s late (catch-up {sc['catchup_s']}s)")
 
     def on_apply(self, node: SimNode, always: bool = False) -> None:
         assert node.replica is not None

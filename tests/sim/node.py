@@ -17,7 +17,14 @@ import pickle
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from taskandgo.consensus.commands import Cancel, Command, Submit, Verify, from_args
+from taskandgo.consensus.commands import (
+    Cancel,
+    Command,
+    Submit,
+    Verify,
+    WriteSchedules,
+    from_args,
+)
 from taskandgo.consensus.state import SchedulerState
 from taskandgo.node import decisions as d
 
@@ -337,6 +344,16 @@ class SimNode(WorkerSide, LeaderSide, TimingSide):
                     self.world.on_submit_done(*item[1], False)
 
         self.propose(Submit(tuple(specs), self.wall()), callback=done)
+
+    def client_schedule(self, op: dict[str, Any]) -> None:
+        """ScheduleBook.create at this node (retried like a cancel)."""
+        deadline = self.world.now + SUBMIT_RETRY_S
+
+        def done(result: Any, err: int) -> None:
+            if err and self.world.now < deadline and self.up:
+                self.propose(WriteSchedules((op,), self.wall()), callback=done)
+
+        self.propose(WriteSchedules((op,), self.wall()), callback=done)
 
     def client_cancel(self, tid: str) -> None:
         deadline = self.world.now + SUBMIT_RETRY_S

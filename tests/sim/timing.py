@@ -1,19 +1,21 @@
 """The leader's clock-driven work in a simulated node: node/timing.py without threads.
 
 A mixin of :class:`~.node.SimNode`. The decision is the node's own
-(``node/timing.py`` ``due_starts``); what is modelled here is how ``Timekeeper``
-carries it out: the view it reads from its replica, the releases it has in flight
-(forgotten by a new leader), the ``StartDue`` command it proposes.
+(``node/timing.py`` ``due_starts``, ``due_fires``); what is modelled here is how
+``Timekeeper`` carries them out: the views it reads from its replica, the releases and
+fires it has in flight (forgotten by a new leader), the ``StartDue`` and
+``FireSchedules`` commands it proposes.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from taskandgo.consensus.commands import StartDue
+from taskandgo.consensus.commands import FireSchedules, StartDue
 from taskandgo.node import timing
 
 START_RETRY_S = timing.START_RETRY_S
+FIRE_RETRY_S = timing.FIRE_RETRY_S
 
 
 class TimingSide:
@@ -32,6 +34,8 @@ class TimingSide:
         if getattr(self, "timing_term", None) != self.leading_term:
             self.timing_term = self.leading_term
             self.starting: dict[str, float] = {}
+            self.firing: dict[str, float] = {}
+        self.fire_tick()
         now = self.world.now
         self.starting = {t: at for t, at in self.starting.items() if now - at <= START_RETRY_S}
         wall = self.wall()  # type: ignore[attr-defined]
@@ -50,3 +54,26 @@ class TimingSide:
                     self.starting.pop(tid, None)
 
         self.propose(StartDue(ids, wall), callback=done)  # type: ignore[attr-defined]
+
+    def fire_tick(self) -> None:
+        """Timekeeper._step_fires: the schedules' views, due_fires, one FireSchedules."""
+        now = self.world.now
+        self.firing = {k: at for k, at in self.firing.items() if now - at <= FIRE_RETRY_S}
+        wall = self.wall()  # type: ignore[attr-defined]
+        views = [timing.ScheduleView(sid, sc["cron"], sc["tz"], sc["last_slot"], sc["paused"],
+                                     sc["missed"], sc["catchup_s"])
+                 for sid, sc in self.replica.schedules.items()]
+        fires = timing.due_fires(views, wall, frozenset(self.firing))
+        if not fires:
+            return
+        for f in fires:
+            self.firing[f.schedule_id] = now
+        self.world.trace(f"{self.id} fires {[(f.schedule_id, f.slot, f.run) for f in fires]}")
+
+        def done(_: Any, err: int, term: int | None = self.leading_term) -> None:
+            if term == self.leading_term:
+                for f in fires:
+                    self.firing.pop(f.schedule_id, None)
+
+        self.propose(FireSchedules(tuple((f.schedule_id, f.slot, f.run)  # type: ignore[attr-defined]
+                                         for f in fires), wall), callback=done)

@@ -318,6 +318,8 @@ class World:
             self.client_submit()
         if self.faulty and self.rng.random() < self.cfg.p_cancel:
             self.client_cancel()
+        if self.faulty and self.step_no in (3, 20):
+            self.client_schedule()
         self.log.tick()
         self.replicate()
         self.net.deliver_due()
@@ -393,6 +395,22 @@ class World:
             self.acked.update(ids)
         elif call.tries < 4:
             self.retries.append(call)  # the client tries again on the next step
+
+    def client_schedule(self) -> None:
+        """Create a schedule firing every second, with a random overlap policy."""
+        voters = [n for n in self.nodes.values() if n.voter and n.running()]
+        if not voters:
+            return
+        sid = f"s{self.step_no}"
+        op = {"op": "create", "id": sid, "cron": "* * * * * *", "tz": "UTC",
+              # The lowest priority: a slot's task queues behind every task accepted
+              # before it (a higher one, every second, would starve lower ones).
+              "template": {"priority": PRIORITIES[0], "strategy": "batch", "data": sid},
+              "overlap": self.rng.choice(("allow", "forbid", "replace")), "missed": "latest",
+              "catchup_s": 10.0}
+        node = self.rng.choice(voters)
+        self.trace(f"client creates schedule {sid} ({op['overlap']}) at {node.id}")
+        node.client_schedule(op)
 
     def client_cancel(self) -> None:
         known = sorted(self.truth.tasks)
