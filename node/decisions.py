@@ -29,6 +29,7 @@ from taskandgo.node.views import (
     PlanView,
     ReplicaUnit,
     Requeue,
+    RunningSummary,
     RunningView,
     UnitKey,
     WorkerView,
@@ -135,6 +136,42 @@ def window(worker: WorkerView, per_slot: float) -> int:
     return min(extra, int(worker.slots * per_slot))
 
 
+def summarize_running(running: Mapping[UnitKey, str], priority: Callable[[str], int | None],
+                      completing: Iterable[tuple[UnitKey, str]]) -> RunningSummary:
+    """Sum up the running units (unit -> worker; ``priority`` of a task id, None
+    when unknown) for planning: see :class:`RunningSummary`. ``completing``: (unit,
+    worker) whose result is being committed. One pass over the running units, then
+    one look-up per completing one."""
+    busy: dict[str, int] = {}
+    prios: set[int] = set()
+    for (tid, _chunk), worker in running.items():
+        busy[worker] = busy.get(worker, 0) + 1
+        p = priority(tid)
+        if p is not None:
+            prios.add(p)
+    for key, worker in completing:
+        if running.get(key) == worker:
+            busy[worker] -= 1
+    return RunningSummary(busy, frozenset(prios))
+
+
+def _busy(view: PlanView) -> tuple[dict[str, int], frozenset[int]]:
+    """Units each worker holds (running and not completing, ``held``, in flight)
+    and the priorities of the running units: the part of :func:`free_slots` that
+    reads every running unit, unless the view carries them summed up."""
+    summary = view.running_summary
+    if summary is None:
+        prio = {r.task_id: r.priority for r in view.running}
+        summary = summarize_running({(r.task_id, r.chunk): r.worker for r in view.running},
+                                    prio.get, (((t, c), w) for t, c, w in view.completing))
+    busy: dict[str, int] = dict(view.held)
+    for worker, n in summary.busy.items():
+        busy[worker] = busy.get(worker, 0) + n
+    for p in view.in_flight:
+        busy[p.worker] = busy.get(p.worker, 0) + 1
+    return busy, summary.priorities
+
+
 def free_slots(view: PlanView) -> tuple[Worker, ...]:
     """Every live worker with the units it can take now: its slots, plus its
     prefetch window while every queued, waiting-to-retry, running and completing
@@ -144,21 +181,8 @@ def free_slots(view: PlanView) -> tuple[Worker, ...]:
     (running and not completing, and ended attempts it has not dropped yet:
     ``held``) and the units proposed to it. The window is sized by the kinds of the
     queued units (``run_s_by_kind``, see :func:`window_run_s`) or one average."""
-    # Called on every planning round with every running unit: plain dict counts
-    # and positional fields (RunningView is a tuple) keep it cheap.
-    busy: dict[str, int] = dict(view.held)
-    prios = set(view.queued_priorities)
-    completing = view.completing
-    for r in view.running:
-        worker = r[2]
-        if r[3] is not None:
-            # A completing unit too: a failed one comes back as a retry.
-            prios.add(r[3])
-        if completing and (r[0], r[1], worker) in completing:
-            continue
-        busy[worker] = busy.get(worker, 0) + 1
-    for p in view.in_flight:
-        busy[p.worker] = busy.get(p.worker, 0) + 1
+    busy, prios = _busy(view)
+    prios = prios | set(view.queued_priorities)
     if len(prios) > 1:
         per_slot = 0.0
     elif view.run_s_by_kind is None:
@@ -518,6 +542,7 @@ __all__ = [
     "PlanView",
     "ReplicaUnit",
     "Requeue",
+    "RunningSummary",
     "RunningView",
     "UnitKey",
     "WorkerView",
@@ -541,6 +566,7 @@ __all__ = [
     "run_time_s",
     "should_flush",
     "stale_held",
+    "summarize_running",
     "top_floor",
     "unit_kind",
     "units_to_kill",

@@ -156,7 +156,7 @@ class OutputStore:
     def discard(self, sink: Sink) -> None:
         """Keep nothing of this unit (its result holds all of it)."""
         sink.close()
-        for s in STREAMS:
+        for s in sink.files:  # only what was opened: most units write no file at all
             with contextlib.suppress(OSError):
                 os.remove(sink.paths[s] + ".tmp")
 

@@ -60,10 +60,10 @@ class RunningView(NamedTuple):
         return (self.task_id, self.chunk, self.attempt, self.token)
 
 
-@dataclass(frozen=True)
-class InFlight:
+class InFlight(NamedTuple):
     """An assignment proposed (in an assign command) and not applied yet, and its
-    unit's priority (None: not known)."""
+    unit's priority (None: not known). A named tuple: the leader keeps one per unit
+    it proposes and hands them all to every planning round."""
 
     task_id: str
     chunk: int
@@ -115,6 +115,19 @@ class PlanView:
     run_s_by_kind: Mapping[str, float] | None = None
     #: Priorities of assignments committed and not yet delivered to their workers.
     undelivered: frozenset[int] = frozenset()
+    #: ``running`` summed up (see :func:`summarize_running`), given in its place by
+    #: the leader: building a RunningView per running unit every round cost it more
+    #: than planning. None: planning sums up ``running``.
+    running_summary: RunningSummary | None = None
+
+
+class RunningSummary(NamedTuple):
+    """The running units as planning counts them: per worker, how many run there
+    and are not completing (``busy``); the priorities of all of them, completing
+    ones included (a failed one comes back as a retry)."""
+
+    busy: Mapping[str, int]
+    priorities: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -135,9 +148,9 @@ class LeaseView:
     missing: Mapping[AttemptKey, float] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class ReplicaUnit:
-    """What the replica holds for a unit a worker reports running."""
+class ReplicaUnit(NamedTuple):
+    """What the replica holds for a unit a worker reports running (a named tuple:
+    looked up for many reported units every planning round)."""
 
     status: str
     token: int

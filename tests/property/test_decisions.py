@@ -7,6 +7,7 @@ order, lease timing, in-flight exclusion and requeue de-duplication."""
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -514,3 +515,22 @@ def test_a_lower_unit_never_goes_out_before_a_more_urgent_one_is_delivered(
     above = [p.priority for p in in_flight if p.priority is not None] + list(undelivered)
     if out and above:
         assert min(levels) >= max(above)
+
+
+@given(plan_views(), st.lists(st.tuples(st.sampled_from(["gone0", "gone1", "r0"]),
+                                        st.sampled_from(NODES)), max_size=3))
+@settings(max_examples=400, deadline=None)
+def test_the_leaders_running_summary_plans_exactly_as_the_running_units(
+        view: d.PlanView, gone: list[tuple[str, str]]) -> None:
+    # The leader passes the running units summed up (PlanView.running_summary), read
+    # straight from the replica's unit -> worker map; the simulator passes them one
+    # by one. Completing units whose result has applied meanwhile (no longer
+    # running, or running again elsewhere) count in neither.
+    view = replace(view, completing=view.completing | {(t, -1, w) for t, w in gone})
+    prio = {r.task_id: r.priority for r in view.running}
+    summary = d.summarize_running({(r.task_id, r.chunk): r.worker for r in view.running},
+                                  prio.get, [((t, c), w) for t, c, w in view.completing])
+    summed = replace(view, running=(), running_summary=summary)
+    assert d.free_slots(summed) == d.free_slots(view)
+    assert d.queue_depth_needed(summed) == d.queue_depth_needed(view)
+    assert d.plan_round(summed) == d.plan_round(view)
