@@ -1,6 +1,8 @@
-"""Schedules at scale: many active schedules firing every minute, on a 3-node cluster.
+"""Schedules at scale: many active schedules firing every minute, on a 3-node cluster;
+and a dependency fan-in.
 
     python bench/schedules.py [--schedules 10000] [--minutes 2] [--cron '* * * * *']
+    python bench/schedules.py --fanin 1000 [--rounds 5]
 
 Creates the schedules (each a no-op task: opaque data, recorded by the echo runner),
 waits for the next whole minute, then for ``--minutes`` minutes of fires. Prints, per
@@ -8,6 +10,10 @@ fire measured: the lateness (the slot's task created, i.e. the fire committed, m
 the slot time) p50/p99/max, how many slots fired and were missed or fired twice, and
 the leader's CPU over the window (percent of one core) with the idle baseline before
 the schedules existed.
+
+``--fanin N``: N parent tasks (no-ops) and one child ``after`` all of them, submitted
+together, ``--rounds`` times; prints the time from the last parent's end to the
+child's start (median and max), i.e. what the dependency costs.
 """
 
 from __future__ import annotations
@@ -39,8 +45,27 @@ def _pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
+def fan_in(cluster: BenchCluster, n: int, rounds: int) -> None:
+    from taskandgo.node.client import task_spec
+
+    gaps = []
+    with Client(cluster.addrs, timeout_s=120) as c:
+        for r in range(rounds):
+            parents = [task_spec(f"p{r}-{i}", id=f"p{r}-{i}") for i in range(n)]
+            child = task_spec("child", id=f"child-{r}", after=[p["id"] for p in parents])
+            c.submit_many([*parents, child], batch=n + 1)
+            done = c.wait([child["id"]], timeout_s=120)[0]
+            ends = [t["finished_at"] for t in c.wait([p["id"] for p in parents], 60)]
+            gaps.append(done["started_at"] - max(ends))
+    print(f"fan-in of {n}: last parent's end to the child's start: median "
+          f"{1000 * statistics.median(gaps):.0f} ms, max {1000 * max(gaps):.0f} ms "
+          f"over {rounds} rounds")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--fanin", type=int, default=0, help="measure a fan-in of N parents")
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--schedules", type=int, default=10_000)
     ap.add_argument("--minutes", type=int, default=2)
     ap.add_argument("--cron", default="* * * * *")
@@ -48,6 +73,13 @@ def main() -> int:
                     help="the cron's period (60 for every minute)")
     args = ap.parse_args()
     cluster = BenchCluster(3, slots=8)
+    if args.fanin:
+        try:
+            cluster.wait_leader()
+            fan_in(cluster, args.fanin, args.rounds)
+        finally:
+            cluster.stop()
+        return 0
     try:
         leader = cluster.wait_leader()
         pid = cluster.procs[leader].pid

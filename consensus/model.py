@@ -18,8 +18,14 @@ CANCELLED = "cancelled"
 #: Accepted with a start time still ahead (spec ``run_at``): kept out of the queue
 #: until a leader's ``start_due`` command releases it (RAFT_PROTOCOL 5).
 SCHEDULED = "scheduled"
-FINAL = (SUCCEEDED, FAILED, CANCELLED)
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SCHEDULED)
+#: Waiting for the tasks its spec names in ``after`` (RAFT_PROTOCOL 7): out of the
+#: queue until they have all succeeded (or, with ``after_any``, ended).
+WAITING = "waiting"
+#: Final: a task it waited for failed or was cancelled (its error names it).
+UPSTREAM_FAILED = "upstream_failed"
+FINAL = (SUCCEEDED, FAILED, CANCELLED, UPSTREAM_FAILED)
+STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED, SCHEDULED, WAITING,
+            UPSTREAM_FAILED)
 
 PRIORITY_LEVELS = {"low": 0, "medium": 10, "high": 20, "critical": 30}
 WHOLE = -1  # chunk index of a unit that is a whole task
@@ -239,4 +245,5 @@ class Task:
             # A schedule's task: which schedule created it, for which slot.
             "schedule_id": str(self.spec.get("schedule", "") or ""),
             "slot": float(self.spec.get("slot", 0.0) or 0.0),
+            "parents": list(self.spec.get("after") or ()),
         }

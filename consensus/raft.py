@@ -49,8 +49,10 @@ MAYBE_COMMITTED = {FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME}
 #: node's start time (a loss counts towards the poison rule only if that node
 #: outlived it); 4: write_settings (the cluster-wide default strategy); 5: delayed
 #: tasks (a submit's ``run_at`` keeps a task out of the queue; write_start_due);
-#: 6: periodic schedules (write_timetable_change, write_timetable_fire).
-RAFT_PROTOCOL = 6
+#: 6: periodic schedules (write_timetable_change, write_timetable_fire); 7: task
+#: dependencies (a submit's ``after`` keeps a task waiting; complete and cancel
+#: release or end its dependents).
+RAFT_PROTOCOL = 7
 
 
 class SafeSyncObj(SyncObj):

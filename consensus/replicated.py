@@ -142,6 +142,9 @@ class ReplicatedState(SyncObjConsumer):
                     self.state.schedules = {}
                 if not hasattr(self.state, "schedule_rev"):
                     self.state.schedule_rev = 0
+                for name in ("waiting", "children"):
+                    if not hasattr(self.state, name):
+                        setattr(self.state, name, {})
                 self.cluster_id = str(data.get("cluster_id") or "")
             else:
                 self._fatal(f"unrecognised snapshot contents ({type(data).__name__})")

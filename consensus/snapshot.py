@@ -52,6 +52,8 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         # Version 2 (written only when set; see replicated.py snapshot_version):
         "scheduled": [[k, v] for k, v in state.scheduled.items()],
         "schedules": list(state.schedules.values()),
+        "waiting": [[k, list(v)] for k, v in state.waiting.items()],
+        "children": [[k, list(v)] for k, v in state.children.items()],
     }
 
 
@@ -88,12 +90,16 @@ def from_snapshot(data: dict[str, Any]) -> SchedulerState:
     st.settings = {str(k): str(v) for k, v in dict(data.get("settings", {})).items()}
     st.scheduled = {str(k): float(v) for k, v in data.get("scheduled", [])}
     st.schedules = {str(r["id"]): dict(r) for r in data.get("schedules", [])}
+    st.waiting = {str(k): [str(p) for p in v] for k, v in data.get("waiting", [])}
+    st.children = {str(k): [str(c) for c in v] for k, v in data.get("children", [])}
     return st
 
 
 def needs_version(data: dict[str, Any]) -> int:
     """The lowest snapshot version that holds ``data`` (a :func:`to_snapshot`):
-    1 unless it carries what only version 2 has (delayed tasks, schedules), so a release that
+    1 unless it carries what only version 2 has (delayed tasks, schedules,
+    dependencies), so a release that
     reads version 1 only refuses (fail-stop) a snapshot it would read wrong, and
     reads every other one as before."""
-    return 2 if data.get("scheduled") or data.get("schedules") else 1
+    newer = ("scheduled", "schedules", "waiting", "children")
+    return 2 if any(data.get(k) for k in newer) else 1

@@ -37,6 +37,8 @@ from taskandgo.consensus.model import (
     SCHEDULED,
     STATUSES,
     SUCCEEDED,
+    UPSTREAM_FAILED,
+    WAITING,
     WHOLE,
     Event,
     Task,
@@ -94,6 +96,10 @@ class SchedulerState:
         #: Counts changes to schedules on this replica (not replicated state: a reader
         #: sees whether to look again; it restarts at 0 with the process).
         self.schedule_rev = 0
+        #: Dependencies: a waiting task -> the parents it still waits for, and a
+        #: parent -> the tasks that named it (kept until the parent is forgotten).
+        self.waiting: dict[str, list[str]] = {}
+        self.children: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -128,10 +134,50 @@ class SchedulerState:
                     self._enqueue(task, key[1], unit)
         return events
 
-    def _finish(self, task: Task, status: str, now: float) -> None:
+    def _finish(self, task: Task, status: str, now: float) -> list[Event]:
+        """End a task; then its dependents: each released once every parent it waits
+        for has succeeded (with ``after_any``: ended), or ended upstream_failed naming
+        this one, and so on down (iteratively: a chain of any length). Returns the
+        dependents' events."""
         task.status = status
         task.finished_at = now
         self.finished[task.id] = now
+        if task.id not in self.children:
+            return []
+        events: list[Event] = []
+        ended = [task]
+        while ended:
+            parent = ended.pop()
+            for cid in self.children.get(parent.id, ()):
+                child = self.tasks.get(cid)
+                pending = self.waiting.get(cid)
+                if child is None or pending is None or child.status != WAITING \
+                        or parent.id not in pending:
+                    continue
+                if parent.status == SUCCEEDED or child.spec.get("after_any"):
+                    pending.remove(parent.id)
+                    if not pending:
+                        del self.waiting[cid]
+                        self._release_child(child)
+                        events.append(("task", cid, QUEUED, WHOLE, "", now))
+                    continue
+                del self.waiting[cid]
+                child.error = (f"upstream task {parent.id} ended {parent.status}"
+                               + (f" ({parent.error[:200]})" if parent.error else ""))[:500]
+                child.status = UPSTREAM_FAILED
+                child.finished_at = now
+                self.finished[cid] = now
+                events.append(("task", cid, UPSTREAM_FAILED, WHOLE, "", now))
+                if cid in self.children:
+                    ended.append(child)
+        return events
+
+    def _release_child(self, task: Task) -> None:
+        """Queue a task whose parents are done, their results in its spec (``parents``:
+        id -> result, for the worker to hand to it)."""
+        task.spec["parents"] = {p: self.tasks[p].result if p in self.tasks else ""
+                                for p in task.spec.get("after") or ()}
+        self._release(task)
 
     def _is_live_entry(self, entry: tuple) -> bool:
         _, qseq, tid, chunk = entry
@@ -177,6 +223,11 @@ class SchedulerState:
                 key = keys[prio] = now * self.aging_per_s - prio
             task.key = key
             self.tasks[tid] = task
+            after = spec.get("after") if isinstance(spec, dict) else None
+            if isinstance(after, list) and after:
+                out.append((tid, True, self._wait_for(task, [str(p) for p in after], now)))
+                events.append(("task", tid, task.status, WHOLE, "", now))
+                continue
             run_at = spec.get("run_at") if isinstance(spec, dict) else None
             if isinstance(run_at, (int, float)) and not isinstance(run_at, bool) \
                     and run_at > now:
@@ -194,6 +245,34 @@ class SchedulerState:
             out.append((tid, True, QUEUED))
             events.append(("task", tid, QUEUED, WHOLE, "", now))
         return out, events
+
+    def _wait_for(self, task: Task, parents: list[str], now: float) -> str:
+        """A new task with parents: queued at once when they are all done as it
+        needs, upstream_failed when one is not (or unknown: the node refuses unknown
+        ids, so only one forgotten since), else waiting. Returns its status."""
+        pending: list[str] = []
+        for pid in dict.fromkeys(parents):  # once each, in order
+            parent = self.tasks.get(pid)
+            if parent is None:
+                task.error = f"upstream task {pid} is unknown"
+                self._finish(task, UPSTREAM_FAILED, now)
+                return UPSTREAM_FAILED
+            self.children.setdefault(pid, []).append(task.id)
+            if parent.status == SUCCEEDED or (parent.status in FINAL
+                                              and task.spec.get("after_any")):
+                continue
+            if parent.status in FINAL:
+                task.error = (f"upstream task {pid} ended {parent.status}"
+                              + (f" ({parent.error[:200]})" if parent.error else ""))[:500]
+                self._finish(task, UPSTREAM_FAILED, now)
+                return UPSTREAM_FAILED
+            pending.append(pid)
+        if not pending:
+            self._release_child(task)
+            return QUEUED
+        task.status = WAITING
+        self.waiting[task.id] = pending
+        return WAITING
 
     def _release(self, task: Task) -> None:
         """Queue a task that was kept out of the queue (a delayed task now due), as a
@@ -384,7 +463,7 @@ class SchedulerState:
                 self.rejected_commands += 1
                 continue
             task = self.tasks.get(tid)
-            if task is None or task.status in FINAL or task.status == SCHEDULED:
+            if task is None or task.status in FINAL or task.status in (SCHEDULED, WAITING):
                 continue
             if chunk != WHOLE and task.chunks is None:
                 # First dispatch of a split task: cut it now.
@@ -512,16 +591,17 @@ class SchedulerState:
             task.result = unit.result
             task.error = unit.error
             task.node = unit.node
-            self._finish(task, unit.status, now)
-            return [("task", task.id, unit.status, WHOLE, unit.node, now)]
+            after = self._finish(task, unit.status, now)
+            return [("task", task.id, unit.status, WHOLE, unit.node, now), *after]
         events: list[Event] = [("task", task.id, "chunk_" + unit.status, chunk, unit.node, now)]
         chunks = task.chunks or []
         if unit.status == FAILED:
             task.error = f"chunk {chunk} failed: {unit.error}"[:4000]
             task.exit_code = unit.exit_code
             self._cancel_units(task, now, events, "sibling chunk failed")
-            self._finish(task, FAILED, now)
+            after = self._finish(task, FAILED, now)
             events.append(("task", task.id, FAILED, WHOLE, "", now))
+            events.extend(after)
             return events
         task.chunks_done += 1
         if task.chunks_done == len(chunks):
@@ -533,8 +613,9 @@ class SchedulerState:
                     gathered.append(c.result)
             task.result = json.dumps(gathered)
             task.unit.status = SUCCEEDED
-            self._finish(task, SUCCEEDED, now)
+            after = self._finish(task, SUCCEEDED, now)
             events.append(("task", task.id, SUCCEEDED, WHOLE, "", now))
+            events.extend(after)
         return events
 
     def _cancel_units(self, task: Task, now: float, events: list[Event], why: str) -> list:
@@ -572,8 +653,10 @@ class SchedulerState:
                 continue
             killed = self._cancel_units(task, now, events, "cancelled")
             task.error = "cancelled"
-            self._finish(task, CANCELLED, now)
+            self.waiting.pop(task.id, None)
+            after = self._finish(task, CANCELLED, now)
             events.append(("task", task.id, CANCELLED, WHOLE, "", now))
+            events.extend(after)
             out.append((task.id, CANCELLED, killed))
         return out, events
 
@@ -670,6 +753,7 @@ class SchedulerState:
         for tid in doomed:
             del self.finished[tid]
             self.tasks.pop(tid, None)
+            self.children.pop(tid, None)
             removed += 1
         if len(self.heap) > 64 and len(self.heap) > 2 * self.queued_count():
             self.heap = [e for e in self.heap if self._is_live_entry(e)]
@@ -777,6 +861,8 @@ class SchedulerState:
             self.committed_results, self.now, tuple(sorted(self.settings.items())),
             tuple(self.scheduled.items()),
             json.dumps(self.schedules, sort_keys=True),
+            tuple((k, tuple(v)) for k, v in self.waiting.items()),
+            tuple((k, tuple(v)) for k, v in self.children.items()),
         )
 
 
@@ -799,6 +885,8 @@ __all__ = [
     "SKIPPED_OVERLAP",
     "STATUSES",
     "SUCCEEDED",
+    "UPSTREAM_FAILED",
+    "WAITING",
     "WHOLE",
     "Event",
     "SchedulerState",

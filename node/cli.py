@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "shown as scheduled until then")
     when.add_argument("--in", type=_duration, default=0.0, dest="delay_s", metavar="DURATION",
                       help="run after this long (90, 90s, 5m, 1h30m, 2d)")
+    sp.add_argument("--after", action="append", default=[], metavar="ID[,ID...]",
+                    help="run only once these tasks have succeeded (their results in "
+                    "$TASKANDGO_PARENTS or the parents= argument); if one fails or is "
+                    "cancelled, this task ends upstream_failed")
+    sp.add_argument("--after-any", action="store_true",
+                    help="with --after: run once they have ended, whatever their outcome")
     sp.add_argument("--wait", action="store_true", help="wait for the result and show it")
     sp.add_argument("--wait-timeout", type=_ranged(float, 0, MAX_SECONDS, above=True),
                     default=3600.0, help="seconds --wait waits for the result (3600)")
@@ -321,7 +327,9 @@ def cmd_submit(c: Any, args: argparse.Namespace) -> int:
         **_payload(args), id=args.id, priority=args.priority, strategy=args.strategy,
         shards=args.shards, items=args.items, timeout_s=args.task_timeout,
         retries=args.retries, labels=dict(args.label), on_every_node=args.on_every_node,
-        run_at=args.at, delay_s=args.delay_s)
+        run_at=args.at, delay_s=args.delay_s,
+        after=[i.strip() for a in args.after for i in a.split(",") if i.strip()],
+        after_any=args.after_any)
     res = c.submit_many([spec])[0]
     if not args.wait:
         if args.json:
@@ -349,7 +357,8 @@ def _wait_with_progress(c: Any, task_id: str, timeout_s: float, quiet: bool) -> 
             n, done = task["chunk_count"], task["chunks_done"]
             bar = "#" * (30 * done // n) + "-" * (30 - 30 * done // n)
             print(f"\r[{bar}] {done}/{n} chunks", end="", file=sys.stderr, flush=True)
-        if task["status"] in ("succeeded", "failed", "cancelled") or left <= 0:
+        if task["status"] in ("succeeded", "failed", "cancelled", "upstream_failed") \
+                or left <= 0:
             if tty and task.get("chunk_count"):
                 print(file=sys.stderr)
             return task
@@ -377,6 +386,13 @@ def _print_task(t: dict[str, Any], brief: bool = False) -> None:
         ("attempts", t["attempts"]), ("node", t["node"]), ("exit code", t["exit_code"]),
         ("created", _ts(t["created_at"])),
         *([("run at", _when(t["run_at"]))] if t.get("run_at") else []),
+        *([("schedule", f"{t['schedule_id']} (slot {_when(t['slot'])})")]
+          if t.get("schedule_id") else []),
+        *([("after", ", ".join(t["parents"]) + (" (any outcome)" if t.get("spec", {}).get(
+            "after_any") else ""))] if t.get("parents") else []),
+        *([("children", ", ".join(t["children"][:20])
+            + (f" (+{len(t['children']) - 20})" if len(t["children"]) > 20 else ""))]
+          if t.get("children") else []),
         ("started", _ts(t["started_at"])),
         ("finished", _ts(t["finished_at"])),
     ]
@@ -476,6 +492,8 @@ def cmd_tasks(c: Any, args: argparse.Namespace) -> int:
         res = (t["result"] or t["error"]).replace("\n", " ")[:40]
         if t["status"] == "scheduled" and t.get("run_at"):
             res = f"runs at {_when(t['run_at'])}"
+        elif t["status"] == "waiting":
+            res = "after " + ",".join(t.get("parents", []))[:60]
         print(f"{t['id'][:34]:34} {t['status']:10} {t.get('priority_name') or t['priority']:8} "
               f"{t['strategy']:8} {t['node'][:10]:10} {t['attempts']:>3}  {res}")
     return 0

@@ -41,7 +41,7 @@ def task_spec(
     strategy: str = "", shards: int = 0, items: list | None = None,
     timeout_s: float = 0.0, retries: int = 0, labels: Mapping[str, str] | None = None,
     on_every_node: bool = False, run_at: str | float | datetime.datetime | None = None,
-    delay_s: float = 0.0,
+    delay_s: float = 0.0, after: Sequence[str] = (), after_any: bool = False,
 ) -> dict[str, Any]:
     """A TaskSpec dict (the fields of ``taskandgo.v1.TaskSpec``: what
     :meth:`Client.submit_many` takes, as in earlier releases), checked here by the
@@ -53,7 +53,12 @@ def task_spec(
 
     A delayed task: ``run_at`` (an RFC 3339 time, seconds since the epoch, or an aware
     datetime) or ``delay_s`` (seconds from now, by this machine's clock); it is
-    accepted at once, shown as ``scheduled``, and queued at that time."""
+    accepted at once, shown as ``scheduled``, and queued at that time.
+
+    A dependent task: ``after`` (ids of tasks submitted before it) — it waits as
+    ``waiting`` until they have all succeeded (``after_any``: ended), then runs with
+    their results (``$TASKANDGO_PARENTS``, or the ``parents`` keyword argument of a
+    call); if one fails or is cancelled it ends ``upstream_failed`` naming it."""
     if isinstance(run_at, datetime.datetime):
         if run_at.tzinfo is None:
             raise TaskAndGoError("INVALID_ARGUMENT", "run_at: a datetime needs a time zone")
@@ -61,7 +66,8 @@ def task_spec(
     raw = {"id": id, "priority": priority, "data": data, "argv": argv, "call": call,
            "args": args, "strategy": strategy, "shards": shards, "items": items,
            "timeout_s": timeout_s, "retries": retries, "labels": labels,
-           "on_every_node": on_every_node, "run_at": run_at, "delay_s": delay_s}
+           "on_every_node": on_every_node, "run_at": run_at, "delay_s": delay_s,
+           "after": list(after), "after_any": after_any}
     try:
         spec = TaskSpec.check(raw, default_strategy="")
     except InvalidTask as exc:
@@ -297,7 +303,7 @@ class Client:
                     time.sleep(1.0)  # the node's retry hint, not waiting for an outcome
                     break
                 for t in res["tasks"]:
-                    if t["status"] in ("succeeded", "failed", "cancelled"):
+                    if t["status"] in ("succeeded", "failed", "cancelled", "upstream_failed"):
                         done[t["id"]] = t
 
     def watch_raw(self, task_ids: list[str] | None = None, after_seq: int = 0) -> Iterator[Any]:

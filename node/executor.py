@@ -285,6 +285,9 @@ class Executor:
             if w.chunk >= 0:
                 kwargs = {"chunk_index": w.chunk, "chunk_count": w.chunk_count,
                           "items": p.get("items")}
+            if "parents" in p:
+                # A dependent task: its parents' results (task id -> result text).
+                kwargs["parents"] = p["parents"]
             return self._calls.call({"call": p["call"], "args": p.get("args"), "kwargs": kwargs},
                                     timeout_s, cancel)
         if p.get("argv"):
@@ -311,6 +314,8 @@ class Executor:
             "TASKANDGO_NODE_ID": self.node_id,
             "PYTHONUNBUFFERED": "1",
         })
+        if "parents" in w.payload:
+            env.update(parents_env(w.payload["parents"]))
         if w.chunk >= 0:
             env.update({
                 "TASKANDGO_CHUNK_INDEX": str(w.chunk),
@@ -441,3 +446,20 @@ def _killpg(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (OSError, ProcessLookupError):
         pass
+
+
+#: An environment variable may hold at most 128 KiB on Linux (MAX_ARG_STRLEN): the
+#: parents' results go in whole up to about that, else their ids alone.
+MAX_PARENTS_ENV = 120 * 1024
+
+
+def parents_env(parents: Any) -> dict[str, str]:
+    """The environment a dependent task's process gets: ``TASKANDGO_PARENTS``, a JSON
+    object of parent task id -> result text; when that is too long for one variable,
+    the ids with null results and ``TASKANDGO_PARENTS_TRUNCATED=1`` (the results are
+    then read through the API: ``taskandgo get``)."""
+    text = json.dumps(parents if isinstance(parents, dict) else {})
+    if len(text.encode()) <= MAX_PARENTS_ENV:
+        return {"TASKANDGO_PARENTS": text}
+    ids = dict.fromkeys(parents if isinstance(parents, dict) else {})
+    return {"TASKANDGO_PARENTS": json.dumps(ids), "TASKANDGO_PARENTS_TRUNCATED": "1"}

@@ -181,7 +181,7 @@ class Handler(RequestHandler):
 
     def h_list_schedules(self, params: dict[str, str], q: dict[str, str],
                          query: dict[str, list[str]]) -> None:
-        self._send(200, {"schedules": self.app.schedules.list()})
+        self._send(200, {"schedules": self.app.schedules.list_all()})
 
     def h_get_schedule(self, params: dict[str, str], q: dict[str, str],
                        query: dict[str, list[str]]) -> None:

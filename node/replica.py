@@ -337,7 +337,9 @@ class Replica:
     # ------------------------------------------------------------------ client reads
 
     def get_task(self, task_id: str) -> dict[str, Any]:
-        t = self.read(lambda s: s.tasks[task_id].as_dict() if task_id in s.tasks else None)
+        t = self.read(lambda s: dict(s.tasks[task_id].as_dict(),
+                                     children=list(s.children.get(task_id, ())))
+                      if task_id in s.tasks else None)
         if t is None:
             if self.leader_voter() is None:
                 # A voter that has not heard from a leader (just restarted, cut off) may
@@ -350,7 +352,8 @@ class Replica:
                   offset: int) -> dict[str, Any]:
         def page(s: SchedulerState) -> tuple[list, int]:
             tasks = s.list_tasks(status, pairs)
-            return [t.as_dict() for t in tasks[offset:offset + limit]], len(tasks)
+            return [dict(t.as_dict(), children=list(s.children.get(t.id, ())))
+                    for t in tasks[offset:offset + limit]], len(tasks)
 
         tasks, total = self.read(page)
         nxt = str(offset + limit) if offset + limit < total else ""
@@ -455,6 +458,8 @@ def task_to_api(t: dict[str, Any]) -> dict[str, Any]:
                              "stderr", "truncated", "output_bytes")}
     for k, default in (("run_at", 0.0), ("schedule_id", ""), ("slot", 0.0)):
         out[k] = t.get(k, default)
+    out["parents"] = list(t.get("parents", ()))
+    out["children"] = list(t.get("children", ()))
     out["spec"] = spec_to_api(t["spec"])
     out["priority_name"] = t.get("priority_name", "")
     return out

@@ -155,7 +155,7 @@ class ScheduleBook:
         return [schedule_to_api(sc, lambda t, st=st: st.get(t, ""))  # type: ignore[misc]
                 for sc, st in self.replica.read(read)]
 
-    def list(self) -> list[dict[str, Any]]:
+    def list_all(self) -> list[dict[str, Any]]:
         if self.replica.replicated is None:
             with self._forward() as c:
                 return list(c.list_schedules())

@@ -205,7 +205,7 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
     @_errors
     def ListSchedules(self, request: Any, context: Any) -> Any:
         return message_from_dict(taskandgo_pb2.ListSchedulesResponse,
-                                 {"schedules": self.app.schedules.list()})
+                                 {"schedules": self.app.schedules.list_all()})
 
     @_errors
     def GetSchedule(self, request: Any, context: Any) -> Any:

@@ -29,7 +29,7 @@ from taskandgo.node.config import NodeConfig
 from taskandgo.node.replica import NotFound, Replica, Unavailable, spec_to_api
 from taskandgo.node.security import Overloaded
 from taskandgo.node.tasks import InvalidTask, normalize, spec_bytes
-from taskandgo.node.timing import DELAYED_PROTOCOL
+from taskandgo.node.timing import DELAYED_PROTOCOL, DEPENDENCY_PROTOCOL
 
 log = logging.getLogger("taskandgo.node")
 
@@ -98,14 +98,19 @@ class Submitter:
         if self.replica.replicated is None:
             with self._forward() as c:
                 return c.submit_many([spec_to_api(s) for s in specs])
-        if any(s.get("run_at") for s in specs) and not self.replica.voters_at(DELAYED_PROTOCOL):
-            # A replica of an earlier release would queue a delayed task at once (and
+        level = max((DEPENDENCY_PROTOCOL if s.get("after") else DELAYED_PROTOCOL
+                     for s in specs if s.get("after") or s.get("run_at")), default=0)
+        if level and not self.replica.voters_at(level):
+            # A replica of an earlier release would queue such a task at once (and
             # diverge): only the leader knows every voter's release, from heartbeats.
             if self.replica.is_leader() or self._to_leader is None:
                 raise Unavailable("a voter runs an earlier release that cannot keep delayed "
-                                  "tasks (run_at); upgrade every voter first")
+                                  "or dependent tasks (run_at, after); upgrade every voter "
+                                  "first")
             with self._to_leader() as c:
                 return c.submit_many([spec_to_api(s) for s in specs])
+        if any(s.get("after") for s in specs):
+            self._check_parents(specs, len(raw_specs) > 1)
         queued, lowest = self.replica.read(lambda s: (s.queued_count(), _lowest(s)))
         if queued + len(specs) > self.cfg.max_queued:
             raise Overloaded(f"queue is full ({queued} queued, bound {self.cfg.max_queued}); "
@@ -131,6 +136,21 @@ class Submitter:
             raise Unavailable("submit was not committed in time (no leader?)") from None
         return [{"task_id": tid, "created": created, "status": status}
                 for tid, created, status in out]
+
+    def _check_parents(self, specs: list[dict[str, Any]], batch: bool) -> None:
+        """Every id a spec's ``after`` names must be a task this replica holds, or one
+        earlier in the same call (so no cycle can ever be made): InvalidTask naming
+        ``after`` (``tasks[i].after``) otherwise."""
+        wanted = sorted({p for s in specs for p in s.get("after") or ()})
+        known = self.replica.read(lambda s: {p for p in wanted if p in s.tasks})
+        earlier: set[str] = set()
+        for i, s in enumerate(specs):
+            missing = [p for p in s.get("after") or () if p not in known and p not in earlier]
+            if missing:
+                raise InvalidTask(f"tasks[{i}].after" if batch else "after",
+                                  f"unknown task {missing[0]!r} (a task can wait only for "
+                                  "tasks submitted before it)")
+            earlier.add(str(s["id"]))
 
     def cancel(self, task_id: str, timeout_s: float = 10.0) -> dict[str, Any]:
         """Cancel a task (voters; retried until committed or SUBMIT_RETRY_S)."""

@@ -169,7 +169,7 @@ def chunk_items(items: list | None, index: int, count: int) -> list | None:
 def payload_for(spec: dict[str, Any], chunk: int, count: int) -> dict[str, Any]:
     """What a worker needs to run one unit of a task."""
     p: dict[str, Any] = {}
-    for k in ("data", "argv", "call", "args", "timeout_s"):
+    for k in ("data", "argv", "call", "args", "timeout_s", "parents"):
         if k in spec:
             p[k] = spec[k]
     if chunk >= 0:

@@ -53,8 +53,10 @@ START_RETRY_S = 2.0
 DELAYED_PROTOCOL = 5
 #: RAFT_PROTOCOL of periodic schedules (write_timetable_change, write_timetable_fire).
 SCHEDULES_PROTOCOL = 6
+#: RAFT_PROTOCOL of task dependencies (a submit's after; consensus/state.py _finish).
+DEPENDENCY_PROTOCOL = 7
 #: A fire command carries at most this many slots.
-MAX_FIRES = 2000
+MAX_FIRES = 5000
 #: A fire proposed and not applied within this long is proposed again.
 FIRE_RETRY_S = 2.0
 #: The default catch-up window: slots at most this late are each fired (a leader
@@ -340,7 +342,23 @@ class Timekeeper:
         self._propose(StartDue(ids, wall), callback=done)
 
 
-__all__ = ["DEFAULT_CATCHUP_S", "DELAYED_PROTOCOL", "MAX_FIRES", "MAX_STARTS",
-           "SCHEDULES_PROTOCOL", "BadCron", "Fire", "ScheduleView", "Timekeeper", "check_cron",
-           "due_fires", "due_starts", "last_slot_at", "lateness_s", "next_due", "next_slot",
-           "zone_of"]
+__all__ = [
+    "DEFAULT_CATCHUP_S",
+    "DELAYED_PROTOCOL",
+    "DEPENDENCY_PROTOCOL",
+    "MAX_FIRES",
+    "MAX_STARTS",
+    "SCHEDULES_PROTOCOL",
+    "BadCron",
+    "Fire",
+    "ScheduleView",
+    "Timekeeper",
+    "check_cron",
+    "due_fires",
+    "due_starts",
+    "last_slot_at",
+    "lateness_s",
+    "next_due",
+    "next_slot",
+    "zone_of",
+]

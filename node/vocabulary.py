@@ -105,6 +105,9 @@ class TaskSpec:
     #: Not before this time (seconds since the epoch; 0: at once). Given as
     #: ``run_at`` (RFC 3339) or ``delay_s`` (from the checking node's clock).
     run_at: float = 0.0
+    #: Run only once these tasks (which exist) have succeeded (``after_any``: ended).
+    after: tuple[str, ...] = ()
+    after_any: bool = False
 
     # ------------------------------------------------------------ made here
 
@@ -221,10 +224,15 @@ class TaskSpec:
                 raise InvalidTask("labels",
                                   f"label {k}: value must be a string of at most 255 chars")
         run_at = start_time(raw.get("run_at"), raw.get("delay_s"))
+        after, after_any = check_after(tid, raw.get("after"), raw.get("after_any"))
+        if after and run_at:
+            raise InvalidTask("after", "give after or a start time (run_at, delay_s), not "
+                              "both")
         return cls(id=tid, priority=priority, strategy=strategy, data=data,
                    argv=tuple(argv), call=call, args=args, shards=shards,
                    items=items or None, timeout_s=float(timeout), retries=retries,
-                   labels=dict(labels), on_every_node=every, run_at=run_at)
+                   labels=dict(labels), on_every_node=every, run_at=run_at,
+                   after=after, after_any=after_any)
 
     def resolved(self, default_strategy: str) -> TaskSpec:
         """This spec with the node's default strategy where it names none (checked
@@ -261,6 +269,10 @@ class TaskSpec:
             out["labels"] = dict(self.labels)
         if self.run_at:
             out["run_at"] = self.run_at
+        if self.after:
+            out["after"] = list(self.after)
+            if self.after_any:
+                out["after_any"] = True
         return out
 
     @classmethod
@@ -273,7 +285,9 @@ class TaskSpec:
                    args=stored.get("args"), shards=stored.get("shards", 0),
                    items=stored.get("items"), timeout_s=stored.get("timeout_s", 0.0),
                    retries=stored.get("retries", 0), labels=dict(stored.get("labels", {})),
-                   on_every_node=every_node(stored), run_at=stored.get("run_at", 0.0))
+                   on_every_node=every_node(stored), run_at=stored.get("run_at", 0.0),
+                   after=tuple(stored.get("after") or ()),
+                   after_any=bool(stored.get("after_any")))
 
     # ------------------------------------------------------------ protobuf
 
@@ -321,6 +335,10 @@ class TaskSpec:
             out["on_every_node"] = True
         if self.run_at:
             out["run_at"] = rfc3339(self.run_at)
+        if self.after:
+            out["after"] = list(self.after)
+            if self.after_any:
+                out["after_any"] = True
         return out
 
     @classmethod
@@ -368,7 +386,39 @@ def spec_to_api(stored: Mapping[str, Any]) -> dict[str, Any]:
         out["on_every_node"] = True
     if stored.get("run_at"):
         out["run_at"] = rfc3339(stored["run_at"])
+    if stored.get("after"):
+        out["after"] = list(stored["after"])
+        if stored.get("after_any"):
+            out["after_any"] = True
     return out
+
+
+#: At most this many parents per task (a fan-in of a thousand maps is two submits).
+MAX_AFTER = 10_000
+
+
+def check_after(tid: str, after: Any, after_any: Any) -> tuple[tuple[str, ...], bool]:
+    """A request's ``after`` (task ids, a list or comma-separated text) and
+    ``after_any``: the parents, each once, in order; InvalidTask naming the field.
+    Whether they exist is the node's check (Submitter), against its replica."""
+    if after in (None, "", []):
+        if after_any not in (None, False):
+            raise InvalidTask("after_any", "only with after")
+        return (), False
+    if isinstance(after, str):
+        after = [a.strip() for a in after.split(",") if a.strip()]
+    if not isinstance(after, (list, tuple)) or not all(isinstance(a, str) for a in after):
+        raise InvalidTask("after", "expected a list of task ids")
+    if len(after) > MAX_AFTER:
+        raise InvalidTask("after", f"more than {MAX_AFTER} tasks")
+    for a in after:
+        if not ID_RE.fullmatch(a):
+            raise InvalidTask("after", f"{a[:64]!r} is not a task id")
+        if a == tid:
+            raise InvalidTask("after", "a task cannot wait for itself")
+    if not isinstance(after_any, (bool, type(None))):
+        raise InvalidTask("after_any", "expected true or false")
+    return tuple(dict.fromkeys(after)), bool(after_any)
 
 
 #: How far ahead a delayed task may be scheduled.
@@ -433,7 +483,7 @@ def start_time(run_at: Any, delay_s: Any, now: float | None = None) -> float:
 #: ``items`` are JSON values, ``args_json`` and ``items_json`` JSON text).
 REQUEST_FIELDS = ("id", "task_id", "priority", "data", "argv", "call", "args", "args_json",
                   "strategy", "shards", "items", "items_json", "timeout_s", "retries", "labels",
-                  "on_every_node", "run_at", "delay_s")
+                  "on_every_node", "run_at", "delay_s", "after", "after_any")
 #: JSON types of the optional fields of an HTTP body (``null`` only where it means
 #: "the default"). The checker takes absent, empty and zero alike (as protobuf
 #: does); over JSON a value of the wrong type is refused, even a falsy one like
@@ -449,6 +499,8 @@ JSON_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "on_every_node": ((bool,), "true or false"),
     "run_at": ((str, int, float, type(None)), "an RFC 3339 time such as 2026-12-01T08:00:00Z"),
     "delay_s": ((int, float, type(None)), "seconds"),
+    "after": ((list, str, type(None)), "a list of task ids"),
+    "after_any": ((bool, type(None)), "true or false"),
 }
 
 
@@ -459,7 +511,8 @@ def request_from_proto(m: pb.TaskSpec) -> dict[str, Any]:
         "call": m.call, "args_json": m.args_json, "strategy": m.strategy, "shards": m.shards,
         "items_json": m.items_json, "timeout_s": m.timeout_s, "retries": m.retries,
         "labels": dict(m.labels), "on_every_node": m.on_every_node,
-        "run_at": m.run_at, "delay_s": m.delay_s,
+        "run_at": m.run_at, "delay_s": m.delay_s, "after": list(m.after),
+        "after_any": m.after_any,
     }
 
 

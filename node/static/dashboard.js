@@ -7,8 +7,9 @@ const PERIODIC_MS = 3000;     // refresh without events (CPU, memory, heartbeats
 const DEBOUNCE_MS = 150;      // events within this window cause one refetch
 const FETCH_TIMEOUT_MS = 6000;
 const PRIORITIES = ["critical", "high", "medium", "low"];
-const STATUSES = ["scheduled", "queued", "running", "succeeded", "failed", "cancelled"];
-const STATUS_ORDER = {running: 0, queued: 1, scheduled: 2};
+const STATUSES = ["scheduled", "waiting", "queued", "running", "succeeded", "failed",
+  "cancelled", "upstream_failed"];
+const STATUS_ORDER = {running: 0, queued: 1, scheduled: 2, waiting: 3};
 const SETTLE_MS = 800;        // one more refetch after a burst (slots, running sets)
 
 const $ = (id) => document.getElementById(id);
@@ -153,6 +154,17 @@ function chunkRow(t) {
           c.result || c.error || ""))))));
 }
 
+/** A task's parents (it waits for them) and children (they wait for it), if any. */
+function relations(t) {
+  const line = (label, ids) => h("div", {class: "muted relations", title: ids.join(" ")},
+    `${label} ${ids.slice(0, 3).join(", ")}${ids.length > 3 ? ` +${ids.length - 3}` : ""}`);
+  return [
+    t.parents && t.parents.length ? line("after", t.parents) : "",
+    t.children && t.children.length ? line("then", t.children) : "",
+    t.schedule_id ? h("div", {class: "muted relations"}, `schedule ${t.schedule_id}`) : "",
+  ];
+}
+
 /** The schedules table: next fire time and the last slot's task and its status. */
 function renderSchedules(schedules) {
   $("schedules-panel").hidden = schedules.length === 0;
@@ -177,12 +189,12 @@ let shownTasks = [];
 function renderTasks(tasks = shownTasks) {
   shownTasks = tasks;
   $("tasks").replaceChildren(...tasks.flatMap((t) => {
-    const active = t.status === "running" || t.status === "queued" || t.status === "scheduled";
+    const active = ["running", "queued", "scheduled", "waiting"].includes(t.status);
     const cancel = active ? h("button", {class: "small cancel", title: "Cancel (kills it if running)",
       onclick: (e) => cancelTask(t.id, e.target)}, "Cancel") : "";
     const nodes = t.node || [...new Set(t.chunks.map((c) => c.node).filter(Boolean))].join(" ");
     const row = h("tr", {"data-task-id": t.id, "data-status": t.status},
-      h("td", {class: "mono"}, t.id, t.chunk_count ? chunkProgress(t) : ""),
+      h("td", {class: "mono"}, t.id, t.chunk_count ? chunkProgress(t) : "", relations(t)),
       h("td", {class: "status"}, badge(t.status)),
       h("td", {}, t.priority_name || t.priority),
       h("td", {}, (t.spec && t.spec.on_every_node) ? `${t.strategy} (on every node)` : t.strategy),
@@ -204,17 +216,19 @@ function renderTasks(tasks = shownTasks) {
 // ------------------------------------------------------------------ data
 
 async function loadTasks() {
-  const [running, queued, head, scheduled] = await Promise.all([
+  const [running, queued, head, scheduled, waiting] = await Promise.all([
     api("/api/v1/tasks?status=running&limit=200"),
     api("/api/v1/tasks?status=queued&limit=100"),
     api("/api/v1/tasks?limit=1"),
     api("/api/v1/tasks?status=scheduled&limit=100"),
+    api("/api/v1/tasks?status=waiting&limit=100"),
   ]);
   const offset = Math.max(0, head.total - RECENT);
   const recent = head.total > 1 ? (await api(`/api/v1/tasks?limit=${RECENT}&page_token=${offset}`)).tasks
                                 : head.tasks;
   const byId = new Map();
-  for (const t of [...running.tasks, ...queued.tasks, ...scheduled.tasks, ...recent]) {
+  for (const t of [...running.tasks, ...queued.tasks, ...scheduled.tasks, ...waiting.tasks,
+    ...recent]) {
     byId.set(t.id, t);
   }
   const tasks = [...byId.values()].sort((a, b) =>

@@ -39,6 +39,9 @@ commit (``World.truth``, a real SchedulerState); an index is a position in the l
 8. **Not before its time.** A delayed task (spec ``run_at``) is queued (released by a
    ``write_start_due`` command) or assigned only once the committed state's clock has
    reached its ``run_at``; until then it is ``scheduled`` and in no queue.
+8b. **After its parents.** A dependent task (spec ``after``) is queued only once every
+   parent has succeeded (``after_any``: ended); a parent that failed or was cancelled
+   ends it ``upstream_failed`` instead (consensus/state.py ``_finish``).
 9. **One task per slot.** A schedule creates at most one task per (schedule, slot),
    whichever leader fires it and however often.
 10. **No slot missed.** A fire that moves a schedule past slots without firing them
@@ -132,6 +135,16 @@ class Checker:
                     and truth.now < run_at:
                 self.fail("before its time", f"task {tid} {status} at index {index} by "
                           f"{name}, clock {truth.now:.3f} < run_at {run_at:.3f}")
+            spec = truth.tasks[tid].spec if tid in truth.tasks else {}
+            if kind == "task" and status in ("queued", "running") and spec.get("after"):
+                for p in spec["after"]:
+                    parent = truth.tasks.get(p)
+                    done = parent is not None and (parent.status == "succeeded" or (
+                        spec.get("after_any") and parent.status in FINAL))
+                    if not done:
+                        self.fail("before its parents", f"task {tid} {status} at index "
+                                  f"{index} while its parent {p} is "
+                                  f"{parent.status if parent else 'unknown'}")
             if status != "running":
                 self.progress_at = self.world.now
             if kind != "task" or chunk != WHOLE:

@@ -279,6 +279,8 @@ def latest_only(due_fires: Any) -> Any:
 
 
 PLANTED: dict[str, list[tuple[Any, str, Callable[[Any], Any]]]] = {
+    "before its parents": [(SchedulerState, "_wait_for", lambda f: lambda self, task, ps, now: (
+        self._release_child(task), "queued")[1])],
     "one task per slot": [(SchedulerState, "apply_fire", fire_again),
                           (timing, "due_fires", lambda f: lambda schedules, now, *a: f(
                               [replace(v, last_slot=v.last_slot - 1.0) for v in schedules],

@@ -364,10 +364,17 @@ class World:
                         "retries": self.rng.choice((0, 0, 1, 2)), "data": tid}
                 if split:
                     spec["shards"] = self.rng.choice((0, 2, 3))
+                known = sorted(self.truth.tasks)
                 if self.rng.random() < 0.15:
                     # A delayed task: runnable a few seconds from now (by the wall
                     # clocks as they start; a clock fault moves a node's).
                     spec["run_at"] = self.now + 1_000_000.0 + self.rng.uniform(0.1, 4.0)
+                elif known and self.rng.random() < 0.2:
+                    # A dependent task: waits for one to three committed tasks.
+                    spec["after"] = self.rng.sample(known, min(len(known),
+                                                               self.rng.choice((1, 1, 2, 3))))
+                    if self.rng.random() < 0.3:
+                        spec["after_any"] = True
                 specs.append(spec)
             call = ClientCall(specs)
             self.call_list.append(call)
