@@ -45,7 +45,13 @@ class PodWatcher:
 
     ``on_gone(node_id, reason)`` is called from the watch thread; the node requeues
     that worker's units if it is the leader (and ignores the call otherwise).
-    Reconnects with backoff after any API error; stops with :meth:`stop`."""
+    Reconnects with backoff after any API error; stops with :meth:`stop`.
+
+    List, then watch from the list's resourceVersion, and resume every later watch
+    from the last version seen (each watch request ends after 5 minutes, and the API
+    may go away), so no deletion between two watch requests is missed. When the API
+    server no longer has that version (410 Gone) it lists again: a pod seen before
+    and missing from the new list was deleted while the watch was down."""
 
     def __init__(self, namespace: str, selector: str, on_gone: Callable[[str, str], object],
                  api: Any = None) -> None:
@@ -55,6 +61,8 @@ class PodWatcher:
         self._api = api
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pod-watch", daemon=True)
+        self._version: str | None = None     # resume the next watch from here
+        self._known: set[str] = set()         # pods seen and not deleted since
 
     def start(self) -> None:
         self._thread.start()
@@ -67,16 +75,58 @@ class PodWatcher:
             self._api = api_client()
         return self._api
 
+    def _relist(self) -> Iterator[tuple[str, Any]]:
+        """List the pods; a pod known before and absent now comes out as DELETED."""
+        pods = self._client().list_namespaced_pod(self.namespace,
+                                                  label_selector=self.selector)
+        names = {p.metadata.name for p in pods.items if p.metadata is not None}
+        for name in sorted(self._known - names):
+            self._known.discard(name)
+            yield "DELETED", _named_pod(name)
+        for pod in pods.items:
+            if pod.metadata is not None:
+                self._known.add(pod.metadata.name)
+            yield "MODIFIED", pod
+        self._version = pods.metadata.resource_version if pods.metadata else None
+
     def events(self) -> Iterator[tuple[str, Any]]:
         from kubernetes import watch
+        from kubernetes.client.exceptions import ApiException
 
+        if self._version is None:
+            yield from self._relist()
         w = watch.Watch()
-        for ev in w.stream(self._client().list_namespaced_pod, namespace=self.namespace,
-                           label_selector=self.selector, timeout_seconds=300):
-            yield ev["type"], ev["object"]
-            if self._stop.is_set():
-                w.stop()
+        kwargs: dict[str, Any] = {"namespace": self.namespace, "label_selector": self.selector,
+                                  "timeout_seconds": 300, "allow_watch_bookmarks": True}
+        if self._version:
+            kwargs["resource_version"] = self._version
+        try:
+            for ev in w.stream(self._client().list_namespaced_pod, **kwargs):
+                kind, pod = ev["type"], ev["object"]
+                if kind == "BOOKMARK":  # only a newer version to resume from
+                    raw = ev.get("raw_object")
+                    version = raw.get("metadata", {}).get("resourceVersion") \
+                        if isinstance(raw, dict) else None
+                    self._version = version or self._version
+                    continue
+                meta = getattr(pod, "metadata", None)
+                if meta is None:
+                    continue
+                if meta.resource_version:
+                    self._version = meta.resource_version
+                if kind == "DELETED":
+                    self._known.discard(meta.name)
+                else:
+                    self._known.add(meta.name)
+                yield kind, pod
+                if self._stop.is_set():
+                    w.stop()
+                    return
+        except ApiException as exc:
+            if exc.status == 410:  # our version is too old: list again
+                self._version = None
                 return
+            raise
 
     def _run(self) -> None:
         backoff = 0.5
@@ -91,6 +141,13 @@ class PodWatcher:
                 log.warning("pod watch failed (%s); retrying in %.1f s", exc, backoff)
                 self._stop.wait(backoff)
                 backoff = min(30.0, backoff * 2)
+
+
+def _named_pod(name: str) -> Any:
+    """A pod object carrying only its name (for a deletion found by listing)."""
+    from kubernetes.client import V1ObjectMeta, V1Pod
+
+    return V1Pod(metadata=V1ObjectMeta(name=name))
 
 
 def api_client(in_cluster: bool = True) -> Any:

@@ -137,12 +137,17 @@ def _relay(local: socket.socket, remote: socket.socket) -> None:
 
 
 class Relay:
-    """Accepts on ``listener`` and connects each connection with ``connect()``."""
+    """Accepts on ``listener`` and connects each connection with ``connect()``;
+    ``log(message)``, when given, hears of each connection's end and length."""
 
-    def __init__(self, listener: socket.socket, connect: Any, name: str) -> None:
+    def __init__(self, listener: socket.socket, connect: Any, name: str,
+                 log: Any = None) -> None:
         self.listener = listener
         self.connect = connect
+        self.name = name
+        self.log = log
         self.closed = False
+        self.open = 0  # connections relayed right now
         threading.Thread(target=self._accept, name=name, daemon=True).start()
 
     def _accept(self) -> None:
@@ -154,12 +159,23 @@ class Relay:
             threading.Thread(target=self._one, args=(conn,), daemon=True).start()
 
     def _one(self, conn: socket.socket) -> None:
+        t0 = time.monotonic()
         try:
             remote = self.connect()
-        except OSError:
+        except OSError as exc:
             conn.close()
+            if self.log:
+                self.log(f"{self.name}: connect failed: {exc}")
             return
-        _relay(conn, remote)
+        # Blocking: a watch may stay idle for minutes.
+        remote.settimeout(None)
+        self.open += 1
+        try:
+            _relay(conn, remote)
+        finally:
+            self.open -= 1
+        if self.log:
+            self.log(f"{self.name}: connection closed after {time.monotonic() - t0:.1f} s")
 
     def close(self) -> None:
         self.closed = True
@@ -450,6 +466,7 @@ class PodRuntime:
 
     def _lifecycle(self) -> None:
         self.start_time = now_iso()
+        self.k._uncut(self.key)
         spec = self.spec_file()
         self.k.refresh_hosts()
         self.start_container(spec)
@@ -554,9 +571,10 @@ class ProcessKubelet:
         self.nets: dict[str, tuple[str, str]] = {}      # pod key -> (netns, ip)
         self.hostnames: dict[str, str] = {}             # pod key -> FQDN
         self.forwards: dict[tuple[str, int], Relay] = {}
-        self.api_relays: list[Relay] = []
+        self.api_relays: dict[str, Relay] = {}           # pod key -> its API relay
         self.events: list[str] = []
         self.held: set[str] = set()                     # namespaces whose pods stay Pending
+        self.cut_links: set[str] = set()                # pod keys whose link is down
         self._made_ns: list[str] = []
         self._made_etc: list[Path] = []
         self._made_dirs: list[Path] = []
@@ -634,10 +652,27 @@ class ProcessKubelet:
                 lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 lsock.bind((API_SERVICE_IP, 443))
                 lsock.listen(16)
-            self.api_relays.append(Relay(lsock, lambda: socket.create_connection(
-                self.api_address, timeout=10), f"api-relay-{ns}"))
+            self.api_relays[key] = Relay(lsock, lambda: socket.create_connection(
+                self.api_address, timeout=10), f"{key} -> kubernetes API", self.event)
             self.nets[key] = (ns, ip)
             return ns, ip
+
+    def cut(self, key: str) -> None:
+        """Take the pod's link to the bridge down, as if its node dropped off the network:
+        its peers see silence, not closed connections. A new pod of that name gets the
+        link back."""
+        with self.lock:
+            ns, _ = self.nets[key]
+            self.cut_links.add(key)
+        netns.run(["ip", "-n", self.switch, "link", "set", f"v{ns.rsplit('-p', 1)[1]}", "down"])
+
+    def _uncut(self, key: str) -> None:
+        with self.lock:
+            if key not in self.cut_links:
+                return
+            self.cut_links.discard(key)
+            ns, _ = self.nets[key]
+        netns.run(["ip", "-n", self.switch, "link", "set", f"v{ns.rsplit('-p', 1)[1]}", "up"])
 
     def forward(self, key: str, port: int) -> str:
         """``127.0.0.1:N`` on the host, relayed to the pod's ``port`` (made once per
@@ -649,7 +684,9 @@ class ProcessKubelet:
 
                 def connect() -> socket.socket:
                     with in_netns(ns):
-                        return socket.create_connection((ip, port), timeout=5)
+                        sock = socket.create_connection((ip, port), timeout=5)
+                    sock.settimeout(None)  # a gRPC stream may stay idle
+                    return sock
 
                 lsock = socket.socket()
                 lsock.bind(("127.0.0.1", 0))
@@ -657,6 +694,13 @@ class ProcessKubelet:
                 relay = Relay(lsock, connect, f"fwd-{key}-{port}")
                 self.forwards[(key, port)] = relay
             return f"127.0.0.1:{relay.listener.getsockname()[1]}"
+
+    def api_connections(self, key: str) -> int:
+        """How many connections the pod has open to the API server right now (a
+        watch is one)."""
+        with self.lock:
+            relay = self.api_relays.get(key)
+        return relay.open if relay is not None else 0
 
     def claim_dir(self, namespace: str, claim: str) -> Path:
         """The PersistentVolumeClaim's data: a directory kept for the whole run."""
@@ -853,6 +897,11 @@ class ProcessKubelet:
         with self.lock:
             self.held.add(namespace)
 
+    def release_hold(self, namespace: str) -> None:
+        """Bind and run the pods of ``namespace`` again."""
+        with self.lock:
+            self.held.discard(namespace)
+
     def running(self) -> dict[str, PodRuntime]:
         """Live pod runtimes by pod key (namespace/name)."""
         with self.lock:
@@ -882,7 +931,7 @@ class ProcessKubelet:
             for pid in left:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-        for relay in [*self.forwards.values(), *self.api_relays]:
+        for relay in [*self.forwards.values(), *self.api_relays.values()]:
             relay.close()
         for ns in reversed(self._made_ns):
             try:
