@@ -210,6 +210,25 @@ def next_due(schedules: Iterable[ScheduleView]) -> float | None:
     return min(slots, default=None)
 
 
+#: What cluster_clock remembers: the replicated clock it last saw, the monotonic time
+#: it first saw it, and the last time it answered.
+ClockAnchor = tuple[float, float, float]
+
+
+def cluster_clock(wall: float, mono: float, replicated_now: float,
+                  anchor: ClockAnchor | None) -> tuple[float, ClockAnchor]:
+    """The time a leader decides by: its wall clock, but never behind the replicated
+    clock (the latest wall time any command carried) plus the time elapsed on its
+    monotonic clock since it first saw that value, and never going back. A leader
+    whose wall clock runs behind the cluster's (by a clock step, a bad NTP sync)
+    would otherwise release delayed tasks and fire slots late by the difference.
+    Returns the time and the anchor to pass next time."""
+    if anchor is None or anchor[0] != replicated_now:
+        anchor = (replicated_now, mono, anchor[2] if anchor is not None else 0.0)
+    now = max(wall, replicated_now + max(0.0, mono - anchor[1]), anchor[2])
+    return now, (anchor[0], anchor[1], now)
+
+
 def lateness_s(run_at: float, released_at: float) -> float:
     """How late a delayed task was released: never negative (a leader whose clock is
     ahead releases it early by its skew, which is not lateness)."""
@@ -247,6 +266,7 @@ class Timekeeper:
         self._seen: tuple[int, int] = (0, -1)
         self._due_at = 0.0
         self._full_at = 0.0
+        self._anchor: ClockAnchor | None = None
 
     def reset(self) -> None:
         """A new leader: nothing of its own in flight."""
@@ -254,16 +274,18 @@ class Timekeeper:
             self._starting.clear()
             self._firing.clear()
             self._seen = (0, -1)
+            self._anchor = None
 
     def step(self) -> None:
         """One pass: release the delayed tasks that are due, fire the schedule slots
-        that are due."""
-        self._step_starts()
-        self._step_fires()
-
-    def _step_fires(self) -> None:
-        wall = self._clock()
+        that are due (by :func:`cluster_clock`)."""
         mono = time.monotonic()
+        replicated = self._read(lambda s: s.now)
+        wall, self._anchor = cluster_clock(self._clock(), mono, replicated, self._anchor)
+        self._step_starts(wall, mono)
+        self._step_fires(wall, mono)
+
+    def _step_fires(self, wall: float, mono: float) -> None:
         if mono - self._fires_checked < 0.02:
             return  # a few passes share one look at every schedule
         self._fires_checked = mono
@@ -308,9 +330,8 @@ class Timekeeper:
         self._propose(FireSchedules(tuple((f.schedule_id, f.slot, f.run) for f in fires), wall),
                       callback=done)
 
-    def _step_starts(self) -> None:
-        wall = self._clock()
-        mono = time.monotonic()
+    def _step_starts(self, wall: float, mono: float) -> None:
+        """Propose the release of every delayed task that is due at ``wall``."""
         with self._lock:
             for tid in [t for t, at in self._starting.items() if mono - at > START_RETRY_S]:
                 del self._starting[tid]
@@ -350,10 +371,12 @@ __all__ = [
     "MAX_STARTS",
     "SCHEDULES_PROTOCOL",
     "BadCron",
+    "ClockAnchor",
     "Fire",
     "ScheduleView",
     "Timekeeper",
     "check_cron",
+    "cluster_clock",
     "due_fires",
     "due_starts",
     "last_slot_at",

@@ -247,6 +247,30 @@ def test_charts_move_under_load_and_the_task_stream_shows_a_fan_out_and_an_urgen
     _screenshot(page, "dashboard-charts.png")
 
 
+def test_scheduled_waiting_and_schedules_show_with_their_times(cluster3: Cluster,
+                                                              page: Any) -> None:
+    """A delayed task shows as scheduled with its start time, a dependent one as waiting
+    with its parent under its id, and a schedule with its next fire (issue 17)."""
+    with cluster3.client() as c:
+        c.submit("sh: echo later", id="dash-later", delay_s=600)
+        c.submit("sh: echo child", id="dash-child", after=["dash-later"])
+        c.create_schedule(id="dash-hourly", cron="@hourly", task={"data": "sh: echo h"})
+    page.wait_for_function(
+        "document.querySelector('#tasks tr[data-task-id=\"dash-later\"]')"
+        " && document.querySelector('#schedules tr[data-schedule-id=\"dash-hourly\"]')")
+    later = page.inner_text('#tasks tr[data-task-id="dash-later"]')
+    assert "scheduled" in later and "runs at" in later and "in 10 min" in later, later
+    child = page.inner_text('#tasks tr[data-task-id="dash-child"]')
+    assert "waiting" in child and "after dash-later" in child, child
+    assert "then dash-child" in later, later
+    row = page.inner_text('#schedules tr[data-schedule-id="dash-hourly"]')
+    assert "@hourly" in row and "active" in row and "min" in row, row
+    with cluster3.client() as c:
+        c.cancel("dash-later")
+        c.delete_schedule("dash-hourly")
+    _screenshot(page, "dashboard-schedules.png")
+
+
 def test_page_shows_the_new_leader_after_the_leader_is_killed(
         cluster3: Cluster, page: Any) -> None:
     old = cluster3.leader_index()

@@ -51,3 +51,24 @@ def test_releasing_what_it_names_never_starts_a_task_early(
 @given(times, times)
 def test_lateness_is_never_negative(run_at: float, released_at: float) -> None:
     assert timing.lateness_s(run_at, released_at) == max(0.0, released_at - run_at)
+
+
+@given(st.lists(st.tuples(st.floats(0, 100), st.floats(0, 5), st.floats(0, 100)),
+                min_size=1, max_size=30))
+def test_the_leaders_clock_never_goes_back_nor_behind_the_cluster(
+        steps: list[tuple[float, float, float]]) -> None:
+    """Given wall clock readings that jump about, monotonic time moving forward and a
+    replicated clock that only moves forward, the decision clock is never behind the
+    wall clock, never behind the replicated clock plus the time elapsed since it was
+    first seen, and never goes back."""
+    anchor = None
+    mono = replicated = last = 0.0
+    first_seen: dict[float, float] = {}
+    for wall, dt, bump in steps:
+        mono += dt
+        replicated = max(replicated, bump)
+        first_seen.setdefault(replicated, mono)
+        now, anchor = timing.cluster_clock(wall, mono, replicated, anchor)
+        assert now >= wall and now >= last
+        assert now >= replicated + (mono - first_seen[replicated]) - 1e-9
+        last = now

@@ -35,11 +35,13 @@ class TimingSide:
             self.timing_term = self.leading_term
             self.starting: dict[str, float] = {}
             self.firing: dict[str, float] = {}
-        self.fire_tick()
+            self.timing_anchor: timing.ClockAnchor | None = None
         now = self.world.now
-        self.starting = {t: at for t, at in self.starting.items() if now - at <= START_RETRY_S}
-        wall = self.wall()  # type: ignore[attr-defined]
         s = self.replica
+        wall, self.timing_anchor = timing.cluster_clock(
+            self.wall(), now, s.now, self.timing_anchor)  # type: ignore[attr-defined]
+        self.fire_tick(wall)
+        self.starting = {t: at for t, at in self.starting.items() if now - at <= START_RETRY_S}
         view = list(s.scheduled.items())
         ids = timing.due_starts(view, wall, frozenset(self.starting))
         if not ids:
@@ -55,11 +57,10 @@ class TimingSide:
 
         self.propose(StartDue(ids, wall), callback=done)  # type: ignore[attr-defined]
 
-    def fire_tick(self) -> None:
+    def fire_tick(self, wall: float) -> None:
         """Timekeeper._step_fires: the schedules' views, due_fires, one FireSchedules."""
         now = self.world.now
         self.firing = {k: at for k, at in self.firing.items() if now - at <= FIRE_RETRY_S}
-        wall = self.wall()  # type: ignore[attr-defined]
         views = [timing.ScheduleView(sid, sc["cron"], sc["tz"], sc["last_slot"], sc["paused"],
                                      sc["missed"], sc["catchup_s"])
                  for sid, sc in self.replica.schedules.items()]
