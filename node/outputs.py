@@ -20,6 +20,7 @@ place when it ends, so a reader never sees a unit half written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -52,16 +53,27 @@ class Sink:
     """One running unit's output files, being written. Never raises on write: a
     full disk loses the kept copy, not the task."""
 
-    key: str
+    root: str
     task_id: str
     chunk: int
     attempt: int
-    paths: dict[str, str]
     budget: int
     files: dict[str, Any] = field(default_factory=dict)
     written: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
     kept: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STREAMS, 0))
     broken: bool = False
+
+    # Named on first use: most units (callables, echoed data) write no file at all.
+    @functools.cached_property
+    def key(self) -> str:
+        return _key(self.task_id, self.chunk)
+
+    @functools.cached_property
+    def paths(self) -> dict[str, str]:
+        """stream -> the unit's file while it is written (the temporary name carries
+        the attempt: two attempts of one unit never share one), without ``.tmp``."""
+        base = os.path.join(self.root, self.key)
+        return {s: f"{base}.{self.attempt}.{os.getpid()}{_SUFFIX[s]}" for s in STREAMS}
 
     def write(self, stream: str, data: bytes) -> None:
         """Append to ``stream`` (stdout or stderr) while the unit's budget lasts."""
@@ -147,11 +159,7 @@ class OutputStore:
         """A sink for a unit starting now (None: this node keeps no output)."""
         if not self.enabled:
             return None
-        key = _key(task_id, chunk)
-        base = os.path.join(self.root, key)
-        # Temporary names carry the attempt: two attempts of one unit never share one.
-        paths = {s: f"{base}.{attempt}.{os.getpid()}{_SUFFIX[s]}" for s in STREAMS}
-        return Sink(key, task_id, chunk, attempt, paths, self.per_unit)
+        return Sink(self.root, task_id, chunk, attempt, self.per_unit)
 
     def discard(self, sink: Sink) -> None:
         """Keep nothing of this unit (its result holds all of it)."""
