@@ -57,6 +57,27 @@ def _skip_reason() -> str | None:
     return None
 
 
+_RUNNING: list[tuple[control_plane.ControlPlane, ProcessKubelet | None]] = []
+
+
+def _stop_all() -> None:
+    """Stop the kubelet's pods and the control plane (idempotent)."""
+    while _RUNNING:
+        plane, kubelet = _RUNNING.pop()
+        problems = kubelet.stop() if kubelet is not None else []
+        problems += plane.stop()
+        if problems:
+            print("teardown problems: " + "; ".join(problems))
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    # The fixture is session-scoped (one plane for every module here), but the rest
+    # of the suite should not share the machine with an idle control plane: stop it
+    # after the last test of this directory.
+    if nextitem is None or Path(str(nextitem.fspath)).resolve().parent != HERE:
+        _stop_all()
+
+
 @pytest.fixture(scope="session")
 def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     reason = _skip_reason()
@@ -66,19 +87,17 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Kube]:
     bins = control_plane.ensure_binaries(log=sys.stderr)
     built = time.monotonic() - t0
     plane = control_plane.ControlPlane(tmp_path_factory.mktemp("control-plane"), bins)
+    _RUNNING.append((plane, None))
     t1 = time.monotonic()
-    kubelet = None
     try:
         plane.start()
         started = time.monotonic() - t1
         print(f"\ncontrol plane {control_plane.KUBE_VERSION}: binaries ready in {built:.0f} s, "
               f"started in {started:.1f} s ({plane.server}, KUBECONFIG={plane.kubeconfig})")
         kubelet = ProcessKubelet(tmp_path_factory.mktemp("kubelet"), plane.api_client(),
-                                 ("127.0.0.1", plane.api_port)).start()
+                                 ("127.0.0.1", plane.api_port))
+        _RUNNING[-1] = (plane, kubelet)
+        kubelet.start()
         yield Kube(plane, kubelet)
     finally:
-        problems = kubelet.stop() if kubelet is not None else []
-        problems += plane.stop()
-        if problems:
-            print("teardown problems: " + "; ".join(problems))
-
+        _stop_all()

@@ -38,36 +38,45 @@ def final_check(rel: Release, ids: list[str], n: int) -> list[dict[str, Any]]:
 
 
 class PodWatch:
-    """Records, per pod name, each uid seen and when its deletion began."""
+    """Records, from a watch on the release's pods, when each pod's deletion began
+    (the first event carrying its deletion timestamp), in order."""
 
     def __init__(self, rel: Release) -> None:
+        from kubernetes import watch
+
         self.rel = rel
-        self.uids: dict[str, list[str]] = {}
         self.deleting: list[tuple[float, str]] = []
-        self._seen_deleting: set[str] = set()
-        self._stop = threading.Event()
+        self._seen: set[str] = set()
+        self.errors: list[str] = []
+        self._stopped = False
+        self._watch = watch.Watch()
         self.thread = threading.Thread(target=self._run, daemon=True, name="pod-watch")
         self.thread.start()
 
     def _run(self) -> None:
+        version = ""
         t_end = time.monotonic() + 400
-        while not self._stop.is_set() and time.monotonic() < t_end:
+        for _ in range(100):  # reconnects, bounded; each resumes where it stopped
+            kwargs = {"resource_version": version} if version else {}
             try:
-                for p in self.rel.pods():
-                    uids = self.uids.setdefault(p.metadata.name, [])
-                    if p.metadata.uid not in uids:
-                        uids.append(p.metadata.uid)
+                for ev in self._watch.stream(
+                        self.rel.kube.core.list_namespaced_pod, self.rel.namespace,
+                        label_selector=f"app.kubernetes.io/instance={self.rel.name}",
+                        timeout_seconds=60, **kwargs):
+                    p = ev["object"]
+                    version = p.metadata.resource_version or version
                     if p.metadata.deletion_timestamp is not None and \
-                            p.metadata.uid not in self._seen_deleting:
-                        self._seen_deleting.add(p.metadata.uid)
+                            p.metadata.uid not in self._seen:
+                        self._seen.add(p.metadata.uid)
                         self.deleting.append((time.monotonic(), p.metadata.name))
-            except Exception:  # noqa: BLE001 - the next poll tries again
-                pass
-            self._stop.wait(0.2)
+            except Exception as exc:  # noqa: BLE001 - counted; the watch resumes
+                self.errors.append(f"{type(exc).__name__}: {exc}")
+            if self._stopped or time.monotonic() > t_end:
+                return
 
     def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(timeout=10)
+        self._stopped = True
+        self._watch.stop()
 
 
 def test_deleted_leader_pod_is_recreated_and_rejoins_with_its_data(kube: Kube) -> None:
@@ -148,7 +157,7 @@ def test_upgrade_rolls_pods_from_the_highest_ordinal_with_no_task_lost(kube: Kub
         watch.stop()
         tasks = final_check(rel, load.acked, 3)
         order = [name for _, name in watch.deleting]
-        assert order == [rel.pod_name(i) for i in (2, 1, 0)], order
+        assert order == [rel.pod_name(i) for i in (2, 1, 0)], (order, watch.errors)
         for p in rel.pods():
             assert p.metadata.uid != first_uids[p.metadata.name]
             assert p.spec.containers[0].image.endswith(":0.1.1")
@@ -161,7 +170,8 @@ def test_upgrade_rolls_pods_from_the_highest_ordinal_with_no_task_lost(kube: Kub
         assert not killed, f"a pod outlived its grace period: {killed}"
         print(f"\nrolled 3 pods (order {order}) in {took:.1f} s; leader before "
               f"{rel.pod_name(lead)}, handed over by {[rel.pod_name(i) for i in handed]}; "
-              f"{load.summary()}; {len(tasks)} tasks succeeded, 0 lost")
+              f"{load.summary()}; {len(tasks)} tasks succeeded, 0 lost; "
+              f"{len(watch.errors)} reconnects of the test's own pod watch")
     except BaseException:
         if load is not None:
             load.stop()
