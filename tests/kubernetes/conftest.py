@@ -31,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    mine = [it for it in items if Path(str(it.fspath)).resolve().parent == HERE]
+    mine = [it for it in items if Path(str(it.fspath)).resolve().parent == HERE
+            and "kube" in getattr(it, "fixturenames", ())]
     if not mine or control_plane.binaries_cached():
         return
     first = mine[0]
