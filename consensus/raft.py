@@ -51,8 +51,9 @@ MAYBE_COMMITTED = {FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME}
 #: tasks (a submit's ``run_at`` keeps a task out of the queue; write_start_due);
 #: 6: periodic schedules (write_timetable_change, write_timetable_fire); 7: task
 #: dependencies (a submit's ``after`` keeps a task waiting; complete and cancel
-#: release or end its dependents).
-RAFT_PROTOCOL = 7
+#: release or end its dependents); 8: placement (a submit's ``resources``, ``require``
+#: and ``prefer``: a leader of an earlier release would place such a task anywhere).
+RAFT_PROTOCOL = 8
 
 
 class SafeSyncObj(SyncObj):

@@ -44,6 +44,7 @@ from taskandgo.node.events import EventBus
 from taskandgo.node.executor import Executor
 from taskandgo.node.history import History
 from taskandgo.node.outputs import OutputStore
+from taskandgo.node.placement import pending_reason, read_pending
 from taskandgo.node.replica import NotFound, Replica, Unavailable, list_args, task_to_api
 from taskandgo.node.schedules import ScheduleBook
 from taskandgo.node.scheduling import Scheduler, WorkerInfo
@@ -131,7 +132,8 @@ class NodeApp:
                                    accepting=lambda: self.worker.accepting,
                                    hold_for=self.scheduler.hold_for,
                                    forward=self.forward_client, observe=self._observe,
-                                   guard=self._guard, to_leader=self.leader_client)
+                                   guard=self._guard, to_leader=self.leader_client,
+                                   offers=lambda: self.worker.cluster_offers)
         self.schedules = ScheduleBook(self.replica, forward=self.forward_client,
                                       to_leader=self.leader_client)
         # A voter records from its own replica; a non-voter has none (its HTTP route
@@ -319,7 +321,18 @@ class NodeApp:
         if self.replicated is None:
             with self.forward_client() as c:
                 return c.get(task_id)
-        return self.replica.get_task(task_id)
+        task = self.replica.get_task(task_id)
+        if task["status"] in ("queued", "scheduled", "waiting"):
+            task["pending_reason"] = self.pending_reason(task_id)
+        return task
+
+    def pending_reason(self, task_id: str) -> str:
+        """Why a task has not started (node/placement.py pending_reason; "" when it
+        has, or is unknown): read from this replica and the leader's last picture of
+        the workers."""
+        offers = self.worker.cluster_offers
+        view = self.replica.read(lambda s: read_pending(s, task_id, offers))
+        return pending_reason(view) if view is not None else ""
 
     def list_tasks(self, status: str = "", labels: list[str] | None = None,
                    limit: int = 100, page_token: str = "") -> dict[str, Any]:

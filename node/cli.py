@@ -125,6 +125,17 @@ def build_parser() -> argparse.ArgumentParser:
                     "cancelled, this task ends upstream_failed")
     sp.add_argument("--after-any", action="store_true",
                     help="with --after: run once they have ended, whatever their outcome")
+    sp.add_argument("--cpu", default=None, metavar="CORES",
+                    help="CPU cores each unit needs free on its node (2, 0.5, 500m)")
+    sp.add_argument("--memory", default=None, metavar="BYTES",
+                    help="memory each unit needs free on its node (512Mi, 4Gi)")
+    sp.add_argument("--resource", action="append", default=[], metavar="NAME=N",
+                    help="a named resource each unit needs, e.g. gpu=1 (repeatable)")
+    sp.add_argument("--require", action="append", default=[], metavar="KEY[=VALUE]",
+                    help="run only on nodes with this label (zone=a) or label key (gpu); "
+                    "repeatable, all must hold")
+    sp.add_argument("--prefer", action="append", default=[], metavar="KEY[=VALUE]",
+                    help="rather run on nodes with this label (repeatable; soft)")
     sp.add_argument("--wait", action="store_true", help="wait for the result and show it")
     sp.add_argument("--wait-timeout", type=_ranged(float, 0, MAX_SECONDS, above=True),
                     default=3600.0, help="seconds --wait waits for the result (3600)")
@@ -329,7 +340,9 @@ def cmd_submit(c: Any, args: argparse.Namespace) -> int:
         retries=args.retries, labels=dict(args.label), on_every_node=args.on_every_node,
         run_at=args.at, delay_s=args.delay_s,
         after=[i.strip() for a in args.after for i in a.split(",") if i.strip()],
-        after_any=args.after_any)
+        after_any=args.after_any, resources=_requests(args),
+        require=[t.strip() for a in args.require for t in a.split(",") if t.strip()],
+        prefer=[t.strip() for a in args.prefer for t in a.split(",") if t.strip()])
     res = c.submit_many([spec])[0]
     if not args.wait:
         if args.json:
@@ -343,6 +356,28 @@ def cmd_submit(c: Any, args: argparse.Namespace) -> int:
     else:
         _print_task(task, brief=True)
     return 0 if task["status"] == "succeeded" else 1
+
+
+def _amounts(resources: dict[str, float]) -> str:
+    from taskandgo.strategies.placement import format_amounts
+
+    return format_amounts(resources)
+
+
+def _requests(args: argparse.Namespace) -> dict[str, str]:
+    """--cpu, --memory and --resource NAME=N as the spec's resources (amounts as
+    given: the spec's check parses them and names the field when one is bad)."""
+    out: dict[str, str] = {}
+    for item in args.resource:
+        name, sep, amount = item.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"taskandgo submit: --resource {item!r}: expected NAME=N")
+        out[name.strip()] = amount.strip()
+    if args.cpu is not None:
+        out["cpu"] = args.cpu
+    if args.memory is not None:
+        out["memory"] = args.memory
+    return out
 
 
 def _wait_with_progress(c: Any, task_id: str, timeout_s: float, quiet: bool) -> dict[str, Any]:
@@ -393,6 +428,10 @@ def _print_task(t: dict[str, Any], brief: bool = False) -> None:
         *([("children", ", ".join(t["children"][:20])
             + (f" (+{len(t['children']) - 20})" if len(t["children"]) > 20 else ""))]
           if t.get("children") else []),
+        *([("resources", _amounts(spec["resources"]))] if spec.get("resources") else []),
+        *([("require", ", ".join(spec["require"]))] if spec.get("require") else []),
+        *([("prefer", ", ".join(spec["prefer"]))] if spec.get("prefer") else []),
+        *([("pending", t["pending_reason"])] if t.get("pending_reason") else []),
         ("started", _ts(t["started_at"])),
         ("finished", _ts(t["finished_at"])),
     ]

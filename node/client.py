@@ -42,6 +42,8 @@ def task_spec(
     timeout_s: float = 0.0, retries: int = 0, labels: Mapping[str, str] | None = None,
     on_every_node: bool = False, run_at: str | float | datetime.datetime | None = None,
     delay_s: float = 0.0, after: Sequence[str] = (), after_any: bool = False,
+    resources: Mapping[str, Any] | None = None, require: Sequence[str] = (),
+    prefer: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A TaskSpec dict (the fields of ``taskandgo.v1.TaskSpec``: what
     :meth:`Client.submit_many` takes, as in earlier releases), checked here by the
@@ -58,7 +60,11 @@ def task_spec(
     A dependent task: ``after`` (ids of tasks submitted before it) — it waits as
     ``waiting`` until they have all succeeded (``after_any``: ended), then runs with
     their results (``$TASKANDGO_PARENTS``, or the ``parents`` keyword argument of a
-    call); if one fails or is cancelled it ends ``upstream_failed`` naming it."""
+    call); if one fails or is cancelled it ends ``upstream_failed`` naming it.
+
+    Placement: ``resources`` each unit needs free on its node (``{"cpu": 4,
+    "memory": "2Gi", "gpu": 1}``; amounts as numbers or quantities), node labels it
+    must have (``require=["zone=a", "gpu"]``) and would rather have (``prefer``)."""
     if isinstance(run_at, datetime.datetime):
         if run_at.tzinfo is None:
             raise TaskAndGoError("INVALID_ARGUMENT", "run_at: a datetime needs a time zone")
@@ -67,7 +73,8 @@ def task_spec(
            "args": args, "strategy": strategy, "shards": shards, "items": items,
            "timeout_s": timeout_s, "retries": retries, "labels": labels,
            "on_every_node": on_every_node, "run_at": run_at, "delay_s": delay_s,
-           "after": list(after), "after_any": after_any}
+           "after": list(after), "after_any": after_any, "resources": resources,
+           "require": list(require), "prefer": list(prefer)}
     try:
         spec = TaskSpec.check(raw, default_strategy="")
     except InvalidTask as exc:

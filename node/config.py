@@ -108,6 +108,12 @@ class NodeConfig:
     #: "Peer identity").
     peer_rate_limit: float = 1000.0
     max_workers: int = 1000
+    #: What this node offers units, overriding what it reads (see node/placement.py):
+    #: ``cpu`` cores and ``memory`` bytes (absent: the container's cgroup limits, else
+    #: the machine's), named resources such as ``gpu`` (absent: none).
+    offer: dict[str, float] = field(default_factory=dict)
+    #: Node labels units may require or prefer (``zone``, ``node``, ...).
+    node_labels: dict[str, str] = field(default_factory=dict)
     #: With mTLS: names a peer's client certificate must carry (empty: any
     #: certificate the CA signed, plus the peer credential).
     peer_cert_names: tuple[str, ...] = ()
@@ -531,6 +537,37 @@ def config_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> 
         cfg, sandbox=sandbox, sandbox_network=net == "on",
         bwrap=str(_pick(None, env, "TASKANDGO_BWRAP", "bwrap", str)),
         secret_files=tuple(dict.fromkeys(secret_files + tls_key)))
+    cfg = dataclasses.replace(cfg, **_placement(args, env))
     if cfg.lease_s <= 3 * cfg.heartbeat_s:
         raise ConfigError("--lease / TASKANDGO_LEASE_S must exceed 3 heartbeats (0.9 s)")
     return cfg
+
+
+def _placement(args: argparse.Namespace, env: MutableMapping[str, str]) -> dict[str, Any]:
+    """``offer`` and ``node_labels`` from --cpu, --memory, --resource NAME=N (each
+    repeatable), --node-label K=V, or TASKANDGO_CPU, TASKANDGO_MEMORY,
+    TASKANDGO_RESOURCES (``gpu=1,fpga=2``), TASKANDGO_NODE_LABELS (``zone=a,...``;
+    in Kubernetes the chart fills it from the pod's node through the downward API).
+    A flag replaces its variable. A label with an empty value is no label (a
+    downward API field the pod does not have comes through empty)."""
+    from taskandgo.node.placement import check_labels, check_resources, parse_quantity
+    from taskandgo.node.tasks import InvalidTask
+
+    def pick(flag: Any, name: str) -> Any:
+        if flag not in (None, [], ""):
+            return ",".join(flag) if isinstance(flag, list) else flag
+        return env.get(name) or None
+
+    try:
+        offer = check_resources(pick(getattr(args, "resources", None), "TASKANDGO_RESOURCES"),
+                                "--resource / TASKANDGO_RESOURCES")
+        for name, flag in (("cpu", "--cpu"), ("memory", "--memory")):
+            raw = pick(getattr(args, f"offer_{name}", None), f"TASKANDGO_{name.upper()}")
+            if raw is not None:
+                offer[name] = parse_quantity(raw, f"{flag} / TASKANDGO_{name.upper()}")
+        labels = check_labels(pick(getattr(args, "node_labels", None),
+                                   "TASKANDGO_NODE_LABELS"),
+                              "--node-label / TASKANDGO_NODE_LABELS")
+    except InvalidTask as exc:
+        raise ConfigError(f"{exc.field}: {exc.message}") from None
+    return {"offer": offer, "node_labels": {k: v for k, v in labels.items() if v}}

@@ -35,6 +35,7 @@ from taskandgo.node.views import (
     WorkerView,
 )
 from taskandgo.strategies import QueuedUnit, Worker, plan
+from taskandgo.strategies.placement import Amounts
 from taskandgo.strategies.planner import SPLIT
 
 #: A requeue proposed for an attempt is not proposed again within this time (the
@@ -137,28 +138,40 @@ def window(worker: WorkerView, per_slot: float) -> int:
 
 
 def summarize_running(running: Mapping[UnitKey, str], priority: Callable[[str], int | None],
-                      completing: Iterable[tuple[UnitKey, str]]) -> RunningSummary:
+                      completing: Iterable[tuple[UnitKey, str]],
+                      request: Callable[[str], Amounts] | None = None) -> RunningSummary:
     """Sum up the running units (unit -> worker; ``priority`` of a task id, None
-    when unknown) for planning: see :class:`RunningSummary`. ``completing``: (unit,
-    worker) whose result is being committed. One pass over the running units, then
-    one look-up per completing one."""
+    when unknown; ``request``: the resources a task's units request) for planning:
+    see :class:`RunningSummary`. ``completing``: (unit, worker) whose result is
+    being committed. One pass over the running units, then one look-up per
+    completing one."""
     busy: dict[str, int] = {}
     prios: set[int] = set()
+    used: dict[str, dict[str, float]] = {}
     for (tid, _chunk), worker in running.items():
         busy[worker] = busy.get(worker, 0) + 1
         p = priority(tid)
         if p is not None:
             prios.add(p)
+        if request is not None and (req := request(tid)):
+            for name, amount in req:
+                w = used.setdefault(worker, {})
+                w[name] = w.get(name, 0.0) + amount
     for key, worker in completing:
         if running.get(key) == worker:
             busy[worker] -= 1
-    return RunningSummary(busy, frozenset(prios))
+            if request is not None and (req := request(key[0])):
+                for name, amount in req:
+                    used[worker][name] -= amount
+    return RunningSummary(busy, frozenset(prios), used)
 
 
-def _busy(view: PlanView) -> tuple[dict[str, int], frozenset[int]]:
-    """Units each worker holds (running and not completing, ``held``, in flight)
-    and the priorities of the running units: the part of :func:`free_slots` that
-    reads every running unit, unless the view carries them summed up."""
+def _busy(view: PlanView) -> tuple[dict[str, int], frozenset[int], dict[str, dict[str, float]]]:
+    """Units each worker holds (running and not completing, ``held``, in flight),
+    the priorities of the running units, and the resources each worker's running
+    and in-flight units requested: the part of :func:`free_slots` that reads every
+    running unit, unless the view carries them summed up. (Running units are
+    RunningViews without requests: a view that needs them carries the summary.)"""
     summary = view.running_summary
     if summary is None:
         prio = {r.task_id: r.priority for r in view.running}
@@ -167,9 +180,20 @@ def _busy(view: PlanView) -> tuple[dict[str, int], frozenset[int]]:
     busy: dict[str, int] = dict(view.held)
     for worker, n in summary.busy.items():
         busy[worker] = busy.get(worker, 0) + n
+    used = {w: dict(m) for w, m in summary.used.items()}
     for p in view.in_flight:
         busy[p.worker] = busy.get(p.worker, 0) + 1
-    return busy, summary.priorities
+        if p.request:
+            w = used.setdefault(p.worker, {})
+            for name, amount in p.request:
+                w[name] = w.get(name, 0.0) + amount
+    return busy, summary.priorities, used
+
+
+def free_resources(worker: WorkerView, used: Mapping[str, float]) -> Amounts:
+    """What the worker has free of each resource it advertises: its capacity minus
+    what its units requested (may be negative after the capacity shrank)."""
+    return tuple((name, cap - used.get(name, 0.0)) for name, cap in worker.resources)
 
 
 def free_slots(view: PlanView) -> tuple[Worker, ...]:
@@ -181,7 +205,7 @@ def free_slots(view: PlanView) -> tuple[Worker, ...]:
     (running and not completing, and ended attempts it has not dropped yet:
     ``held``) and the units proposed to it. The window is sized by the kinds of the
     queued units (``run_s_by_kind``, see :func:`window_run_s`) or one average."""
-    busy, prios = _busy(view)
+    busy, prios, used = _busy(view)
     prios = prios | set(view.queued_priorities)
     if len(prios) > 1:
         per_slot = 0.0
@@ -190,7 +214,8 @@ def free_slots(view: PlanView) -> tuple[Worker, ...]:
     else:
         per_slot = prefetch_per_slot(window_run_s(view.queued, view.run_s_by_kind),
                                      view.prefetch_work_s)
-    return tuple(Worker(w.node_id, max(0, w.slots + window(w, per_slot) - busy.get(w.node_id, 0)))
+    return tuple(Worker(w.node_id, max(0, w.slots + window(w, per_slot) - busy.get(w.node_id, 0)),
+                        free_resources(w, used.get(w.node_id, {})), w.resources, w.labels)
                  for w in view.workers)
 
 
@@ -552,6 +577,7 @@ __all__ = [
     "dispatch_floor",
     "due_retry_tick",
     "expired_leases",
+    "free_resources",
     "free_slots",
     "gate_arrivals",
     "hold_floor",

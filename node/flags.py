@@ -52,6 +52,18 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
                    "e.g. 'python,sh,call' (TASKANDGO_ALLOW; default: all)")
     p.add_argument("--allow-calls", help="module prefixes callables may come from, comma "
                    "separated (TASKANDGO_ALLOW_CALLS; default: any)")
+    p.add_argument("--cpu", dest="offer_cpu", help="CPU cores this node offers units that "
+                   "request cpu (TASKANDGO_CPU; default: the container's CPU limit, else the "
+                   "machine's CPUs)")
+    p.add_argument("--memory", dest="offer_memory", help="memory this node offers units, "
+                   "e.g. 8Gi (TASKANDGO_MEMORY; default: the container's memory limit, else "
+                   "the machine's memory)")
+    p.add_argument("--resource", dest="resources", action="append", default=None,
+                   metavar="NAME=N", help="a named resource this node offers, e.g. gpu=1; "
+                   "repeat for more (TASKANDGO_RESOURCES='gpu=1,fpga=2')")
+    p.add_argument("--node-label", dest="node_labels", action="append", default=None,
+                   metavar="KEY=VALUE", help="a label tasks can require or prefer, e.g. "
+                   "zone=a; repeat for more (TASKANDGO_NODE_LABELS='zone=a,disk=ssd')")
     p.add_argument("--prefetch", type=int, help="units this node may hold beyond its slots, "
                    "waiting to start (TASKANDGO_PREFETCH; 128). The leader fills a window "
                    "with about 0.2 s of work per slot at recent run times (none for tasks "

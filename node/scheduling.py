@@ -33,6 +33,7 @@ from taskandgo.node import decisions as d
 from taskandgo.node.config import NodeConfig
 from taskandgo.node.dispatching import Dispatcher, Peers
 from taskandgo.node.events import EventBus, event
+from taskandgo.node.placement import spec_prefer, spec_request, spec_require
 from taskandgo.node.replica import Replica, Unavailable
 from taskandgo.node.security import PeerIdentity, PermissionDenied
 from taskandgo.node.timing import Timekeeper
@@ -157,6 +158,7 @@ class Scheduler:
         # While a hold's submit is in progress: plan nothing below its priority
         # (decisions.live_floors says when each is lifted).
         self._floors: tuple[d.Floor, ...] = ()
+        self._offers_cache: tuple[float, list[peer_pb2.NodeOffer]] | None = None
         # Moving average of recent units' run times per kind of unit (decisions.
         # unit_kind; empty: none seen as leader yet), and the kind of each unit
         # whose result is being committed.
@@ -249,6 +251,7 @@ class Scheduler:
             return
         self._self_hb_at = now
         self.worker.kill(self._record_heartbeat(self.worker.heartbeat_request()))
+        self.worker.note_offers(self._node_offers())
 
     # ------------------------------------------------------------------ planning
 
@@ -278,7 +281,9 @@ class Scheduler:
             tasks = s.tasks
             # Summed up here, not one RunningView per unit (see PlanView.running_summary).
             summary = d.summarize_running(
-                s.running, lambda tid: t.priority if (t := tasks.get(tid)) else None, completing)
+                s.running, lambda tid: t.priority if (t := tasks.get(tid)) else None, completing,
+                lambda tid: spec_request(t.spec)
+                if (t := tasks.get(tid)) is not None and "resources" in t.spec else ())
             held = {node: n for node, units in reported
                     if (n := d.stale_held(node, units, s.running, _unit_of(s)))}
             # Retries waiting for their backoff count as queued: they come back on
@@ -310,7 +315,8 @@ class Scheduler:
         actions = d.plan_round(view)
         if actions.assignments:
             prio = {u.task_id: u.priority for u in view.queued}
-            self._propose_assign(actions.assignments, prio, floors)
+            req = {u.task_id: u.request for u in view.queued if u.request}
+            self._propose_assign(actions.assignments, prio, floors, req)
 
     def _queued_head(self, s: SchedulerState, depth: int) -> tuple[QueuedUnit, ...]:
         """The queue's first ``depth`` units as the planner's QueuedUnit (under the
@@ -328,14 +334,16 @@ class Scheduler:
             else:
                 u = QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
                                len(t.spec.get("items") or ()), t.chunk_count,
-                               d.unit_kind(t.spec))
+                               d.unit_kind(t.spec), spec_request(t.spec), spec_require(t.spec),
+                               spec_prefer(t.spec))
             new[key] = (t, t.chunk_count, u)
             out.append(u)
         self._head_cache = new
         return tuple(out)
 
     def _propose_assign(self, assignments: tuple, prio: dict[str, int],
-                        floors: tuple[d.Floor, ...]) -> None:
+                        floors: tuple[d.Floor, ...],
+                        req: dict[str, Any] | None = None) -> None:
         t0 = time.monotonic()
         top = max((prio.get(a.task_id, 0) for a in assignments), default=None)
         with self._lock:
@@ -347,7 +355,9 @@ class Scheduler:
                 return
             self._assign_seq += 1
             cid = self._assign_seq
-            self._assigning[cid] = [d.InFlight(a.task_id, a.chunk, a.worker, prio.get(a.task_id))
+            req = req or {}
+            self._assigning[cid] = [d.InFlight(a.task_id, a.chunk, a.worker, prio.get(a.task_id),
+                                               req.get(a.task_id, ()))
                                     for a in assignments]
 
         def done(result: Any, err: int) -> None:
@@ -652,7 +662,24 @@ class Scheduler:
         kill = self._record_heartbeat(req)
         return peer_pb2.HeartbeatResponse(accepted=True, leader_grpc=self.cfg.grpc_address,
                                           leader_id=self.node_id, kill=[
-            peer_pb2.RunningUnit(task_id=k[0], chunk=k[1], attempt=k[2], token=k[3]) for k in kill])
+            peer_pb2.RunningUnit(task_id=k[0], chunk=k[1], attempt=k[2], token=k[3]) for k in kill],
+                                          nodes=self._node_offers())
+
+    def _node_offers(self) -> list[peer_pb2.NodeOffer]:
+        """The live workers and what they offer, for heartbeat answers (built at most
+        every half second: with many workers each heartbeat would rebuild it)."""
+        now = time.monotonic()
+        cached = self._offers_cache
+        if cached is not None and now - cached[0] < 0.5:
+            return cached[1]
+        with self._lock:
+            live = d.live_workers([w.view() for w in self.workers.values()], now,
+                                  self.cfg.lease_s)
+        out = [peer_pb2.NodeOffer(node_id=w.node_id, slots=w.slots,
+                                  resources=dict(w.resources), node_labels=dict(w.labels))
+               for w in live]
+        self._offers_cache = (now, out)
+        return out
 
     def _record_heartbeat(self, req: peer_pb2.HeartbeatRequest) -> list[tuple]:
         """Update the worker table; return the units the worker runs that are not

@@ -26,6 +26,14 @@ from taskandgo.consensus.raft import MAYBE_COMMITTED, fail_reason_name
 from taskandgo.consensus.state import SchedulerState
 from taskandgo.node import decisions as d
 from taskandgo.node.config import NodeConfig
+from taskandgo.node.placement import (
+    PLACEMENT_PROTOCOL,
+    Offer,
+    placed,
+    spec_request,
+    spec_require,
+    unfit_reason,
+)
 from taskandgo.node.replica import NotFound, Replica, Unavailable, spec_to_api
 from taskandgo.node.security import Overloaded
 from taskandgo.node.tasks import InvalidTask, normalize, spec_bytes
@@ -54,8 +62,12 @@ class Submitter:
                  hold_for: Callable[[int, tuple[str, ...]], None],
                  forward: Callable[[], Any], observe: Callable[[str, float], None],
                  guard: Callable[[Callable[[], None]], Callable[[], None]],
-                 to_leader: Callable[[], Any] | None = None) -> None:
+                 to_leader: Callable[[], Any] | None = None,
+                 offers: Callable[[], tuple[Offer, ...]] | None = None) -> None:
         self.cfg = cfg
+        #: The live workers and what they offer (the leader's picture, see
+        #: WorkerSide.cluster_offers): a request none of them could hold is refused.
+        self._offers = offers
         self.replica = replica
         self._stop = stop
         self._accepting = accepting
@@ -95,18 +107,22 @@ class Submitter:
                 if len(raw_specs) > 1:
                     raise InvalidTask(f"tasks[{i}].{exc.field}", exc.message) from None
                 raise
+        if any(placed(s) for s in specs):
+            self._check_fit(specs, len(raw_specs) > 1)
         if self.replica.replicated is None:
             with self._forward() as c:
                 return c.submit_many([spec_to_api(s) for s in specs])
         level = max((DEPENDENCY_PROTOCOL if s.get("after") else DELAYED_PROTOCOL
                      for s in specs if s.get("after") or s.get("run_at")), default=0)
+        if any(placed(s) for s in specs):
+            level = max(level, PLACEMENT_PROTOCOL)
         if level and not self.replica.voters_at(level):
             # A replica of an earlier release would queue such a task at once (and
             # diverge): only the leader knows every voter's release, from heartbeats.
             if self.replica.is_leader() or self._to_leader is None:
-                raise Unavailable("a voter runs an earlier release that cannot keep delayed "
-                                  "or dependent tasks (run_at, after); upgrade every voter "
-                                  "first")
+                raise Unavailable("a voter runs an earlier release that cannot keep delayed, "
+                                  "dependent or placed tasks (run_at, after, resources, "
+                                  "require, prefer); upgrade every voter first")
             with self._to_leader() as c:
                 return c.submit_many([spec_to_api(s) for s in specs])
         if any(s.get("after") for s in specs):
@@ -136,6 +152,19 @@ class Submitter:
             raise Unavailable("submit was not committed in time (no leader?)") from None
         return [{"task_id": tid, "created": created, "status": status}
                 for tid, created, status in out]
+
+    def _check_fit(self, specs: list[dict[str, Any]], batch: bool) -> None:
+        """A spec whose request or required labels no live worker could hold even
+        idle is refused (InvalidTask naming ``resources`` or ``require``, and the
+        largest node's capacity). Nothing is refused while no worker is known."""
+        offers = self._offers() if self._offers is not None else ()
+        for i, s in enumerate(specs):
+            if not placed(s):
+                continue
+            why = unfit_reason(spec_request(s), spec_require(s), offers)
+            if why is not None:
+                name = "require" if why.startswith("no node has") else "resources"
+                raise InvalidTask(f"tasks[{i}].{name}" if batch else name, why)
 
     def _check_parents(self, specs: list[dict[str, Any]], batch: bool) -> None:
         """Every id a spec's ``after`` names must be a task this replica holds, or one

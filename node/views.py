@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from taskandgo.strategies import Assignment, QueuedUnit
+from taskandgo.strategies.placement import Amounts
 
 #: (task_id, chunk): one unit of work (chunk -1 is a whole task).
 UnitKey = tuple[str, int]
@@ -29,7 +30,10 @@ class WorkerView:
 
     ``capacity`` is slots plus the worker's --prefetch (0 means just ``slots``);
     ``last_seen`` is on the clock of the caller's ``now``; ``last_seen_wall`` is
-    wall-clock time, compared with units' wall-clock ``started_at``."""
+    wall-clock time, compared with units' wall-clock ``started_at``.
+    ``resources``: its capacity per resource (cpu cores, memory bytes, named ones;
+    none from a node of an earlier release: it takes no unit with a request);
+    ``labels``: its node labels (sorted pairs)."""
 
     node_id: str
     slots: int
@@ -39,6 +43,8 @@ class WorkerView:
     accepting: bool = True
     down: bool = False
     running: frozenset[AttemptKey] = frozenset()
+    resources: Amounts = ()
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 class RunningView(NamedTuple):
@@ -69,6 +75,7 @@ class InFlight(NamedTuple):
     chunk: int
     worker: str
     priority: int | None = None
+    request: Amounts = ()
 
 
 @dataclass(frozen=True)
@@ -124,10 +131,12 @@ class PlanView:
 class RunningSummary(NamedTuple):
     """The running units as planning counts them: per worker, how many run there
     and are not completing (``busy``); the priorities of all of them, completing
-    ones included (a failed one comes back as a retry)."""
+    ones included (a failed one comes back as a retry); per worker, the resources
+    the running and not completing units requested (``used``)."""
 
     busy: Mapping[str, int]
     priorities: frozenset[int]
+    used: Mapping[str, Mapping[str, float]] = {}
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 from taskandgo.node.callworker import CALL_RE, CALL_SHAPE
+from taskandgo.node.placement import check_resources, check_terms
 from taskandgo.node.tasks import (
     ID_RE,
     LABEL_KEY_RE,
@@ -108,6 +109,11 @@ class TaskSpec:
     #: Run only once these tasks (which exist) have succeeded (``after_any``: ended).
     after: tuple[str, ...] = ()
     after_any: bool = False
+    #: What each unit needs free on its node (``cpu`` cores, ``memory`` bytes, named
+    #: resources), node labels it must have and would rather have (node/placement.py).
+    resources: Mapping[str, float] = field(default_factory=dict)
+    require: tuple[str, ...] = ()
+    prefer: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ made here
 
@@ -228,11 +234,18 @@ class TaskSpec:
         if after and run_at:
             raise InvalidTask("after", "give after or a start time (run_at, delay_s), not "
                               "both")
+        resources = check_resources(raw.get("resources"))
+        require = check_terms(raw.get("require"), "require")
+        prefer = check_terms(raw.get("prefer"), "prefer")
+        if every and (resources or require):
+            raise InvalidTask("on_every_node", "runs the task once on every node: give it or "
+                              "resources/require, not both")
         return cls(id=tid, priority=priority, strategy=strategy, data=data,
                    argv=tuple(argv), call=call, args=args, shards=shards,
                    items=items or None, timeout_s=float(timeout), retries=retries,
                    labels=dict(labels), on_every_node=every, run_at=run_at,
-                   after=after, after_any=after_any)
+                   after=after, after_any=after_any, resources=resources,
+                   require=require, prefer=prefer)
 
     def resolved(self, default_strategy: str) -> TaskSpec:
         """This spec with the node's default strategy where it names none (checked
@@ -273,6 +286,7 @@ class TaskSpec:
             out["after"] = list(self.after)
             if self.after_any:
                 out["after_any"] = True
+        _placement_out(out, self.resources, self.require, self.prefer)
         return out
 
     @classmethod
@@ -287,7 +301,10 @@ class TaskSpec:
                    retries=stored.get("retries", 0), labels=dict(stored.get("labels", {})),
                    on_every_node=every_node(stored), run_at=stored.get("run_at", 0.0),
                    after=tuple(stored.get("after") or ()),
-                   after_any=bool(stored.get("after_any")))
+                   after_any=bool(stored.get("after_any")),
+                   resources=dict(stored.get("resources") or {}),
+                   require=tuple(stored.get("require") or ()),
+                   prefer=tuple(stored.get("prefer") or ()))
 
     # ------------------------------------------------------------ protobuf
 
@@ -339,6 +356,7 @@ class TaskSpec:
             out["after"] = list(self.after)
             if self.after_any:
                 out["after_any"] = True
+        _placement_out(out, self.resources, self.require, self.prefer)
         return out
 
     @classmethod
@@ -390,7 +408,20 @@ def spec_to_api(stored: Mapping[str, Any]) -> dict[str, Any]:
         out["after"] = list(stored["after"])
         if stored.get("after_any"):
             out["after_any"] = True
+    _placement_out(out, stored.get("resources"), stored.get("require"), stored.get("prefer"))
     return out
+
+
+def _placement_out(out: dict[str, Any], resources: Mapping[str, float] | None,
+                   require: Sequence[str] | None, prefer: Sequence[str] | None) -> None:
+    """Add a spec's request and label terms to ``out`` (the stored, API and JSON
+    forms spell them alike), only those set: a spec without them reads as before."""
+    if resources:
+        out["resources"] = dict(resources)
+    if require:
+        out["require"] = list(require)
+    if prefer:
+        out["prefer"] = list(prefer)
 
 
 #: At most this many parents per task (a fan-in of a thousand maps is two submits).
@@ -483,7 +514,8 @@ def start_time(run_at: Any, delay_s: Any, now: float | None = None) -> float:
 #: ``items`` are JSON values, ``args_json`` and ``items_json`` JSON text).
 REQUEST_FIELDS = ("id", "task_id", "priority", "data", "argv", "call", "args", "args_json",
                   "strategy", "shards", "items", "items_json", "timeout_s", "retries", "labels",
-                  "on_every_node", "run_at", "delay_s", "after", "after_any")
+                  "on_every_node", "run_at", "delay_s", "after", "after_any", "resources",
+                  "require", "prefer")
 #: JSON types of the optional fields of an HTTP body (``null`` only where it means
 #: "the default"). The checker takes absent, empty and zero alike (as protobuf
 #: does); over JSON a value of the wrong type is refused, even a falsy one like
@@ -501,6 +533,9 @@ JSON_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "delay_s": ((int, float, type(None)), "seconds"),
     "after": ((list, str, type(None)), "a list of task ids"),
     "after_any": ((bool, type(None)), "true or false"),
+    "resources": ((dict, type(None)), "an object of name: amount (cpu, memory, gpu, ...)"),
+    "require": ((list, str, type(None)), "a list of node labels key=value or key"),
+    "prefer": ((list, str, type(None)), "a list of node labels key=value or key"),
 }
 
 
@@ -512,7 +547,8 @@ def request_from_proto(m: pb.TaskSpec) -> dict[str, Any]:
         "items_json": m.items_json, "timeout_s": m.timeout_s, "retries": m.retries,
         "labels": dict(m.labels), "on_every_node": m.on_every_node,
         "run_at": m.run_at, "delay_s": m.delay_s, "after": list(m.after),
-        "after_any": m.after_any,
+        "after_any": m.after_any, "resources": dict(m.resources), "require": list(m.require),
+        "prefer": list(m.prefer),
     }
 
 

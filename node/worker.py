@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import grpc
@@ -29,11 +29,13 @@ from taskandgo.node.config import NodeConfig
 from taskandgo.node.dispatching import Peers
 from taskandgo.node.events import EventBus
 from taskandgo.node.executor import Executor, Work
+from taskandgo.node.placement import Offer
 from taskandgo.node.replica import Replica
-from taskandgo.node.resources import ResourceMonitor
+from taskandgo.node.resources import ResourceMonitor, Resources
 from taskandgo.node.security import PEER_PROTOCOL, PeerIdentity, PermissionDenied
 from taskandgo.node.tasks import payload_for
 from taskandgo.protos import peer_pb2
+from taskandgo.strategies.placement import amounts
 
 log = logging.getLogger("taskandgo.node")
 
@@ -83,6 +85,9 @@ class WorkerSide:
         #: This node's CPU and memory (its container's when it has one): what
         #: heartbeats and status report.
         self.resources = ResourceMonitor()
+        #: The live workers and what they offer, as the leader last answered a
+        #: heartbeat (the leader sets its own): submit checks and pending reasons.
+        self.cluster_offers: tuple[Offer, ...] = ()
 
     def start(self) -> None:
         self.executor.start()
@@ -165,6 +170,7 @@ class WorkerSide:
         cfg = self.cfg
         voter = cfg.self_voter is not None
         res = self.resources.sample()
+        offer, labels = self.offer(res)
         return peer_pb2.HeartbeatRequest(
             node_id=self.node_id, grpc_address=cfg.grpc_address,
             http_address=cfg.http_address, raft_address=cfg.raft_address if voter else "",
@@ -175,7 +181,24 @@ class WorkerSide:
             cpu_percent=res.cpu_percent, memory_percent=res.memory_percent,
             memory_rss=self.memory_rss(), accepting=self.accepting,
             raft_protocol=RAFT_PROTOCOL, peer_protocol=PEER_PROTOCOL,
-            started_at=self.started_at)
+            started_at=self.started_at, resources=offer, node_labels=labels)
+
+    def offer(self, res: Resources | None = None) -> tuple[dict[str, float], dict[str, str]]:
+        """What this node offers units (node/placement.py): ``cpu`` cores and
+        ``memory`` bytes as configured, else its container's limits (the cgroup),
+        else the machine's; its named resources; and its node labels."""
+        out = dict(self.cfg.offer)
+        if "cpu" not in out or "memory" not in out:
+            res = res or self.resources.sample()
+            out.setdefault("cpu", float(res.cpu_limit_cores))
+            out.setdefault("memory", float(res.memory_limit))
+        return out, dict(self.cfg.node_labels)
+
+    def note_offers(self, nodes: Iterable[peer_pb2.NodeOffer]) -> None:
+        """Keep the leader's picture of the live workers (from a heartbeat answer)."""
+        self.cluster_offers = tuple(
+            Offer(n.node_id, n.slots, amounts(n.resources), tuple(sorted(n.node_labels.items())))
+            for n in nodes)
 
     def kill(self, keys: list[tuple]) -> None:
         """Kill attempts the leader says are not this node's, and forget their
@@ -219,6 +242,7 @@ class WorkerSide:
                     self.leader_id_hint = resp.leader_id
                     self.leader_grpc_hint = target
                     self.kill([(u.task_id, u.chunk, u.attempt, u.token) for u in resp.kill])
+                    self.note_offers(resp.nodes)
                     break
                 if resp.leader_grpc:
                     self.set_leader_hint(resp.leader_grpc)

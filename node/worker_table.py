@@ -20,6 +20,7 @@ from taskandgo.node.events import EventBus, event
 from taskandgo.node.security import Overloaded, PeerIdentity, PermissionDenied
 from taskandgo.node.worker import WorkerSide
 from taskandgo.protos import peer_pb2
+from taskandgo.strategies.placement import amounts
 
 
 @dataclass
@@ -44,10 +45,13 @@ class WorkerInfo:
     down: bool = False
     raft_protocol: int = 0  # its release's RAFT_PROTOCOL (0: before 0.2)
     started_at: float = 0.0  # its process's start (wall clock), from its heartbeats
+    resources: tuple[tuple[str, float], ...] = ()  # what it offers (sorted pairs)
+    labels: tuple[tuple[str, str], ...] = ()  # its node labels (sorted pairs)
 
     def view(self) -> d.WorkerView:
         return d.WorkerView(self.node_id, self.slots, self.capacity, self.last_seen,
-                            self.last_seen_wall, self.accepting, self.down, self.running)
+                            self.last_seen_wall, self.accepting, self.down, self.running,
+                            self.resources, self.labels)
 
 
 class WorkerTable:
@@ -79,6 +83,8 @@ class WorkerTable:
         w.memory_rss, w.accepting = req.memory_rss, req.accepting
         w.raft_protocol = req.raft_protocol
         w.started_at = req.started_at
+        w.resources = amounts(req.resources)
+        w.labels = tuple(sorted(req.node_labels.items()))
         w.last_seen, w.last_seen_wall = time.monotonic(), time.time()
         if w.down:
             w.down = False

@@ -24,13 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btaskandgo/protos/peer.proto\x12\x11taskandgo.peer.v1\"\x89\x01\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x05\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\r\n\x05token\x18\x05 \x01(\x03\x12\x14\n\x0cpayload_json\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\"z\n\x0f\x44ispatchRequest\x12\x11\n\tleader_id\x18\x01 \x01(\t\x12\x32\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x1d.taskandgo.peer.v1.Assignment\x12\x11\n\thas_floor\x18\x03 \x01(\x08\x12\r\n\x05\x66loor\x18\x04 \x01(\x11\"5\n\x10\x44ispatchResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x0f\n\x07refused\x18\x02 \x01(\x05\"\x95\x02\n\x06Result\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x03\x12\n\n\x02ok\x18\x05 \x01(\x08\x12\x11\n\texit_code\x18\x06 \x01(\x05\x12\x0e\n\x06result\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0c\n\x04node\x18\t \x01(\t\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0b \x01(\x01\x12\x0f\n\x07requeue\x18\x0c \x01(\x08\x12\x0c\n\x04held\x18\r \x01(\x08\x12\x0e\n\x06stderr\x18\x0e \x01(\t\x12\x11\n\ttruncated\x18\x0f \x01(\x08\x12\x14\n\x0coutput_bytes\x18\x10 \x01(\x03\"B\n\x14ReportResultsRequest\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.taskandgo.peer.v1.Result\"O\n\x15ReportResultsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x13\n\x0bleader_grpc\x18\x02 \x01(\t\x12\x0f\n\x07refused\x18\x03 \x01(\x05\"M\n\x0bRunningUnit\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x03\"\xf0\x02\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x14\n\x0chttp_address\x18\x03 \x01(\t\x12\x14\n\x0craft_address\x18\x04 \x01(\t\x12\r\n\x05voter\x18\x05 \x01(\x08\x12\r\n\x05slots\x18\x06 \x01(\x05\x12\x12\n\nfree_slots\x18\x07 \x01(\x05\x12/\n\x07running\x18\x08 \x03(\x0b\x32\x1e.taskandgo.peer.v1.RunningUnit\x12\x13\n\x0b\x63pu_percent\x18\t \x01(\x01\x12\x16\n\x0ememory_percent\x18\n \x01(\x01\x12\x12\n\nmemory_rss\x18\x0b \x01(\x03\x12\x11\n\taccepting\x18\x0c \x01(\x08\x12\x10\n\x08\x63\x61pacity\x18\r \x01(\x05\x12\x15\n\rraft_protocol\x18\x0e \x01(\x05\x12\x15\n\rpeer_protocol\x18\x0f \x01(\x05\x12\x12\n\nstarted_at\x18\x10 \x01(\x01\"{\n\x11HeartbeatResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x13\n\x0bleader_grpc\x18\x02 \x01(\t\x12,\n\x04kill\x18\x03 \x03(\x0b\x32\x1e.taskandgo.peer.v1.RunningUnit\x12\x11\n\tleader_id\x18\x04 \x01(\t\"F\n\x0bHoldRequest\x12\x14\n\x0cmin_priority\x18\x01 \x01(\x05\x12\x0f\n\x07\x66\x61n_out\x18\x02 \x01(\x08\x12\x10\n\x08task_ids\x18\x03 \x03(\t\"5\n\x0cHoldResponse\x12\x13\n\x0bhanded_back\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\"<\n\x0bKillRequest\x12-\n\x05units\x18\x01 \x03(\x0b\x32\x1e.taskandgo.peer.v1.RunningUnit\"\x1e\n\x0cKillResponse\x12\x0e\n\x06killed\x18\x01 \x01(\x05\x32\xa9\x03\n\x04Peer\x12S\n\x08\x44ispatch\x12\".taskandgo.peer.v1.DispatchRequest\x1a#.taskandgo.peer.v1.DispatchResponse\x12\x62\n\rReportResults\x12\'.taskandgo.peer.v1.ReportResultsRequest\x1a(.taskandgo.peer.v1.ReportResultsResponse\x12V\n\tHeartbeat\x12#.taskandgo.peer.v1.HeartbeatRequest\x1a$.taskandgo.peer.v1.HeartbeatResponse\x12G\n\x04Kill\x12\x1e.taskandgo.peer.v1.KillRequest\x1a\x1f.taskandgo.peer.v1.KillResponse\x12G\n\x04Hold\x12\x1e.taskandgo.peer.v1.HoldRequest\x1a\x1f.taskandgo.peer.v1.HoldResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btaskandgo/protos/peer.proto\x12\x11taskandgo.peer.v1\"\x89\x01\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x05\x12\x13\n\x0b\x63hunk_count\x18\x03 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\x05\x12\r\n\x05token\x18\x05 \x01(\x03\x12\x14\n\x0cpayload_json\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\"z\n\x0f\x44ispatchRequest\x12\x11\n\tleader_id\x18\x01 \x01(\t\x12\x32\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x1d.taskandgo.peer.v1.Assignment\x12\x11\n\thas_floor\x18\x03 \x01(\x08\x12\r\n\x05\x66loor\x18\x04 \x01(\x11\"5\n\x10\x44ispatchResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x0f\n\x07refused\x18\x02 \x01(\x05\"\x95\x02\n\x06Result\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x03\x12\n\n\x02ok\x18\x05 \x01(\x08\x12\x11\n\texit_code\x18\x06 \x01(\x05\x12\x0e\n\x06result\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0c\n\x04node\x18\t \x01(\t\x12\x12\n\nstarted_at\x18\n \x01(\x01\x12\x13\n\x0b\x66inished_at\x18\x0b \x01(\x01\x12\x0f\n\x07requeue\x18\x0c \x01(\x08\x12\x0c\n\x04held\x18\r \x01(\x08\x12\x0e\n\x06stderr\x18\x0e \x01(\t\x12\x11\n\ttruncated\x18\x0f \x01(\x08\x12\x14\n\x0coutput_bytes\x18\x10 \x01(\x03\"B\n\x14ReportResultsRequest\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.taskandgo.peer.v1.Result\"O\n\x15ReportResultsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x13\n\x0bleader_grpc\x18\x02 \x01(\t\x12\x0f\n\x07refused\x18\x03 \x01(\x05\"M\n\x0bRunningUnit\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05\x63hunk\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\r\n\x05token\x18\x04 \x01(\x03\"\xe6\x04\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\x12\x14\n\x0chttp_address\x18\x03 \x01(\t\x12\x14\n\x0craft_address\x18\x04 \x01(\t\x12\r\n\x05voter\x18\x05 \x01(\x08\x12\r\n\x05slots\x18\x06 \x01(\x05\x12\x12\n\nfree_slots\x18\x07 \x01(\x05\x12/\n\x07running\x18\x08 \x03(\x0b\x32\x1e.taskandgo.peer.v1.RunningUnit\x12\x13\n\x0b\x63pu_percent\x18\t \x01(\x01\x12\x16\n\x0ememory_percent\x18\n \x01(\x01\x12\x12\n\nmemory_rss\x18\x0b \x01(\x03\x12\x11\n\taccepting\x18\x0c \x01(\x08\x12\x10\n\x08\x63\x61pacity\x18\r \x01(\x05\x12\x15\n\rraft_protocol\x18\x0e \x01(\x05\x12\x15\n\rpeer_protocol\x18\x0f \x01(\x05\x12\x12\n\nstarted_at\x18\x10 \x01(\x01\x12\x45\n\tresources\x18\x11 \x03(\x0b\x32\x32.taskandgo.peer.v1.HeartbeatRequest.ResourcesEntry\x12H\n\x0bnode_labels\x18\x12 \x03(\x0b\x32\x33.taskandgo.peer.v1.HeartbeatRequest.NodeLabelsEntry\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fNodeLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xa8\x01\n\x11HeartbeatResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x13\n\x0bleader_grpc\x18\x02 \x01(\t\x12,\n\x04kill\x18\x03 \x03(\x0b\x32\x1e.taskandgo.peer.v1.RunningUnit\x12\x11\n\tleader_id\x18\x04 \x01(\t\x12+\n\x05nodes\x18\x05 \x03(\x0b\x32\x1c.taskandgo.peer.v1.NodeOffer\"\x93\x02\n\tNodeOffer\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05slots\x18\x02 \x01(\x05\x12>\n\tresources\x18\x03 \x03(\x0b\x32+.taskandgo.peer.v1.NodeOffer.ResourcesEntry\x12\x41\n\x0bnode_labels\x18\x04 \x03(\x0b\x32,.taskandgo.peer.v1.NodeOffer.NodeLabelsEntry\x1a\x30\n\x0eResourcesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a\x31\n\x0fNodeLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"F\n\x0bHoldRequest\x12\x14\n\x0cmin_priority\x18\x01 \x01(\x05\x12\x0f\n\x07\x66\x61n_out\x18\x02 \x01(\x08\x12\x10\n\x08task_ids\x18\x03 \x03(\t\"5\n\x0cHoldResponse\x12\x13\n\x0bhanded_back\x18\x01 \x01(\x05\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\"<\n\x0bKillRequest\x12-\n\x05units\x18\x01 \x03(\x0b\x32\x1e.taskandgo.peer.v1.RunningUnit\"\x1e\n\x0cKillResponse\x12\x0e\n\x06killed\x18\x01 \x01(\x05\x32\xa9\x03\n\x04Peer\x12S\n\x08\x44ispatch\x12\".taskandgo.peer.v1.DispatchRequest\x1a#.taskandgo.peer.v1.DispatchResponse\x12\x62\n\rReportResults\x12\'.taskandgo.peer.v1.ReportResultsRequest\x1a(.taskandgo.peer.v1.ReportResultsResponse\x12V\n\tHeartbeat\x12#.taskandgo.peer.v1.HeartbeatRequest\x1a$.taskandgo.peer.v1.HeartbeatResponse\x12G\n\x04Kill\x12\x1e.taskandgo.peer.v1.KillRequest\x1a\x1f.taskandgo.peer.v1.KillResponse\x12G\n\x04Hold\x12\x1e.taskandgo.peer.v1.HoldRequest\x1a\x1f.taskandgo.peer.v1.HoldResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'taskandgo.protos.peer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_HEARTBEATREQUEST_RESOURCESENTRY']._loaded_options = None
+  _globals['_HEARTBEATREQUEST_RESOURCESENTRY']._serialized_options = b'8\001'
+  _globals['_HEARTBEATREQUEST_NODELABELSENTRY']._loaded_options = None
+  _globals['_HEARTBEATREQUEST_NODELABELSENTRY']._serialized_options = b'8\001'
+  _globals['_NODEOFFER_RESOURCESENTRY']._loaded_options = None
+  _globals['_NODEOFFER_RESOURCESENTRY']._serialized_options = b'8\001'
+  _globals['_NODEOFFER_NODELABELSENTRY']._loaded_options = None
+  _globals['_NODEOFFER_NODELABELSENTRY']._serialized_options = b'8\001'
   _globals['_ASSIGNMENT']._serialized_start=51
   _globals['_ASSIGNMENT']._serialized_end=188
   _globals['_DISPATCHREQUEST']._serialized_start=190
@@ -46,17 +54,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNNINGUNIT']._serialized_start=798
   _globals['_RUNNINGUNIT']._serialized_end=875
   _globals['_HEARTBEATREQUEST']._serialized_start=878
-  _globals['_HEARTBEATREQUEST']._serialized_end=1246
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1248
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1371
-  _globals['_HOLDREQUEST']._serialized_start=1373
-  _globals['_HOLDREQUEST']._serialized_end=1443
-  _globals['_HOLDRESPONSE']._serialized_start=1445
-  _globals['_HOLDRESPONSE']._serialized_end=1498
-  _globals['_KILLREQUEST']._serialized_start=1500
-  _globals['_KILLREQUEST']._serialized_end=1560
-  _globals['_KILLRESPONSE']._serialized_start=1562
-  _globals['_KILLRESPONSE']._serialized_end=1592
-  _globals['_PEER']._serialized_start=1595
-  _globals['_PEER']._serialized_end=2020
+  _globals['_HEARTBEATREQUEST']._serialized_end=1492
+  _globals['_HEARTBEATREQUEST_RESOURCESENTRY']._serialized_start=1393
+  _globals['_HEARTBEATREQUEST_RESOURCESENTRY']._serialized_end=1441
+  _globals['_HEARTBEATREQUEST_NODELABELSENTRY']._serialized_start=1443
+  _globals['_HEARTBEATREQUEST_NODELABELSENTRY']._serialized_end=1492
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1495
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1663
+  _globals['_NODEOFFER']._serialized_start=1666
+  _globals['_NODEOFFER']._serialized_end=1941
+  _globals['_NODEOFFER_RESOURCESENTRY']._serialized_start=1393
+  _globals['_NODEOFFER_RESOURCESENTRY']._serialized_end=1441
+  _globals['_NODEOFFER_NODELABELSENTRY']._serialized_start=1443
+  _globals['_NODEOFFER_NODELABELSENTRY']._serialized_end=1492
+  _globals['_HOLDREQUEST']._serialized_start=1943
+  _globals['_HOLDREQUEST']._serialized_end=2013
+  _globals['_HOLDRESPONSE']._serialized_start=2015
+  _globals['_HOLDRESPONSE']._serialized_end=2068
+  _globals['_KILLREQUEST']._serialized_start=2070
+  _globals['_KILLREQUEST']._serialized_end=2130
+  _globals['_KILLRESPONSE']._serialized_start=2132
+  _globals['_KILLRESPONSE']._serialized_end=2162
+  _globals['_PEER']._serialized_start=2165
+  _globals['_PEER']._serialized_end=2590
 # @@protoc_insertion_point(module_scope)

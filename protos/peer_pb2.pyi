@@ -109,7 +109,21 @@ class RunningUnit(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., chunk: _Optional[int] = ..., attempt: _Optional[int] = ..., token: _Optional[int] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "grpc_address", "http_address", "raft_address", "voter", "slots", "free_slots", "running", "cpu_percent", "memory_percent", "memory_rss", "accepting", "capacity", "raft_protocol", "peer_protocol", "started_at")
+    __slots__ = ("node_id", "grpc_address", "http_address", "raft_address", "voter", "slots", "free_slots", "running", "cpu_percent", "memory_percent", "memory_rss", "accepting", "capacity", "raft_protocol", "peer_protocol", "started_at", "resources", "node_labels")
+    class ResourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class NodeLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +140,8 @@ class HeartbeatRequest(_message.Message):
     RAFT_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     PEER_PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    NODE_LABELS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     grpc_address: str
     http_address: str
@@ -142,19 +158,49 @@ class HeartbeatRequest(_message.Message):
     raft_protocol: int
     peer_protocol: int
     started_at: float
-    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., accepting: _Optional[bool] = ..., capacity: _Optional[int] = ..., raft_protocol: _Optional[int] = ..., peer_protocol: _Optional[int] = ..., started_at: _Optional[float] = ...) -> None: ...
+    resources: _containers.ScalarMap[str, float]
+    node_labels: _containers.ScalarMap[str, str]
+    def __init__(self, node_id: _Optional[str] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., running: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., accepting: _Optional[bool] = ..., capacity: _Optional[int] = ..., raft_protocol: _Optional[int] = ..., peer_protocol: _Optional[int] = ..., started_at: _Optional[float] = ..., resources: _Optional[_Mapping[str, float]] = ..., node_labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("accepted", "leader_grpc", "kill", "leader_id")
+    __slots__ = ("accepted", "leader_grpc", "kill", "leader_id", "nodes")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     LEADER_GRPC_FIELD_NUMBER: _ClassVar[int]
     KILL_FIELD_NUMBER: _ClassVar[int]
     LEADER_ID_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     leader_grpc: str
     kill: _containers.RepeatedCompositeFieldContainer[RunningUnit]
     leader_id: str
-    def __init__(self, accepted: _Optional[bool] = ..., leader_grpc: _Optional[str] = ..., kill: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., leader_id: _Optional[str] = ...) -> None: ...
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeOffer]
+    def __init__(self, accepted: _Optional[bool] = ..., leader_grpc: _Optional[str] = ..., kill: _Optional[_Iterable[_Union[RunningUnit, _Mapping]]] = ..., leader_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeOffer, _Mapping]]] = ...) -> None: ...
+
+class NodeOffer(_message.Message):
+    __slots__ = ("node_id", "slots", "resources", "node_labels")
+    class ResourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class NodeLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    NODE_LABELS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    slots: int
+    resources: _containers.ScalarMap[str, float]
+    node_labels: _containers.ScalarMap[str, str]
+    def __init__(self, node_id: _Optional[str] = ..., slots: _Optional[int] = ..., resources: _Optional[_Mapping[str, float]] = ..., node_labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class HoldRequest(_message.Message):
     __slots__ = ("min_priority", "fan_out", "task_ids")

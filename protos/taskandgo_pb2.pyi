@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskSpec(_message.Message):
-    __slots__ = ("id", "priority", "data", "argv", "call", "args_json", "strategy", "shards", "items_json", "timeout_s", "retries", "labels", "on_every_node", "run_at", "delay_s", "after", "after_any")
+    __slots__ = ("id", "priority", "data", "argv", "call", "args_json", "strategy", "shards", "items_json", "timeout_s", "retries", "labels", "on_every_node", "run_at", "delay_s", "after", "after_any", "resources", "require", "prefer")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,13 @@ class TaskSpec(_message.Message):
         key: str
         value: str
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    class ResourcesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +39,9 @@ class TaskSpec(_message.Message):
     DELAY_S_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
     AFTER_ANY_FIELD_NUMBER: _ClassVar[int]
+    RESOURCES_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_FIELD_NUMBER: _ClassVar[int]
+    PREFER_FIELD_NUMBER: _ClassVar[int]
     id: str
     priority: str
     data: str
@@ -49,7 +59,10 @@ class TaskSpec(_message.Message):
     delay_s: float
     after: _containers.RepeatedScalarFieldContainer[str]
     after_any: bool
-    def __init__(self, id: _Optional[str] = ..., priority: _Optional[str] = ..., data: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., call: _Optional[str] = ..., args_json: _Optional[str] = ..., strategy: _Optional[str] = ..., shards: _Optional[int] = ..., items_json: _Optional[str] = ..., timeout_s: _Optional[float] = ..., retries: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_every_node: _Optional[bool] = ..., run_at: _Optional[str] = ..., delay_s: _Optional[float] = ..., after: _Optional[_Iterable[str]] = ..., after_any: _Optional[bool] = ...) -> None: ...
+    resources: _containers.ScalarMap[str, float]
+    require: _containers.RepeatedScalarFieldContainer[str]
+    prefer: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., priority: _Optional[str] = ..., data: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., call: _Optional[str] = ..., args_json: _Optional[str] = ..., strategy: _Optional[str] = ..., shards: _Optional[int] = ..., items_json: _Optional[str] = ..., timeout_s: _Optional[float] = ..., retries: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_every_node: _Optional[bool] = ..., run_at: _Optional[str] = ..., delay_s: _Optional[float] = ..., after: _Optional[_Iterable[str]] = ..., after_any: _Optional[bool] = ..., resources: _Optional[_Mapping[str, float]] = ..., require: _Optional[_Iterable[str]] = ..., prefer: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "status", "attempts", "node", "exit_code", "result", "error", "started_at", "finished_at", "stderr", "truncated", "output_bytes")
@@ -80,7 +93,7 @@ class Chunk(_message.Message):
     def __init__(self, index: _Optional[int] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., node: _Optional[str] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., output_bytes: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "spec", "priority", "strategy", "status", "attempts", "node", "exit_code", "result", "error", "created_at", "started_at", "finished_at", "chunks", "chunk_count", "chunks_done", "priority_name", "stderr", "truncated", "output_bytes", "run_at", "schedule_id", "slot", "parents", "children")
+    __slots__ = ("id", "spec", "priority", "strategy", "status", "attempts", "node", "exit_code", "result", "error", "created_at", "started_at", "finished_at", "chunks", "chunk_count", "chunks_done", "priority_name", "stderr", "truncated", "output_bytes", "run_at", "schedule_id", "slot", "parents", "children", "pending_reason")
     ID_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +119,7 @@ class Task(_message.Message):
     SLOT_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     CHILDREN_FIELD_NUMBER: _ClassVar[int]
+    PENDING_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     spec: TaskSpec
     priority: int
@@ -131,7 +145,8 @@ class Task(_message.Message):
     slot: float
     parents: _containers.RepeatedScalarFieldContainer[str]
     children: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., node: _Optional[str] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., chunk_count: _Optional[int] = ..., chunks_done: _Optional[int] = ..., priority_name: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., output_bytes: _Optional[int] = ..., run_at: _Optional[float] = ..., schedule_id: _Optional[str] = ..., slot: _Optional[float] = ..., parents: _Optional[_Iterable[str]] = ..., children: _Optional[_Iterable[str]] = ...) -> None: ...
+    pending_reason: str
+    def __init__(self, id: _Optional[str] = ..., spec: _Optional[_Union[TaskSpec, _Mapping]] = ..., priority: _Optional[int] = ..., strategy: _Optional[str] = ..., status: _Optional[str] = ..., attempts: _Optional[int] = ..., node: _Optional[str] = ..., exit_code: _Optional[int] = ..., result: _Optional[str] = ..., error: _Optional[str] = ..., created_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., chunks: _Optional[_Iterable[_Union[Chunk, _Mapping]]] = ..., chunk_count: _Optional[int] = ..., chunks_done: _Optional[int] = ..., priority_name: _Optional[str] = ..., stderr: _Optional[str] = ..., truncated: _Optional[bool] = ..., output_bytes: _Optional[int] = ..., run_at: _Optional[float] = ..., schedule_id: _Optional[str] = ..., slot: _Optional[float] = ..., parents: _Optional[_Iterable[str]] = ..., children: _Optional[_Iterable[str]] = ..., pending_reason: _Optional[str] = ...) -> None: ...
 
 class SubmitTaskRequest(_message.Message):
     __slots__ = ("task",)

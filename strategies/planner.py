@@ -13,15 +13,32 @@ Two strategies, chosen per task:
   workers with free slots; chunks that do not fit now stay queued and are planned
   like any other unit later.
 
+A unit with a resource request or label constraints goes where it fits (see
+strategies/placement.py for the policy: required labels, free resources, preferred
+labels, then best fit); a unit that fits no live worker even when that worker is
+idle (its capacity or labels rule it out) is passed over rather than blocking the
+queue behind it: it waits for a node that can take it.
+
 Guarantees (property-tested): a unit is assigned at most once; a worker never gets
-more units than its free slots; units are taken in queue order, so the assigned
-units form a prefix of the queue (a lower-priority unit never starts while a
-higher one that is still queued could not).
+more units than its free slots, nor more of any resource than it has free; every
+unit's required labels hold on its worker; units are taken in queue order, so the
+assigned units form a prefix of the queue once the units no live worker could ever
+take are set aside (a lower-priority unit never starts while a higher one that is
+still queued could not).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from taskandgo.strategies.placement import (
+    Amounts,
+    labels_ok,
+    leftover,
+    preferred,
+    request_fits,
+    take,
+)
 
 SPLIT = "split"
 BATCH = "batch"
@@ -43,12 +60,28 @@ class QueuedUnit:
     n_items: int = 0
     chunk_count: int = 0
     kind: str = ""
+    #: Resources each unit of it needs (sorted (name, amount) pairs; see placement).
+    request: Amounts = ()
+    #: Labels its worker must have (``key=value`` or ``key``), and would rather have.
+    require: tuple[str, ...] = ()
+    prefer: tuple[str, ...] = ()
+
+    @property
+    def placed(self) -> bool:
+        """Does it need more than a free slot (a request or label constraints)?"""
+        return bool(self.request or self.require or self.prefer)
 
 
 @dataclass(frozen=True)
 class Worker:
+    """A live worker: its free slots, and (for units with requests or constraints)
+    what it has free of each resource, its capacity of each, its labels."""
+
     node_id: str
     free_slots: int
+    free: Amounts = ()
+    capacity: Amounts = ()
+    labels: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -73,9 +106,13 @@ def plan(queued: list[QueuedUnit], workers: list[Worker]) -> list[Assignment]:
 
     ``workers`` lists every live worker, including those with no free slot (they
     count when a split task's default chunk count is the number of live nodes).
-    Stops at the first unit that cannot be placed, so order is never violated."""
+    Stops at the first unit that cannot be placed, so order is never violated,
+    except that a unit no live worker could take even idle is passed over."""
     free = {w.node_id: max(0, w.free_slots) for w in workers}
     order = [w.node_id for w in workers]  # stable tie-break
+    res = {w.node_id: dict(w.free) for w in workers}
+    caps = {w.node_id: dict(w.capacity) for w in workers}
+    labels = {w.node_id: dict(w.labels) for w in workers}
     out: list[Assignment] = []
     rr = 0  # round-robin cursor for spreading chunks
 
@@ -95,23 +132,46 @@ def plan(queued: list[QueuedUnit], workers: list[Worker]) -> list[Assignment]:
                 return node
         return None
 
+    def fit(unit: QueuedUnit) -> str | None:
+        top, top_key = None, None
+        for i, node in enumerate(order):
+            if free[node] <= 0 or not labels_ok(unit.require, labels[node]) \
+                    or not request_fits(unit.request, res[node]):
+                continue
+            key = (-preferred(unit.prefer, labels[node]),
+                   leftover(unit.request, res[node], caps[node]), i)
+            if top_key is None or key < top_key:
+                top, top_key = node, key
+        return top
+
+    def ever_fits(unit: QueuedUnit) -> bool:
+        return any(labels_ok(unit.require, labels[n]) and request_fits(unit.request, caps[n])
+                   for n in order)
+
+    def pick(unit: QueuedUnit, spread: bool) -> str | None:
+        node = fit(unit) if unit.placed else next_rr() if spread else best()
+        if node is not None:
+            free[node] -= 1
+            take(res[node], unit.request)
+        return node
+
     for unit in queued:
+        if unit.placed and not ever_fits(unit):
+            continue  # waits for a node that can take it; see the module docstring
         if unit.chunk == WHOLE and unit.strategy == SPLIT:
             count = chunk_count_for(unit, len(workers))
             placed = 0
             for i in range(count):
-                node = next_rr()
+                node = pick(unit, True)
                 if node is None:
                     break
-                free[node] -= 1
                 out.append(Assignment(unit.task_id, i, count, node))
                 placed += 1
             if placed < count:
                 return out
             continue
-        node = next_rr() if unit.chunk != WHOLE else best()
+        node = pick(unit, unit.chunk != WHOLE)
         if node is None:
             return out
-        free[node] -= 1
         out.append(Assignment(unit.task_id, unit.chunk, unit.chunk_count, node))
     return out

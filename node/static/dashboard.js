@@ -206,11 +206,28 @@ function renderTasks(tasks = shownTasks) {
       t.status === "scheduled" && t.run_at
         ? h("td", {class: "result nowrap", "data-run-at": t.run_at},
           `runs at ${clock(t.run_at)} (${startsIn(t.run_at)})`)
+        : ["queued", "waiting"].includes(t.status)
+        ? h("td", {class: "result"}, h("button", {class: "small why",
+          title: "Why has it not started? (asks the node: GET /api/v1/tasks/ID)",
+          onclick: (e) => whyPending(t.id, e.target)}, "Why pending?"))
         : h("td", {class: `result mono ${t.error && t.status !== "succeeded" ? "err" : ""}`,
           title: t.result || t.error}, t.status === "succeeded" ? t.result : (t.error || t.result)),
       h("td", {}, cancel));
     return t.chunk_count && openChunks.has(t.id) ? [row, chunkRow(t)] : [row];
   }));
+}
+
+/** Replace the button with the task's pending_reason, as planning sees it now. */
+async function whyPending(id, button) {
+  button.disabled = true;
+  try {
+    const t = await api(`/api/v1/tasks/${encodeURIComponent(id)}`);
+    button.replaceWith(h("span", {class: "muted pending-reason"},
+      t.pending_reason || (t.status === "running" ? "started" : t.status)));
+  } catch (err) {
+    button.disabled = false;
+    button.title = String(err);
+  }
 }
 
 // ------------------------------------------------------------------ data
