@@ -146,15 +146,15 @@ class LeaderSide:
                 prios.add(t.priority)
         held = {w.node_id: n for w in live if w.running
                 if (n := d.stale_held(w.node_id, w.running, s.running, self.replica_unit))}
+        tasks = s.tasks
         view = d.PlanView(
             now, live, in_flight=in_flight, held=held,
-            completing=frozenset((t, c, w) for (t, c), w in self.completing.items()),
             floor=floor, run_s_by_kind=self.run_s_by_kind,
             undelivered=frozenset(self.dispatch_prio[b] for b in self.dispatching
                                   if b in self.dispatch_prio),
-            running=tuple(d.RunningView(tid, chunk, w, t.priority if t is not None else None)
-                          for (tid, chunk), w in s.running.items()
-                          for t in (s.tasks.get(tid),)),
+            running_summary=d.summarize_running(
+                s.running, lambda tid: t.priority if (t := tasks.get(tid)) else None,
+                list(self.completing.items())),
             queued_priorities=frozenset(prios))
         depth = d.queue_depth_needed(view)
         if depth:
