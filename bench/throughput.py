@@ -1,9 +1,13 @@
 """End-to-end throughput and latency on a local 3-node cluster.
 
     python bench/throughput.py [--tasks 10000] [--runs 3] [--rate 200] [--seconds 10]
+                               [--single 2000]
 
 Throughput: N no-op callable tasks (batch strategy) submitted by one client with
-``submit_many`` (1,000 per call), first submit to last result. Latency: tasks
+``submit_many`` (1,000 per call), first submit to last result. Single-call loop:
+``--single`` tasks, one ``submit()`` call each in a loop, as a script calling the
+client naively would (submit calls per second, and tasks per second to the last
+result). Latency: tasks
 submitted one at a time at a steady rate; submit-to-result is the time from the
 submit call to the client seeing the task's ``succeeded`` event on a watch stream,
 measured with the client on a follower and then on the leader.
@@ -38,6 +42,19 @@ def throughput(addrs: list[str], n: int) -> float:
         c.submit_many(specs, batch=1000, in_flight=4)
         c.wait([s["id"] for s in specs], timeout_s=600)
         return n / (time.perf_counter() - t0)
+
+
+def single_calls(addrs: list[str], n: int) -> tuple[float, float]:
+    """N tasks, one ``submit`` call each from one caller in a loop (each call returns
+    once its task is committed), then a wait for all results. Returns (submit calls
+    per second, tasks per second from the first submit to the last result)."""
+    with Client(addrs, timeout_s=120) as c:
+        t0 = time.perf_counter()
+        ids = [c.submit(call=NOOP, strategy="batch") for _ in range(n)]
+        t1 = time.perf_counter()
+        c.wait(ids, timeout_s=600)
+        t2 = time.perf_counter()
+    return n / (t1 - t0), n / (t2 - t0)
 
 
 def latency(addrs: list[str], rate: float, seconds: float) -> tuple[float, float, int]:
@@ -102,6 +119,8 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--rate", type=float, default=200.0)
     ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--single", type=int, default=2000,
+                    help="tasks in the single-call loop (0: skip it)")
     args = ap.parse_args()
     cluster = BenchCluster(3)
     try:
@@ -112,6 +131,16 @@ def main() -> int:
             print(f"  run {r + 1}: {tps[-1]:.0f} tasks/s", flush=True)
         print(f"throughput: {statistics.median(tps):.0f} tasks/s (median of {args.runs} runs, "
               f"{args.tasks} no-op callable tasks, 3 nodes)")
+        if args.single:
+            subs, done = [], []
+            for r in range(args.runs):
+                a, b = single_calls(cluster.addrs, args.single)
+                subs.append(a)
+                done.append(b)
+                print(f"  run {r + 1}: {a:.0f} submit calls/s, {b:.0f} tasks/s", flush=True)
+            print(f"single-call loop: {statistics.median(subs):.0f} submit calls/s, "
+                  f"{statistics.median(done):.0f} tasks/s to the last result (median of "
+                  f"{args.runs} runs, {args.single} tasks, one submit() call each)")
         # The client (submits and watch stream) on a follower, then on the leader: the
         # leader also plans, dispatches and commits, so the two differ.
         leader = cluster.wait_leader()

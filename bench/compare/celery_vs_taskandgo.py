@@ -256,6 +256,20 @@ def celery_throughput(bt, n: int) -> float:
     return n / dt
 
 
+def celery_single(bt, n: int) -> tuple[float, float]:
+    """N ``noop.delay()`` calls in a loop from one caller, then every result:
+    (submit calls per second, tasks per second to the last result)."""
+    t0 = time.perf_counter()
+    results = [bt.noop.delay() for _ in range(n)]
+    t1 = time.perf_counter()
+    for r in results:
+        r.get(timeout=max(120, n / 50))
+    t2 = time.perf_counter()
+    for r in results:
+        r.forget()
+    return n / (t1 - t0), n / (t2 - t0)
+
+
 def celery_latency(bt, url: str, rate: float, seconds: float) -> tuple[float, float, int]:
     """Open-loop submits at ``rate``; a result is seen when the Redis result backend
     publishes it (the pub/sub message Celery's own AsyncResult.get waits on)."""
@@ -361,17 +375,22 @@ def main() -> int:
         bt = st.start_worker(url)
         tps = [celery_throughput(bt, tasks) for _ in range(runs)]
         log(f"celery throughput runs: {[round(x) for x in tps]}")
+        singles = [celery_single(bt, tasks) for _ in range(runs)]
+        log(f"celery single-call runs: {[(round(a), round(b)) for a, b in singles]}")
+        res["celery"]["single_submit"] = med([x[0] for x in singles])
+        res["celery"]["single_tps"] = med([x[1] for x in singles])
         lats = [celery_latency(bt, url, RATE, seconds) for _ in range(runs)]
         log(f"celery latency runs: {[(round(a, 2), round(b, 2), k) for a, b, k in lats]}")
         fan = [celery_fanout(bt, chunks) for _ in range(max(runs, 3))]
         log(f"celery fan-out runs (ms): {[round(x) for x in fan]}")
-        res["celery"] = {"tps": med(tps), "p50": med([x[0] for x in lats]),
-                         "p99": med([x[1] for x in lats]), "fan": med(fan)}
+        res["celery"].update({"tps": med(tps), "p50": med([x[0] for x in lats]),
+                              "p99": med([x[1] for x in lats]), "fan": med(fan)})
         st.stop_celery()
 
         # ---- TaskAndGo, local 3-node cluster
         from _cluster import BenchCluster
         from throughput import latency as tg_latency
+        from throughput import single_calls as tg_single
         from throughput import throughput as tg_throughput
 
         st.cluster = BenchCluster(3)
@@ -379,12 +398,16 @@ def main() -> int:
         addrs = st.cluster.addrs
         tps = [tg_throughput(addrs, tasks) for _ in range(runs)]
         log(f"taskandgo throughput runs: {[round(x) for x in tps]}")
+        singles = [tg_single(addrs, tasks) for _ in range(runs)]
+        log(f"taskandgo single-call runs: {[(round(a), round(b)) for a, b in singles]}")
+        res["tg"]["single_submit"] = med([x[0] for x in singles])
+        res["tg"]["single_tps"] = med([x[1] for x in singles])
         lats = [tg_latency(addrs, RATE, seconds) for _ in range(runs)]
         log(f"taskandgo latency runs: {[(round(a, 2), round(b, 2), k) for a, b, k in lats]}")
         fan = [tg_fanout(addrs, chunks) for _ in range(max(runs, 3))]
         log(f"taskandgo fan-out runs (ms): {[round(x) for x in fan]}")
-        res["tg"] = {"tps": med(tps), "p50": med([x[0] for x in lats]),
-                     "p99": med([x[1] for x in lats]), "fan": med(fan)}
+        res["tg"].update({"tps": med(tps), "p50": med([x[0] for x in lats]),
+                          "p99": med([x[1] for x in lats]), "fan": med(fan)})
     finally:
         st.stop_all()
 
@@ -397,6 +420,10 @@ def main() -> int:
     print(f"# {mode}")
     print(f"throughput ({tasks} no-op tasks): TaskAndGo {t['tps']:.0f} tasks/s, Celery "
           f"{c['tps']:.0f} tasks/s, ratio {ratio(t['tps'], c['tps']):.2f}x (higher is better)")
+    print(f"single-call loop ({tasks} submit() calls, then wait): TaskAndGo "
+          f"{t['single_submit']:.0f} submits/s ({t['single_tps']:.0f} tasks/s to the last result), "
+          f"Celery {c['single_submit']:.0f} submits/s ({c['single_tps']:.0f} tasks/s), ratio "
+          f"{ratio(t['single_tps'], c['single_tps']):.2f}x (higher is better)")
     print(f"latency p50 at {RATE:.0f} tasks/s for {seconds:g} s: TaskAndGo {t['p50']:.1f} ms, "
           f"Celery {c['p50']:.1f} ms, ratio {ratio(t['p50'], c['p50']):.2f}x (lower is better)")
     print(f"latency p99 at {RATE:.0f} tasks/s for {seconds:g} s: TaskAndGo {t['p99']:.1f} ms, "
