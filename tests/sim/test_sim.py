@@ -51,14 +51,17 @@ class Known:
 KNOWN: dict[str, Known] = {
     # (Fixed: floor-lifted-early, seed 2585; hold-skipped, seed 61; requeue-no-hold,
     # seed 1652: see decisions.live_floors, needs_hold, hold_targets and free_slots.)
-    # A leader elected a moment before an urgent submit's hold has no worker table yet
-    # (it is built from heartbeats to the leader): the hold asks no worker, not even
-    # itself, to hand back its prefetch window, and answers ok. Found once the
-    # simulated clients also submit delayed tasks and create schedules (other
-    # schedules of the same seeds); not in the code those change.
-    "new-leader-hold-empty-table": Known(
-        "priority", "from its window", 1918,
-        "node/scheduling.py hold_workers / decisions.hold_targets (a new leader's table)"),
+    # A task released into the queue by the state itself, with no hold before it (a
+    # dependent task whose parent ended, as here; likewise a delayed task's release or
+    # a schedule's fire): a lower unit already waiting in a worker's prefetch window
+    # starts after it is queued. Waiting and scheduled tasks are not counted among the
+    # queued priorities that turn windows off (retries waiting for their backoff are).
+    # (Also seen, at seed 1918 of an earlier world: a leader elected a moment before an
+    # urgent submit's hold has no worker table yet, so the hold asks no worker.)
+    "released-without-hold": Known(
+        "priority", "from its window", 5340,
+        "consensus/state.py _finish/_release (dependents, delayed tasks, fires) with "
+        "node/scheduling.py _plan_and_assign's queued priorities"),
 }
 
 
