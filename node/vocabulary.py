@@ -43,8 +43,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
+
+# As a module: placement imports tasks, which imports this module at its end.
+import taskandgo.node.placement as _placement
 from taskandgo.node.callworker import CALL_RE, CALL_SHAPE
-from taskandgo.node.placement import check_resources, check_terms
 from taskandgo.node.tasks import (
     ID_RE,
     LABEL_KEY_RE,
@@ -234,9 +236,9 @@ class TaskSpec:
         if after and run_at:
             raise InvalidTask("after", "give after or a start time (run_at, delay_s), not "
                               "both")
-        resources = check_resources(raw.get("resources"))
-        require = check_terms(raw.get("require"), "require")
-        prefer = check_terms(raw.get("prefer"), "prefer")
+        resources = _placement.check_resources(raw.get("resources"))
+        require = _placement.check_terms(raw.get("require"), "require")
+        prefer = _placement.check_terms(raw.get("prefer"), "prefer")
         if every and (resources or require):
             raise InvalidTask("on_every_node", "runs the task once on every node: give it or "
                               "resources/require, not both")

@@ -48,6 +48,9 @@ commit (``World.truth``, a real SchedulerState); an index is a position in the l
    (the missed-slot policy) does so only for slots more than the schedule's
    ``catchup_s`` late by the firing leader's clock: a leader change or a slow leader
    delays slots, it never loses one.
+11. **Never over-committed** (placement, the quarter of schedules whose nodes offer
+   cpu: ``SimConfig.cpus``). The cpu requested by the units that run at once on a node
+   is at most what that node offers.
 """
 
 from __future__ import annotations
@@ -99,6 +102,8 @@ class Checker:
         self.held_by_clock: set[tuple[str, int]] = set()  # retries the wall clock kept
         self.slot_tasks: dict[str, int] = {}  # a schedule's task id -> fires that made it
         self.last_slots: dict[str, float] = {}  # schedule -> last slot before a fire
+        #: node -> attempt running there -> the cpu its task requested (placement)
+        self.cpu_in_use: dict[str, dict[tuple, float]] = {}
 
     def fail(self, kind: str, detail: str) -> None:
         self.world.trace(f"VIOLATION {kind}: {detail}")
@@ -217,6 +222,7 @@ class Checker:
         w = self.world
         work = run.work
         self.execs.setdefault((work.task_id, work.chunk), {})[work.key] = (node.id, w.now)
+        self.check_committed(node.id, work)
         low = w.truth.tasks.get(work.task_id)
         offer = self.plan_index.get(work.token) if immediate else len(w.log.entries)
         if low is None or offer is None:
@@ -268,7 +274,23 @@ class Checker:
                          "(cancelled or requeued), when the unit arrived")
         return "; cause: " + "; ".join(hints) if hints else ""
 
+    def check_committed(self, node_id: str, work: Any) -> None:
+        """Never over-committed: the cpu requested by the units running at once on a
+        node is at most what it offers (a unit starting that would exceed it)."""
+        t = self.world.truth.tasks.get(work.task_id)
+        cpu = dict(t.spec.get("resources") or {}).get("cpu", 0.0) if t is not None else 0.0
+        if not cpu:
+            return
+        mine = self.cpu_in_use.setdefault(node_id, {})
+        mine[work.key] = cpu
+        offer = self.world.offer_of(node_id).get("cpu", 0.0)
+        if sum(mine.values()) > offer + 1e-9:
+            self.fail("over-committed", f"{node_id} offers cpu={offer:g} and runs "
+                      + ", ".join(f"{k[0]}/{k[1]} (attempt {k[2]}, cpu={v:g})"
+                                  for k, v in sorted(mine.items())))
+
     def on_stop(self, node_id: str, key: tuple) -> None:
+        self.cpu_in_use.get(node_id, {}).pop(key, None)
         runs = self.execs.get((key[0], key[1]))
         if runs is not None:
             runs.pop(key, None)

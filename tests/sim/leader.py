@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from taskandgo.consensus.commands import Assign, AssignEntry, Compact, Complete, Requeue
 from taskandgo.node import decisions as d
-from taskandgo.strategies import QueuedUnit
+from taskandgo.node.placement import queued_unit, spec_request
+from taskandgo.strategies.placement import amounts
 
 from .worker import Pending, UnitKey, Work
 
@@ -39,11 +40,12 @@ class WorkerInfo:
     last_seen: float = 0.0
     last_seen_wall: float = 0.0
     down: bool = False
+    resources: tuple = ()  # what it offers (placement), sorted pairs
 
     def view(self) -> d.WorkerView:
         return d.WorkerView(self.node_id, self.slots, self.capacity, self.last_seen,
                             self.last_seen_wall, self.accepting, self.down,
-                            frozenset(self.running))
+                            frozenset(self.running), self.resources)
 
 
 @dataclass
@@ -133,8 +135,8 @@ class LeaderSide:
                               self.world.cfg.lease_s)
         if not live:
             return
-        in_flight = tuple(d.InFlight(t, c, w, p) for units in self.assigning.values()
-                          for t, c, w, p in units)
+        in_flight = tuple(d.InFlight(t, c, w, p, r) for units in self.assigning.values()
+                          for t, c, w, p, r in units)
         floors = self.floors
         live_floors = d.live_floors(floors, now, s.tasks.__contains__, s.queued_by_priority)
         self.floors = live_floors
@@ -152,17 +154,17 @@ class LeaderSide:
             floor=floor, run_s_by_kind=self.run_s_by_kind,
             undelivered=frozenset(self.dispatch_prio[b] for b in self.dispatching
                                   if b in self.dispatch_prio),
+            # Summed up with the running units' requests, as Scheduler._plan_and_assign does.
             running_summary=d.summarize_running(
                 s.running, lambda tid: t.priority if (t := tasks.get(tid)) else None,
-                list(self.completing.items())),
+                list(self.completing.items()),
+                lambda tid: spec_request(t.spec) if (t := tasks.get(tid)) is not None else ()),
             queued_priorities=frozenset(prios))
         depth = d.queue_depth_needed(view)
         if depth:
             head = s.peek_queued(depth)
             view = replace(view, queued=tuple(
-                QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
-                           len(t.spec.get("items") or ()), t.chunk_count, d.unit_kind(t.spec))
-                for t, chunk in head))
+                queued_unit(t, chunk) for t, chunk in head))
         actions = d.plan_round(view)
         if not actions.assignments:
             return
@@ -170,7 +172,8 @@ class LeaderSide:
         cid = self.world.pid()
         prio = {u.task_id: u.priority for u in view.queued}
         top = max(prio[a.task_id] for a in assignments)
-        self.assigning[cid] = [(a.task_id, a.chunk, a.worker, prio[a.task_id])
+        req = {u.task_id: u.request for u in view.queued}
+        self.assigning[cid] = [(a.task_id, a.chunk, a.worker, prio[a.task_id], req[a.task_id])
                                for a in assignments]
         tokens = [self.world.rng.getrandbits(63) or 1 for _ in assignments]
         # (for the checker's diagnosis) split tasks left out because their cut is in flight
@@ -276,6 +279,7 @@ class LeaderSide:
             w = self.workers[req["node_id"]] = WorkerInfo(req["node_id"])
         w.slots, w.capacity, w.running = req["slots"], req["capacity"], set(running)
         w.accepting = req["accepting"]
+        w.resources = amounts(req.get("resources"))
         w.last_seen, w.last_seen_wall = self.world.now, self.wall()
         w.down = False
         if not running or not self.leader_ready:

@@ -29,7 +29,7 @@ from taskandgo.strategies import QueuedUnit
 
 from . import node as sim_node
 from .invariants import Violation
-from .world import SimConfig, World
+from .world import SimConfig, World, placement_cpus
 
 SEEDS = int(os.environ.get("TASKANDGO_SIM_SEEDS", "10000"))
 JOBS = max(1, int(os.environ.get("TASKANDGO_SIM_JOBS", str(min(2, os.cpu_count() or 1)))))
@@ -306,7 +306,31 @@ PLANTED: dict[str, list[tuple[Any, str, Callable[[Any], Any]]]] = {
                           (sim_node.SimNode, "check_lease", lambda f: lambda self: None)],
     "bounded queues": [(decisions, "free_slots", lambda f: lambda view: tuple(
         replace(w, free_slots=w.free_slots + 3) for w in f(view)))],
+    # (placement: a leader that counts each worker's cpu twice over)
+    "over-committed": [(decisions, "free_slots", lambda f: lambda view: tuple(
+        replace(w, free=tuple((k, 2 * v) for k, v in w.free)) for w in f(view)))],
 }
+
+
+#: Placement schedules (nodes offer cpu, tasks request some): seeds run.
+PLACEMENT_SEEDS = int(os.environ.get("TASKANDGO_SIM_PLACEMENT_SEEDS", "400"))
+
+
+def test_placement_schedules() -> None:
+    """Given schedules whose nodes offer 1, 2 or 4 CPUs and about half of whose tasks
+    request some (SimConfig.cpus; apart from the default schedules, whose worlds
+    stay as they were), every invariant holds, 'never over-committed' among them.
+    Replay one: World(seed, replace(SimConfig.for_seed(seed), cpus=placement_cpus(seed)))."""
+    failures = []
+    for seed in range(PLACEMENT_SEEDS):
+        w = World(seed, replace(SimConfig.for_seed(seed), cpus=placement_cpus(seed)))
+        try:
+            w.run()
+        except Violation as v:
+            if known_as(v) is None:
+                failures.append(f"\n=== placement schedule {seed} broke an invariant ===\n"
+                                f"{v}\n{w.describe()}\n")
+    assert not failures, "".join(failures[:3])
 
 
 @pytest.mark.parametrize("kind", sorted(PLANTED))
@@ -321,6 +345,8 @@ def test_invariant_can_fail(kind: str) -> None:
             cfg = SimConfig.for_seed(seed)
             if kind == "ran twice at once":
                 cfg = replace(cfg, p_long=1.0)
+            if kind == "over-committed":
+                cfg = replace(cfg, cpus=placement_cpus(seed))
             w = World(seed, cfg)
             try:
                 w.run()

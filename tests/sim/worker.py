@@ -179,7 +179,8 @@ class WorkerSide:
     def heartbeat_request(self) -> dict[str, Any]:
         return {"node_id": self.id, "slots": self.slots, "capacity": self.capacity,
                 "free_slots": self.free_slots(), "accepting": True,
-                "running": sorted(set(self.active) | set(self.unreported))}
+                "running": sorted(set(self.active) | set(self.unreported)),
+                "resources": self.world.offer_of(self.id)}
 
     def heartbeat(self) -> None:
         """_heartbeat_loop: to the leader this node believes in, else the next voter."""
