@@ -112,7 +112,9 @@ def test_get_says_why_a_task_waits_and_it_then_runs(cluster: Cluster) -> None:
     sub = _cli(cluster, 1, "submit", "--id", "waits", "--cpu", "3", "--require", "zone=a",
                "--", "sh: echo ran")
     later = _cli(cluster, 2, "submit", "--id", "later", "--in", "1h", "--", "sh: true")
-    assert sub.returncode == 0 and later.returncode == 0, (sub, later)
+    child = _cli(cluster, 0, "submit", "--id", "child", "--after", "hog", "--", "sh: true")
+    assert sub.returncode == 0 and later.returncode == 0 and child.returncode == 0, (
+        sub, later, child)
 
     # ...then get says what it waits for, through the CLI, gRPC and HTTP...
     def reason() -> str | None:
@@ -123,6 +125,7 @@ def test_get_says_why_a_task_waits_and_it_then_runs(cluster: Cluster) -> None:
     with cluster.client(1) as c:
         assert c.get("waits")["pending_reason"].startswith("needs cpu=3")
         assert c.get("later")["pending_reason"].startswith("scheduled for ")
+        assert c.get("child")["pending_reason"] == "waiting for hog"
     status, task = _http(cluster.http(0) + "/api/v1/tasks/waits")
     assert status == 200 and task["pending_reason"].startswith("needs cpu=3"), task
     assert task["spec"]["resources"] == {"cpu": 3.0} and task["spec"]["require"] == ["zone=a"]
@@ -130,6 +133,7 @@ def test_get_says_why_a_task_waits_and_it_then_runs(cluster: Cluster) -> None:
     with cluster.client() as c:
         c.cancel("hog")
         c.cancel("later")
-        (t,) = c.wait(["waits"], timeout_s=60)
+        (t, child_done) = c.wait(["waits", "child"], timeout_s=60)
     assert t["status"] == "succeeded" and t["node"] == "node-0", t
     assert not t.get("pending_reason")
+    assert child_done["status"] == "upstream_failed" and not child_done.get("pending_reason")
