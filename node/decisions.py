@@ -391,20 +391,53 @@ def stale_held(node_id: str, reported: Iterable[AttemptKey], running: Mapping[Un
     result is committed is not counted (the worker was done with it).
     ``running``: the replica's unit -> worker; ``unit`` looks a unit up (called
     only for reported units not running on this worker)."""
-    n = 0
+    return sum(1 for _ in _stale(node_id, reported, running, unit))
+
+
+def stale_held_requests(node_id: str, reported: Iterable[AttemptKey],
+                        running: Mapping[UnitKey, str],
+                        unit: Callable[[UnitKey], ReplicaUnit | None],
+                        request: Callable[[str], Amounts]) -> dict[str, float]:
+    """The resources the attempts :func:`stale_held` counts requested (``request``
+    of a task id): until the worker drops them they still run there, so they hold
+    their resources as they hold their slots."""
+    out: dict[str, float] = {}
+    for tid, _chunk, _attempt, _token in _stale(node_id, reported, running, unit):
+        for name, amount in request(tid):
+            out[name] = out.get(name, 0.0) + amount
+    return out
+
+
+def with_held_requests(summary: RunningSummary,
+                       held: Mapping[str, Mapping[str, float]]) -> RunningSummary:
+    """``summary`` with each worker's stale attempts' requests (``held``, see
+    :func:`stale_held_requests`) added to what it uses."""
+    if not held:
+        return summary
+    used = {w: dict(m) for w, m in summary.used.items()}
+    for worker, req in held.items():
+        mine = used.setdefault(worker, {})
+        for name, amount in req.items():
+            mine[name] = mine.get(name, 0.0) + amount
+    return summary._replace(used=used)
+
+
+def _stale(node_id: str, reported: Iterable[AttemptKey], running: Mapping[UnitKey, str],
+           unit: Callable[[UnitKey], ReplicaUnit | None]) -> Iterable[AttemptKey]:
+    """The attempts :func:`stale_held` counts, in the order reported."""
     mine: set[UnitKey] = set()
-    for tid, chunk, _attempt, token in reported:
+    for attempt in reported:
+        tid, chunk, _attempt, token = attempt
         key = (tid, chunk)
         if running.get(key) == node_id:
             if key in mine:
-                n += 1  # two attempts of one unit: one of them is over
+                yield attempt  # two attempts of one unit: one of them is over
             mine.add(key)
             continue
         u = unit(key)
         if u is not None and u.token == token and u.status in ("succeeded", "failed"):
             continue
-        n += 1
-    return n
+        yield attempt
 
 
 def due_retry_tick(delayed: Mapping[UnitKey, float], replicated_now: float,
@@ -592,6 +625,7 @@ __all__ = [
     "run_time_s",
     "should_flush",
     "stale_held",
+    "stale_held_requests",
     "summarize_running",
     "top_floor",
     "unit_kind",
@@ -600,4 +634,5 @@ __all__ = [
     "update_run_times",
     "window",
     "window_run_s",
+    "with_held_requests",
 ]

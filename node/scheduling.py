@@ -280,12 +280,22 @@ class Scheduler:
                                                  dict[str, int], tuple[d.Floor, ...]]:
             tasks = s.tasks
             # Summed up here, not one RunningView per unit (see PlanView.running_summary).
+            def request(tid: str) -> tuple[tuple[str, float], ...]:
+                t = tasks.get(tid)
+                return spec_request(t.spec) if t is not None and "resources" in t.spec else ()
+
             summary = d.summarize_running(
                 s.running, lambda tid: t.priority if (t := tasks.get(tid)) else None, completing,
-                lambda tid: spec_request(t.spec)
-                if (t := tasks.get(tid)) is not None and "resources" in t.spec else ())
+                request)
             held = {node: n for node, units in reported
                     if (n := d.stale_held(node, units, s.running, _unit_of(s)))}
+            if held:
+                # Attempts a worker still runs though no longer its own hold their
+                # resources too, until it drops them.
+                summary = d.with_held_requests(summary, {
+                    node: r for node, units in reported if node in held
+                    and (r := d.stale_held_requests(node, units, s.running, _unit_of(s),
+                                                    request))})
             # Retries waiting for their backoff count as queued: they come back on
             # their own, and a window must not hold anything below them then.
             prios = set(s.queued_by_priority)

@@ -132,7 +132,8 @@ class RunningSummary(NamedTuple):
     """The running units as planning counts them: per worker, how many run there
     and are not completing (``busy``); the priorities of all of them, completing
     ones included (a failed one comes back as a retry); per worker, the resources
-    the running and not completing units requested (``used``)."""
+    the running and not completing units requested, and the attempts it still holds
+    that are no longer its to run (``used``; see decisions.with_held_requests)."""
 
     busy: Mapping[str, int]
     priorities: frozenset[int]

@@ -198,3 +198,36 @@ def test_quantities_and_bad_requests() -> None:
             assert exc.field.startswith("resources")
         else:
             raise AssertionError(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["t1", "t2", "t3"]), st.integers(-1, 2),
+                          st.integers(1, 3), st.integers(1, 3)), max_size=8, unique=True),
+       st.dictionaries(st.tuples(st.sampled_from(["t1", "t2", "t3"]), st.integers(-1, 2)),
+                       st.sampled_from(["a", "b"]), max_size=6),
+       st.dictionaries(st.sampled_from(["t1", "t2", "t3"]), amount, max_size=3))
+def test_attempts_a_worker_still_holds_keep_their_resources(
+        reported: list, running: dict, cpu: dict) -> None:
+    """Given attempts worker "a" still runs though they are no longer its own (stale),
+    their requests count as used: summed over exactly the attempts stale_held counts,
+    and planning gives "a" only what is left of its cpu."""
+    def unit(key: d.UnitKey) -> d.ReplicaUnit | None:
+        return d.ReplicaUnit("running", 0, running.get(key))
+
+    def request(tid: str) -> tuple[tuple[str, float], ...]:
+        return amounts({"cpu": cpu.get(tid, 0.0)})
+
+    stale = d.stale_held("a", reported, running, unit)
+    held = d.stale_held_requests("a", reported, running, unit, request)
+    everything = sum(cpu.get(k[0], 0.0) for k in reported)
+    assert held.get("cpu", 0.0) <= everything + 1e-9
+    if all(cpu.get(k[0], 0.0) == 1.0 for k in reported):
+        assert held.get("cpu", 0.0) == stale
+    summary = d.with_held_requests(d.RunningSummary({}, frozenset()), {"a": held})
+    w = d.WorkerView("a", 8, resources=amounts({"cpu": 4.0}))
+    queued = tuple(QueuedUnit(f"q{i}", -1, 0, "batch", request=amounts({"cpu": 1.0}))
+                   for i in range(8))
+    view = d.PlanView(0.0, (w,), queued, frozenset({0}), held={"a": stale},
+                      running_summary=summary)
+    placed = len(d.plan_round(view).assignments)
+    assert placed <= max(0.0, 4.0 - held.get("cpu", 0.0)) + 1e-9

@@ -160,6 +160,14 @@ class LeaderSide:
                 list(self.completing.items()),
                 lambda tid: spec_request(t.spec) if (t := tasks.get(tid)) is not None else ()),
             queued_priorities=frozenset(prios))
+        if held and view.running_summary is not None:
+            # Attempts a worker still holds though no longer its own keep their
+            # resources too (Scheduler._plan_and_assign, decisions.with_held_requests).
+            view = replace(view, running_summary=d.with_held_requests(view.running_summary, {
+                w.node_id: r for w in live if w.node_id in held
+                and (r := d.stale_held_requests(
+                    w.node_id, w.running, s.running, self.replica_unit,
+                    lambda tid: spec_request(t.spec) if (t := tasks.get(tid)) else ()))}))
         depth = d.queue_depth_needed(view)
         if depth:
             head = s.peek_queued(depth)
