@@ -378,6 +378,7 @@ class NodeApp:
             "queue_by_priority": {}, "queued": 0, "fatal": self.fatal or "",
             "sandbox": self.executor.sandbox.describe(),
         }
+        st["offer"], st["node_labels"] = self.worker.offer()
         if self.replica.raft is not None:
             st.update(self.replica.status(include_digest))
             has_quorum = st.pop("has_quorum")

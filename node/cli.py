@@ -631,6 +631,9 @@ def print_status(nodes: list[dict[str, Any]], as_json: bool, many: bool) -> int:
               f"node process rss {_mib(st.get('memory_rss'))}")
         print(f"  grpc {st.get('grpc_address')}  http {st.get('http_address')}  "
               f"raft {st.get('raft_address') or '-'}")
+        if st.get("offer") or st.get("node_labels"):
+            labels = ", ".join(f"{k}={v}" for k, v in sorted(st.get("node_labels", {}).items()))
+            print(f"  offers {_amounts(st.get('offer') or {})}  labels {labels or '-'}")
         if st.get("cluster_id") or st.get("fsync"):
             print(f"  cluster {st.get('cluster_id') or '(not yet agreed)'}  "
                   f"fsync {st.get('fsync') or '-'}  sandbox {st.get('sandbox') or '-'}")

@@ -86,6 +86,7 @@ CLUSTER_NODE_DEFAULTS: dict[str, Any] = {
     "id": "", "role": "unreachable", "voter": False, "grpc_address": "", "http_address": "",
     "raft_address": "", "slots": 0, "free_slots": 0, "running": [], "cpu_percent": 0.0,
     "memory_percent": 0.0, "memory_rss": 0, "ready": False, "last_seen_s": 0.0,
+    "offer": {}, "node_labels": {},
 }
 
 

@@ -166,6 +166,7 @@ class WorkerTable:
                 "cpu_percent": w.cpu_percent, "memory_percent": w.memory_percent,
                 "memory_rss": w.memory_rss, "ready": alive and w.accepting,
                 "last_seen_s": round(now - w.last_seen, 3),
+                "offer": dict(w.resources), "node_labels": dict(w.labels),
             })
         # A voter not heard from: unreachable once every live node has had a full
         # lease to report to this leader; until then, not known yet.

@@ -275,7 +275,7 @@ class NodeStatusRequest(_message.Message):
     def __init__(self, include_digest: _Optional[bool] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("id", "role", "raft_term", "commit_index", "applied_index", "leader_id", "queue_by_priority", "queued", "running", "slots", "free_slots", "cpu_percent", "memory_percent", "memory_rss", "grpc_address", "http_address", "raft_address", "voter", "strategy", "ready", "last_seen_s", "state_digest", "prefetch", "held_back", "fatal", "cluster_id", "fsync", "foreign_peers", "raft_syncs", "sandbox", "resources_source", "cpu_limit_cores", "memory_used", "memory_limit", "cgroup", "strategy_configured")
+    __slots__ = ("id", "role", "raft_term", "commit_index", "applied_index", "leader_id", "queue_by_priority", "queued", "running", "slots", "free_slots", "cpu_percent", "memory_percent", "memory_rss", "grpc_address", "http_address", "raft_address", "voter", "strategy", "ready", "last_seen_s", "state_digest", "prefetch", "held_back", "fatal", "cluster_id", "fsync", "foreign_peers", "raft_syncs", "sandbox", "resources_source", "cpu_limit_cores", "memory_used", "memory_limit", "cgroup", "strategy_configured", "offer", "node_labels")
     class QueueByPriorityEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -283,6 +283,20 @@ class NodeStatus(_message.Message):
         key: str
         value: int
         def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class OfferEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class NodeLabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     RAFT_TERM_FIELD_NUMBER: _ClassVar[int]
@@ -319,6 +333,8 @@ class NodeStatus(_message.Message):
     MEMORY_LIMIT_FIELD_NUMBER: _ClassVar[int]
     CGROUP_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_CONFIGURED_FIELD_NUMBER: _ClassVar[int]
+    OFFER_FIELD_NUMBER: _ClassVar[int]
+    NODE_LABELS_FIELD_NUMBER: _ClassVar[int]
     id: str
     role: str
     raft_term: int
@@ -355,7 +371,9 @@ class NodeStatus(_message.Message):
     memory_limit: int
     cgroup: str
     strategy_configured: str
-    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_id: _Optional[str] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ..., queued: _Optional[int] = ..., running: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., strategy: _Optional[str] = ..., ready: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., state_digest: _Optional[str] = ..., prefetch: _Optional[int] = ..., held_back: _Optional[int] = ..., fatal: _Optional[str] = ..., cluster_id: _Optional[str] = ..., fsync: _Optional[str] = ..., foreign_peers: _Optional[_Iterable[str]] = ..., raft_syncs: _Optional[int] = ..., sandbox: _Optional[str] = ..., resources_source: _Optional[str] = ..., cpu_limit_cores: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., cgroup: _Optional[str] = ..., strategy_configured: _Optional[str] = ...) -> None: ...
+    offer: _containers.ScalarMap[str, float]
+    node_labels: _containers.ScalarMap[str, str]
+    def __init__(self, id: _Optional[str] = ..., role: _Optional[str] = ..., raft_term: _Optional[int] = ..., commit_index: _Optional[int] = ..., applied_index: _Optional[int] = ..., leader_id: _Optional[str] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ..., queued: _Optional[int] = ..., running: _Optional[_Iterable[str]] = ..., slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., memory_percent: _Optional[float] = ..., memory_rss: _Optional[int] = ..., grpc_address: _Optional[str] = ..., http_address: _Optional[str] = ..., raft_address: _Optional[str] = ..., voter: _Optional[bool] = ..., strategy: _Optional[str] = ..., ready: _Optional[bool] = ..., last_seen_s: _Optional[float] = ..., state_digest: _Optional[str] = ..., prefetch: _Optional[int] = ..., held_back: _Optional[int] = ..., fatal: _Optional[str] = ..., cluster_id: _Optional[str] = ..., fsync: _Optional[str] = ..., foreign_peers: _Optional[_Iterable[str]] = ..., raft_syncs: _Optional[int] = ..., sandbox: _Optional[str] = ..., resources_source: _Optional[str] = ..., cpu_limit_cores: _Optional[float] = ..., memory_used: _Optional[int] = ..., memory_limit: _Optional[int] = ..., cgroup: _Optional[str] = ..., strategy_configured: _Optional[str] = ..., offer: _Optional[_Mapping[str, float]] = ..., node_labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetTaskOutputRequest(_message.Message):
     __slots__ = ("task_id", "chunk", "stream", "offset", "limit", "local")

@@ -137,3 +137,15 @@ def test_get_says_why_a_task_waits_and_it_then_runs(cluster: Cluster) -> None:
     assert t["status"] == "succeeded" and t["node"] == "node-0", t
     assert not t.get("pending_reason")
     assert child_done["status"] == "upstream_failed" and not child_done.get("pending_reason")
+
+
+def test_status_shows_each_nodes_offer_and_labels(cluster: Cluster) -> None:
+    # When an operator looks at a node and at the cluster...
+    out = _cli(cluster, 0, "status")
+    status, body = _http(cluster.http(1) + "/api/v1/cluster")
+    # ...then each node's offer and labels are there (what --require can name).
+    assert out.returncode == 0 and "offers cpu=4 memory=8Gi  labels zone=a" in out.stdout, out
+    assert status == 200, body
+    nodes = {n["id"]: n for n in body["nodes"]}
+    assert nodes["node-1"]["offer"] == {"cpu": 2.0, "gpu": 1.0, "memory": 2.0 * (1 << 30)}
+    assert nodes["node-2"]["node_labels"] == {"zone": "a"}
