@@ -103,3 +103,13 @@ def test_builtin_named_methods_are_found(tmp_path: Path, source: str,
     path = tmp_path / "probe.py"
     path.write_text(source)
     assert [(c, n) for _, c, n in _builtin_named_methods(path, tmp_path)] == expected
+
+
+def test_test_module_names_are_unique_across_folders() -> None:
+    # pytest imports test modules by basename (rootdir-relative, no __init__.py in
+    # most test folders): two test_x.py in different folders stop the whole run with
+    # "import file mismatch" when collected together, as the default command does.
+    names: dict[str, list[str]] = {}
+    for p in sorted((REPO / "tests").rglob("test_*.py")):
+        names.setdefault(p.name, []).append(str(p.relative_to(REPO)))
+    assert {n: ps for n, ps in names.items() if len(ps) > 1} == {}
