@@ -276,6 +276,8 @@ class Scheduler:
         # replica's lock is held about as long as the tick thread can afford. What
         # applies in between only frees slots or adds in-flight units already
         # counted, so the second read never lets a worker take more than it has.
+        arriving = self.timing.arriving
+
         def running(s: SchedulerState) -> tuple[d.RunningSummary, frozenset[int],
                                                  dict[str, int], tuple[d.Floor, ...]]:
             tasks = s.tasks
@@ -297,9 +299,17 @@ class Scheduler:
                     and (r := d.stale_held_requests(node, units, s.running, _unit_of(s),
                                                     request))})
             # Retries waiting for their backoff count as queued: they come back on
-            # their own, and a window must not hold anything below them then.
-            prios = set(s.queued_by_priority)
+            # their own, and a window must not hold anything below them then. So do
+            # the tasks the state queues with no submit (and no hold) before them:
+            # those waiting for their parents (a parent may end any moment), and
+            # delayed tasks and schedule slots coming within the arrival horizon
+            # (the Timekeeper's ``arriving``).
+            prios = set(s.queued_by_priority) | arriving
             for tid, _chunk in s.delayed:
+                t = tasks.get(tid)
+                if t is not None:
+                    prios.add(t.priority)
+            for tid in s.waiting:
                 t = tasks.get(tid)
                 if t is not None:
                     prios.add(t.priority)

@@ -160,6 +160,7 @@ class ScheduleView:
     paused: bool = False
     missed: str = "latest"
     catchup_s: float = DEFAULT_CATCHUP_S
+    priority: int = 0  # of the tasks it fires (its template's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +209,44 @@ def next_due(schedules: Iterable[ScheduleView]) -> float | None:
     slots = [n for v in schedules if not v.paused
              and (n := next_slot(v.cron, v.tz, v.last_slot)) is not None]
     return min(slots, default=None)
+
+
+def next_slots(schedules: Iterable[ScheduleView]) -> list[tuple[ScheduleView, float]]:
+    """Every schedule that is not paused with its next slot (those with none left
+    are left out)."""
+    return [(v, n) for v in schedules if not v.paused
+            and (n := next_slot(v.cron, v.tz, v.last_slot)) is not None]
+
+
+def near_slots(nexts: Iterable[tuple[ScheduleView, float]],
+               wall: float) -> list[tuple[float, int]]:
+    """(next slot, priority) of the schedules (with their next slots, see
+    :func:`next_slots`) whose next slot is due or comes within ARRIVAL_HORIZON_S of
+    ``wall``, and a little more: the leader looks at every schedule about once a
+    second."""
+    soon = wall + ARRIVAL_HORIZON_S + _NEAR_EXTRA_S
+    return [(n, v.priority) for v, n in nexts if n <= soon]
+
+
+def arriving_priorities(timed: Iterable[tuple[float, int]], wall: float,
+                        horizon_s: float | None = None) -> frozenset[int]:
+    """Priorities of the tasks the state will queue by itself within ``horizon_s`` of
+    ``wall`` (default ARRIVAL_HORIZON_S): ``timed`` is (when, priority) of delayed
+    tasks and of schedules' next slots. No submit, so no hold, comes before such a
+    task: the leader counts these priorities among the queued ones (as retries
+    waiting for their backoff), so prefetch windows are off, and have drained, by
+    the time a more urgent one is queued."""
+    soon = wall + (ARRIVAL_HORIZON_S if horizon_s is None else horizon_s)
+    return frozenset(p for at, p in timed if at <= soon)
+
+
+#: How long before a delayed task's time or a schedule's slot its priority turns
+#: prefetch windows off (see arriving_priorities): a window holds a fraction of a
+#: second of work, so it has drained by then.
+ARRIVAL_HORIZON_S = 2.0
+#: Schedules' next slots are looked at about once a second: those within this much
+#: more than the horizon are kept between looks.
+_NEAR_EXTRA_S = 1.5
 
 
 #: What cluster_clock remembers: the replicated clock it last saw, the monotonic time
@@ -267,6 +306,12 @@ class Timekeeper:
         self._due_at = 0.0
         self._full_at = 0.0
         self._anchor: ClockAnchor | None = None
+        # (when, priority) of delayed tasks and schedules' next slots coming soon, and
+        # what they make of the priorities about to be queued (see arriving_priorities;
+        # read by the planner on the same thread).
+        self._near_starts: list[tuple[float, int]] = []
+        self._near_fires: list[tuple[float, int]] = []
+        self.arriving: frozenset[int] = frozenset()
 
     def reset(self) -> None:
         """A new leader: nothing of its own in flight."""
@@ -275,6 +320,7 @@ class Timekeeper:
             self._firing.clear()
             self._seen = (0, -1)
             self._anchor = None
+            self._near_fires = []
 
     def step(self) -> None:
         """One pass: release the delayed tasks that are due, fire the schedule slots
@@ -284,6 +330,7 @@ class Timekeeper:
         wall, self._anchor = cluster_clock(self._clock(), mono, replicated, self._anchor)
         self._step_starts(wall, mono)
         self._step_fires(wall, mono)
+        self.arriving = arriving_priorities((*self._near_starts, *self._near_fires), wall)
 
     def _step_fires(self, wall: float, mono: float) -> None:
         if mono - self._fires_checked < 0.02:
@@ -302,13 +349,17 @@ class Timekeeper:
         def view(s: SchedulerState) -> tuple[tuple[int, int], list[ScheduleView]]:
             return (id(s.schedules), getattr(s, "schedule_rev", 0)), [
                 ScheduleView(sid, sc["cron"], sc["tz"], sc["last_slot"], sc["paused"],
-                             sc["missed"], sc["catchup_s"]) for sid, sc in s.schedules.items()]
+                             sc["missed"], sc["catchup_s"],
+                             int(sc["template"].get("priority", 0) or 0))
+                for sid, sc in s.schedules.items()]
 
         self._seen, views = self._read(view)
         self._full_at = mono
+        nexts = next_slots(views)
+        self._near_fires = near_slots(nexts, wall)
         fires = due_fires(views, wall, busy)
         if not fires:
-            due = next_due(v for v in views if v.id not in busy)
+            due = min((n for v, n in nexts if v.id not in busy), default=None)
             self._due_at = float("inf") if due is None else due
             return
         self._due_at = 0.0  # look again once these have applied
@@ -337,13 +388,18 @@ class Timekeeper:
                 del self._starting[tid]
             in_flight = frozenset(self._starting)
 
-        def view(s: SchedulerState) -> list[tuple[str, float]]:
-            # Only what is due (a copy of the whole map each pass would cost the
-            # tick thread's lock time in proportion to every delayed task).
-            return [(t, at) for t, at in s.scheduled.items() if at <= wall] \
-                if s.scheduled else []
+        def view(s: SchedulerState) -> tuple[list[tuple[str, float]], list[tuple[float, int]]]:
+            # Only what is due or near (a copy of the whole map each pass would cost
+            # the tick thread's lock time in proportion to every delayed task).
+            if not s.scheduled:
+                return [], []
+            soon = wall + ARRIVAL_HORIZON_S
+            near = [(t, at) for t, at in s.scheduled.items() if at <= soon]
+            return [(t, at) for t, at in near if at <= wall], [
+                (at, task.priority) for t, at in near if (task := s.tasks.get(t)) is not None]
 
-        ids = due_starts(self._read(view), wall, in_flight)
+        due, self._near_starts = self._read(view)
+        ids = due_starts(due, wall, in_flight)
         if not ids:
             return
         run_at = dict(self._read(lambda s: [(t, s.scheduled.get(t, wall)) for t in ids]))
@@ -364,6 +420,7 @@ class Timekeeper:
 
 
 __all__ = [
+    "ARRIVAL_HORIZON_S",
     "DEFAULT_CATCHUP_S",
     "DELAYED_PROTOCOL",
     "DEPENDENCY_PROTOCOL",
@@ -375,13 +432,16 @@ __all__ = [
     "Fire",
     "ScheduleView",
     "Timekeeper",
+    "arriving_priorities",
     "check_cron",
     "cluster_clock",
     "due_fires",
     "due_starts",
     "last_slot_at",
     "lateness_s",
+    "near_slots",
     "next_due",
     "next_slot",
+    "next_slots",
     "zone_of",
 ]

@@ -141,8 +141,12 @@ class LeaderSide:
         live_floors = d.live_floors(floors, now, s.tasks.__contains__, s.queued_by_priority)
         self.floors = live_floors
         floor = d.top_floor(live_floors)
-        prios = set(s.queued_by_priority)
+        prios = set(s.queued_by_priority) | self.arriving  # type: ignore[attr-defined]
         for tid, _chunk in s.delayed:
+            t = s.tasks.get(tid)
+            if t is not None:
+                prios.add(t.priority)
+        for tid in s.waiting:
             t = s.tasks.get(tid)
             if t is not None:
                 prios.add(t.priority)

@@ -49,19 +49,13 @@ class Known:
 
 
 KNOWN: dict[str, Known] = {
-    # (Fixed: floor-lifted-early, seed 2585; hold-skipped, seed 61; requeue-no-hold,
-    # seed 1652: see decisions.live_floors, needs_hold, hold_targets and free_slots.)
-    # A task released into the queue by the state itself, with no hold before it (a
-    # dependent task whose parent ended, as here; likewise a delayed task's release or
-    # a schedule's fire): a lower unit already waiting in a worker's prefetch window
-    # starts after it is queued. Waiting and scheduled tasks are not counted among the
-    # queued priorities that turn windows off (retries waiting for their backoff are).
-    # (Also seen, at seed 1918 of an earlier world: a leader elected a moment before an
-    # urgent submit's hold has no worker table yet, so the hold asks no worker.)
-    "released-without-hold": Known(
-        "priority", "from its window", 5340,
-        "consensus/state.py _finish/_release (dependents, delayed tasks, fires) with "
-        "node/scheduling.py _plan_and_assign's queued priorities"),
+    # None known. (Fixed: floor-lifted-early, seed 2585; hold-skipped, seed 61;
+    # requeue-no-hold, seed 1652: see decisions.live_floors, needs_hold, hold_targets
+    # and free_slots. released-without-hold, seed 5340: a task the state queues by
+    # itself, a dependent whose parent ended, a delayed task or a schedule's slot, had
+    # no hold before it while a lower unit waited in a prefetch window; their
+    # priorities now count among the queued ones, see Scheduler._plan_and_assign and
+    # timing.arriving_priorities.)
 }
 
 

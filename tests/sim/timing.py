@@ -26,6 +26,9 @@ class TimingSide:
     replica: Any
     leader_ready: bool
     leading_term: int | None
+    #: Timekeeper.arriving (read by the leader's planning) and the schedules' near slots.
+    arriving: frozenset[int] = frozenset()
+    near_fires: list[tuple[float, int]] = []  # noqa: RUF012 (replaced, never mutated)
 
     def timing_tick(self) -> None:
         """Timekeeper.step (and Timekeeper.reset when this node leads a new term)."""
@@ -43,6 +46,13 @@ class TimingSide:
         self.fire_tick(wall)
         self.starting = {t: at for t, at in self.starting.items() if now - at <= START_RETRY_S}
         view = list(s.scheduled.items())
+        # Timekeeper.arriving: the priorities of delayed tasks and schedule slots
+        # coming within the horizon (the node looks at schedules about once a second;
+        # here at every tick, which the node's extra margin covers).
+        soon = wall + timing.ARRIVAL_HORIZON_S
+        near_starts = [(at, t.priority) for tid, at in view if at <= soon
+                       and (t := s.tasks.get(tid)) is not None]
+        self.arriving = timing.arriving_priorities((*near_starts, *self.near_fires), wall)
         ids = timing.due_starts(view, wall, frozenset(self.starting))
         if not ids:
             return
@@ -62,8 +72,10 @@ class TimingSide:
         now = self.world.now
         self.firing = {k: at for k, at in self.firing.items() if now - at <= FIRE_RETRY_S}
         views = [timing.ScheduleView(sid, sc["cron"], sc["tz"], sc["last_slot"], sc["paused"],
-                                     sc["missed"], sc["catchup_s"])
+                                     sc["missed"], sc["catchup_s"],
+                                     int(sc["template"].get("priority", 0) or 0))
                  for sid, sc in self.replica.schedules.items()]
+        self.near_fires = timing.near_slots(timing.next_slots(views), wall)
         fires = timing.due_fires(views, wall, frozenset(self.firing))
         if not fires:
             return
