@@ -785,9 +785,16 @@ class ProcessKubelet:
         load[node] += 1
         body = client.V1Binding(metadata=client.V1ObjectMeta(name=pod.metadata.name),
                                 target=client.V1ObjectReference(kind="Node", name=node))
-        # The generated client fails to read the Binding it gets back: skip that.
-        self.core.create_namespaced_pod_binding(pod.metadata.name, pod.metadata.namespace,
-                                                body, _preload_content=False)
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            # The generated client fails to read the Binding it gets back: skip that.
+            self.core.create_namespaced_pod_binding(pod.metadata.name, pod.metadata.namespace,
+                                                    body, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 409:  # bound already, or deleted meanwhile
+                return
+            raise
         self.event(f"{pod.metadata.namespace}/{pod.metadata.name}: bound to {node}")
 
     def finish_delete(self, rt: PodRuntime) -> None:
