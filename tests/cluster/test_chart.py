@@ -577,11 +577,14 @@ def _pod_env(docs, ordinal: int, mounts: dict[str, Path]) -> dict[str, str]:
     redirected to local stand-in directories."""
     sts = sts_of(docs)
     pod = {"metadata.name": f"{sts['metadata']['name']}-{ordinal}",
-           "metadata.namespace": NAMESPACE}
+           "metadata.namespace": NAMESPACE, "spec.nodeName": "worker-1"}
     env: dict[str, str] = {}
     for e in container_of(docs)["env"]:
         if "valueFrom" in e:
-            env[e["name"]] = pod[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            path = e["valueFrom"]["fieldRef"]["fieldPath"]
+            # A label the pod does not carry resolves to "" (as the kubelet does);
+            # any other field the chart asks for must be one a pod has.
+            env[e["name"]] = "" if path.startswith("metadata.labels[") else pod[path]
         else:
             env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), e["value"])
         for mount_path, local in mounts.items():
