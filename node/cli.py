@@ -268,15 +268,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from taskandgo.node.client import Client, TaskAndGoError
 
-    if args.cmd == "status" and args.kube:
-        from taskandgo.node.kube import status_all_via_api
-
-        try:
-            nodes = status_all_via_api(args.namespace, args.release)
-        except Exception as exc:  # noqa: BLE001 - no kubeconfig, API unreachable, RBAC
-            print(f"error: Kubernetes API: {exc}", file=sys.stderr)
-            return 2
-        return print_status(nodes, args.json, True)
     token = None
     if args.token_file:
         try:
@@ -285,6 +276,17 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"error: --token-file: {exc}", file=sys.stderr)
             return 2
+    if args.cmd == "status" and args.kube:
+        from taskandgo.node.kube import status_all_via_api
+
+        try:
+            nodes = status_all_via_api(args.namespace, args.release, client_kw={
+                "token": token, "tls_ca": args.tls_ca, "tls_cert": args.tls_cert,
+                "tls_key": args.tls_key})
+        except Exception as exc:  # noqa: BLE001 - no kubeconfig, API unreachable, RBAC
+            print(f"error: Kubernetes API: {exc}", file=sys.stderr)
+            return 2
+        return print_status(nodes, args.json, True)
     try:
         with Client(args.node, timeout_s=args.client_timeout, token=token, tls_ca=args.tls_ca,
                     tls_cert=args.tls_cert, tls_key=args.tls_key) as c:

@@ -17,7 +17,7 @@ import logging
 import select
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 log = logging.getLogger("taskandgo.kube")
@@ -236,8 +236,10 @@ class PortForward:
 
 def status_all_via_api(namespace: str, release: str, api: Any = None,
                        forward: Callable[[Any, str, str], Any] | None = None,
-                       timeout_s: float = 10.0) -> list[dict[str, Any]]:
-    """Every pod's own status, found and reached through the Kubernetes API."""
+                       timeout_s: float = 10.0,
+                       client_kw: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Every pod's own status, found and reached through the Kubernetes API.
+    ``client_kw``: the API token and TLS files for the nodes (Client's keywords)."""
     from taskandgo.node.client import Client, TaskAndGoError
 
     if api is None:
@@ -247,7 +249,7 @@ def status_all_via_api(namespace: str, release: str, api: Any = None,
     for pod in list_release_pods(api, namespace, release):
         pf = forward(api, namespace, pod)
         try:
-            with Client([pf.address], timeout_s=timeout_s) as c:
+            with Client([pf.address], timeout_s=timeout_s, **dict(client_kw or {})) as c:
                 out.append(c.node_status(pf.address))
         except TaskAndGoError as exc:
             out.append({"id": pod, "role": "unreachable", "grpc_address": pod,

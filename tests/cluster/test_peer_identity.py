@@ -379,3 +379,37 @@ def test_under_mtls_peers_need_a_node_certificate(tmp_path: Path) -> None:
         raise
     finally:
         c.stop()
+
+
+def test_status_all_through_the_kubernetes_api_sends_the_api_token(secured: Cluster) -> None:
+    # `taskandgo status --all --kube --token-file F` reached each pod without the
+    # token (only TASKANDGO_TOKEN in the environment got through), so a secured
+    # cluster showed every pod unreachable. The pods come from a stand-in API (no
+    # API server here; tests/kubernetes has the real one), the forward is direct.
+    from kube_standin import KubeStandIn, pod
+    from kubernetes import client
+    from taskandgo.node.kube import status_all_via_api
+
+    standin = KubeStandIn([pod(f"node-{i}") for i in range(3)])
+    try:
+        cfg = client.Configuration()
+        cfg.host = standin.url
+        api = client.CoreV1Api(client.ApiClient(cfg))
+
+        class Direct:
+            def __init__(self, name: str) -> None:
+                self.address = secured.addr(int(name.split("-")[1]))
+
+            def close(self) -> None:
+                pass
+
+        def roles(**kw: Any) -> list[str]:
+            return [n["role"] for n in status_all_via_api(
+                "default", "taskandgo", api=api, forward=lambda a, ns, name: Direct(name),
+                timeout_s=3, **kw)]
+
+        assert roles().count("unreachable") == 3  # the nodes want the token
+        got = roles(client_kw={"token": TOKEN})
+        assert "unreachable" not in got and got.count("leader") == 1, got
+    finally:
+        standin.close()
