@@ -440,14 +440,17 @@ def chart_pod_template(release: str = "taskandgo", namespace: str = "default") -
 def pod_env(tmpl: dict[str, Any], pod: str) -> dict[str, str]:
     """The container's environment for one pod: fieldRefs filled in as the kubelet
     does, $(VAR) references expanded."""
-    fields = {"metadata.name": pod, "metadata.namespace": tmpl["namespace"]}
+    fields = {"metadata.name": pod, "metadata.namespace": tmpl["namespace"],
+              "spec.nodeName": "image-test-host"}
     out: dict[str, str] = {}
     for e in tmpl["env"]:
         if "value" in e:
             value = re.sub(r"\$\((\w+)\)", lambda m: out.get(m.group(1), m.group(0)),
                            str(e["value"]))
         elif "fieldRef" in e.get("valueFrom", {}):
-            value = fields[e["valueFrom"]["fieldRef"]["fieldPath"]]
+            path = e["valueFrom"]["fieldRef"]["fieldPath"]
+            # A label the pod does not carry is "" (as the kubelet makes it).
+            value = "" if path.startswith("metadata.labels[") else fields[path]
         else:
             raise ValueError(f"env {e['name']}: unsupported source {e.get('valueFrom')}")
         out[e["name"]] = value
