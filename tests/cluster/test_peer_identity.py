@@ -390,7 +390,9 @@ def test_status_all_through_the_kubernetes_api_sends_the_api_token(secured: Clus
     from kubernetes import client
     from taskandgo.node.kube import status_all_via_api
 
-    standin = KubeStandIn([pod(f"node-{i}") for i in range(3)])
+    # The module's cluster may have lost a node to an earlier test: ask those running.
+    up = [i for i in range(3) if secured.procs[i] is not None]
+    standin = KubeStandIn([pod(f"node-{i}") for i in up])
     try:
         cfg = client.Configuration()
         cfg.host = standin.url
@@ -408,7 +410,7 @@ def test_status_all_through_the_kubernetes_api_sends_the_api_token(secured: Clus
                 "default", "taskandgo", api=api, forward=lambda a, ns, name: Direct(name),
                 timeout_s=3, **kw)]
 
-        assert roles().count("unreachable") == 3  # the nodes want the token
+        assert len(up) >= 2 and roles().count("unreachable") == len(up)  # they want the token
         got = roles(client_kw={"token": TOKEN})
         assert "unreachable" not in got and got.count("leader") == 1, got
     finally:
