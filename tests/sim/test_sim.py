@@ -56,6 +56,16 @@ KNOWN: dict[str, Known] = {
     # no hold before it while a lower unit waited in a prefetch window; their
     # priorities now count among the queued ones, see Scheduler._plan_and_assign and
     # timing.arriving_priorities.)
+    #
+    # Open: a worker still running an attempt whose assignment has ended (cancelled,
+    # here by a schedule's 'replace' policy, or requeued) until its next heartbeat
+    # answer kills it, takes a lower unit from its window onto the slot that attempt
+    # frees, while a more urgent task waits. Found once the entry above, which matched
+    # every 'from its window' violation, was gone.
+    "held-ended-attempt": Known(
+        "priority", "whose assignment had ended", 7945,
+        "node/worker.py intake (a slot freed by a killed attempt) with "
+        "node/scheduling.py hold_workers / decisions.stale_held"),
 }
 
 
