@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 #: ``write_timetable_fire`` and a name that is a prefix of another sorts after it.
 COMMAND_IDS = ("assign", "cancel", "compact", "complete", "requeue", "submit", "verify",
                "write_settings", "write_start_due", "write_timetable_change",
-               "write_timetable_fire")
+               "write_timetable_fire", "write_usage_policy")
 
 
 class AssignEntry(NamedTuple):
@@ -235,9 +235,26 @@ class FireSchedules:
         return state.apply_fire([list(f) for f in self.fires], self.now)
 
 
+@dataclass(frozen=True, slots=True)
+class WritePolicy:
+    """Change the usage policy (RAFT_PROTOCOL 9): concurrency limits, fair-share
+    weights, the tenant label; each op a list (see consensus/policy.py apply_ops).
+    Method ``write_usage_policy`` (sorts after every earlier command)."""
+
+    NAME: ClassVar[str] = "write_usage_policy"
+    ops: tuple[tuple[Any, ...], ...]
+    now: float
+
+    def args(self) -> tuple[Any, ...]:
+        return [list(o) for o in self.ops], self.now
+
+    def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
+        return state.apply_policy([list(o) for o in self.ops], self.now)
+
+
 #: A command the scheduler state applies.
 StateCommand = (Submit | Assign | Complete | Cancel | Requeue | Compact | WriteSettings
-                | StartDue | WriteSchedules | FireSchedules)
+                | StartDue | WriteSchedules | FireSchedules | WritePolicy)
 Command = StateCommand | Verify
 
 
@@ -268,6 +285,9 @@ def from_args(name: str, args: Sequence[Any]) -> Command:
     if name == "write_start_due":
         return StartDue(tuple(str(t) for t in args[0]) if isinstance(args[0], list) else (),
                         args[1])
+    if name == "write_usage_policy":
+        return WritePolicy(tuple(tuple(o) for o in args[0] if isinstance(o, (list, tuple)))
+                           if isinstance(args[0], list) else (), args[1])
     raise ValueError(f"unknown replicated command {name!r}")
 
 
@@ -294,6 +314,7 @@ __all__ = [
     "StateCommand",
     "Submit",
     "Verify",
+    "WritePolicy",
     "WriteSchedules",
     "WriteSettings",
     "from_args",

@@ -52,8 +52,11 @@ MAYBE_COMMITTED = {FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME}
 #: 6: periodic schedules (write_timetable_change, write_timetable_fire); 7: task
 #: dependencies (a submit's ``after`` keeps a task waiting; complete and cancel
 #: release or end its dependents); 8: placement (a submit's ``resources``, ``require``
-#: and ``prefer``: a leader of an earlier release would place such a task anywhere).
-RAFT_PROTOCOL = 8
+#: and ``prefer``: a leader of an earlier release would place such a task anywhere);
+#: 9: the usage policy (write_usage_policy: concurrency limits and fair-share
+#: weights; a submit's ``concurrency_keys`` and tenant label, which a state of an
+#: earlier release would neither count nor order by).
+RAFT_PROTOCOL = 9
 
 
 class SafeSyncObj(SyncObj):

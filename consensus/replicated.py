@@ -28,6 +28,7 @@ from taskandgo.consensus.commands import (
     StartDue,
     StateCommand,
     Submit,
+    WritePolicy,
     WriteSchedules,
     WriteSettings,
     settings_items,
@@ -43,7 +44,7 @@ Fatal = Callable[[str], None]
 #: The snapshot format (docs/architecture.md, "Snapshot format"): a snapshot holds
 #: {"format": SNAPSHOT_FORMAT, "version": N, ...} of plain data, never pickled classes.
 SNAPSHOT_FORMAT = "taskandgo.snapshot"
-SNAPSHOT_VERSION = 2
+SNAPSHOT_VERSION = 3
 
 
 class _SnapshotData:
@@ -234,6 +235,14 @@ class ReplicatedState(SyncObjConsumer):
         """Fire schedule slots, each at most once (RAFT_PROTOCOL 6)."""
         return self._run(FireSchedules(tuple(tuple(f) for f in fires)
                                        if isinstance(fires, list) else (), now))
+
+    @replicated
+    def write_usage_policy(self, ops: list, now: float) -> Any:
+        """Concurrency limits, fair-share weights, the tenant label (RAFT_PROTOCOL 9;
+        sorts after every earlier command)."""
+        return self._run(WritePolicy(tuple(tuple(o) for o in ops
+                                           if isinstance(o, (list, tuple)))
+                                     if isinstance(ops, list) else (), now))
 
     @replicated
     def verify(self, cluster_id: str, prev_index: int, prev_window: str,

@@ -54,6 +54,9 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         "schedules": list(state.schedules.values()),
         "waiting": [[k, list(v)] for k, v in state.waiting.items()],
         "children": [[k, list(v)] for k, v in state.children.items()],
+        # Version 3 (written only when set): the usage policy (consensus/policy.py).
+        "policy": state.policy() if state.limits or state.weights or state.tenant_label
+        else {},
     }
 
 
@@ -92,14 +95,21 @@ def from_snapshot(data: dict[str, Any]) -> SchedulerState:
     st.schedules = {str(r["id"]): dict(r) for r in data.get("schedules", [])}
     st.waiting = {str(k): [str(p) for p in v] for k, v in data.get("waiting", [])}
     st.children = {str(k): [str(c) for c in v] for k, v in data.get("children", [])}
+    pol = data.get("policy") or {}
+    st.limits = {str(k): int(v) for k, v in dict(pol.get("limits") or {}).items()}
+    st.weights = {str(k): float(v) for k, v in dict(pol.get("weights") or {}).items()}
+    st.tenant_label = str(pol.get("tenant_label") or "")
+    st.rebuild_key_held()
     return st
 
 
 def needs_version(data: dict[str, Any]) -> int:
     """The lowest snapshot version that holds ``data`` (a :func:`to_snapshot`):
     1 unless it carries what only version 2 has (delayed tasks, schedules,
-    dependencies), so a release that
+    dependencies) or version 3 (a usage policy), so a release that
     reads version 1 only refuses (fail-stop) a snapshot it would read wrong, and
     reads every other one as before."""
+    if data.get("policy"):
+        return 3
     newer = ("scheduled", "schedules", "waiting", "children")
     return 2 if any(data.get(k) for k in newer) else 1

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+from taskandgo.consensus import policy
 from taskandgo.consensus.model import (
     CANCELLED,
     FAILED,
@@ -100,6 +101,16 @@ class SchedulerState:
         #: parent -> the tasks that named it (kept until the parent is forgotten).
         self.waiting: dict[str, list[str]] = {}
         self.children: dict[str, list[str]] = {}
+        #: The usage policy (consensus/policy.py, apply_policy): concurrency key ->
+        #: limit, tenant -> fair-share weight, the spec label naming a task's tenant.
+        self.limits: dict[str, int] = {}
+        self.weights: dict[str, float] = {}
+        self.tenant_label = ""
+        #: Derived (rebuilt from ``running`` by a snapshot load, not replicated by
+        #: itself): concurrency key -> how many assigned units hold it.
+        self.key_held: dict[str, int] = {}
+        #: Assignments skipped because a concurrency key was at its limit.
+        self.over_limit = 0
 
     # ------------------------------------------------------------------ helpers
 
@@ -178,6 +189,36 @@ class SchedulerState:
         task.spec["parents"] = {p: self.tasks[p].result if p in self.tasks else ""
                                 for p in task.spec.get("after") or ()}
         self._release(task)
+
+    def _unrun(self, task: Task, tid: str, chunk: int) -> None:
+        """A unit stops being assigned: out of ``running``, and its concurrency keys
+        released."""
+        if self.running.pop((tid, chunk), None) is not None and "concurrency_keys" in task.spec:
+            held = self.key_held
+            for k in policy.spec_keys(task.spec):
+                n = held.get(k, 0) - 1
+                if n > 0:
+                    held[k] = n
+                else:
+                    held.pop(k, None)
+
+    def at_limit(self, keys: Iterable[str]) -> str:
+        """The first of ``keys`` whose limit its assigned units already reach ("":
+        none)."""
+        for k in keys:
+            limit = self.limits.get(k)
+            if limit is not None and self.key_held.get(k, 0) >= limit:
+                return k
+        return ""
+
+    def rebuild_key_held(self) -> None:
+        """``key_held`` from ``running`` (after a snapshot load)."""
+        self.key_held = {}
+        for tid, _chunk in self.running:
+            t = self.tasks.get(tid)
+            if t is not None and "concurrency_keys" in t.spec:
+                for k in policy.spec_keys(t.spec):
+                    self.key_held[k] = self.key_held.get(k, 0) + 1
 
     def _is_live_entry(self, entry: tuple) -> bool:
         _, qseq, tid, chunk = entry
@@ -480,6 +521,13 @@ class SchedulerState:
             unit = task.unit_at(chunk)
             if unit is None or unit.status != QUEUED or unit.qseq == 0:
                 continue
+            keys = policy.spec_keys(task.spec) if "concurrency_keys" in task.spec else ()
+            if keys and self.at_limit(keys):
+                # Enforced here, whoever proposed it: the key stays at its limit.
+                self.over_limit += 1
+                continue
+            for k in keys:
+                self.key_held[k] = self.key_held.get(k, 0) + 1
             self._dequeued(task, unit)
             self.delayed.pop((tid, chunk), None)
             self.next_token += 1
@@ -530,7 +578,7 @@ class SchedulerState:
                 # Handed back unfinished by a node shutting down: not the task's
                 # failure; run it again elsewhere (as for a lost lease). Held back
                 # unstarted (a higher-priority task arrived): as if never assigned.
-                self.running.pop((tid, chunk), None)
+                self._unrun(task, tid, chunk)
                 if r.get("held"):
                     unit.attempt = max(0, unit.attempt - 1)
                     unit.started_at = 0.0
@@ -545,7 +593,7 @@ class SchedulerState:
                 events.append(("task", tid, "requeued", chunk, unit.node, now))
                 continue
             committed += 1
-            self.running.pop((tid, chunk), None)
+            self._unrun(task, tid, chunk)
             try:
                 # When the worker really started it (a unit may wait in a prefetch
                 # window after its assignment).
@@ -625,7 +673,7 @@ class SchedulerState:
         for chunk, unit in units:
             if unit.status == RUNNING:
                 killed.append((task.id, chunk, unit.attempt, unit.token, unit.node))
-                self.running.pop((task.id, chunk), None)
+                self._unrun(task, task.id, chunk)
             if unit.status == QUEUED and unit.qseq:
                 self._dequeued(task, unit)
             if unit.status in (QUEUED, RUNNING):
@@ -699,7 +747,7 @@ class SchedulerState:
                 if unit.deaths < POISON_AFTER_NODE_LOSSES:
                     continue
                 if unit.status == RUNNING:
-                    self.running.pop((tid, chunk), None)
+                    self._unrun(task, tid, chunk)
                 elif unit.status == QUEUED and unit.qseq:
                     self._dequeued(task, unit)
                 self.delayed.pop((tid, chunk), None)
@@ -712,7 +760,7 @@ class SchedulerState:
                 continue
             if unit.status != RUNNING or unit.attempt != attempt or unit.token != token:
                 continue
-            self.running.pop((tid, chunk), None)
+            self._unrun(task, tid, chunk)
             unit.lost += 1
             unit.error = str(reason)[:500]
             n += 1
@@ -736,6 +784,21 @@ class SchedulerState:
             if value in SETTINGS.get(key, ()) and not (only_if_unset and key in self.settings):
                 self.settings[key] = value
         return dict(self.settings), events
+
+    def apply_policy(self, ops: list, now: float) -> tuple[dict[str, Any], list[Event]]:
+        """Change the usage policy (consensus/policy.py apply_ops: concurrency
+        limits, fair-share weights, the tenant label). Returns the policy after."""
+        events = self._advance(now)
+        self.tenant_label, skipped = policy.apply_ops(self.limits, self.weights,
+                                                      self.tenant_label, ops)
+        self.rejected_commands += skipped
+        return self.policy(), events
+
+    def policy(self) -> dict[str, Any]:
+        """The usage policy as plain data."""
+        return {"limits": dict(sorted(self.limits.items())),
+                "weights": dict(sorted(self.weights.items())),
+                "tenant_label": self.tenant_label}
 
     def apply_compact(self, now: float, retention_s: float,
                       max_finished: int) -> tuple[int, list[Event]]:
@@ -863,6 +926,9 @@ class SchedulerState:
             json.dumps(self.schedules, sort_keys=True),
             tuple((k, tuple(v)) for k, v in self.waiting.items()),
             tuple((k, tuple(v)) for k, v in self.children.items()),
+            # Only when set, so states of earlier releases compare as before.
+            *((tuple(sorted(self.limits.items())), tuple(sorted(self.weights.items())),
+               self.tenant_label) if self.limits or self.weights or self.tenant_label else ()),
         )
 
 

@@ -20,13 +20,14 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from taskandgo.consensus.commands import Command, Verify, WriteSettings
+from taskandgo.consensus.commands import Command, Verify, WritePolicy, WriteSettings
 from taskandgo.consensus.identity import (
     ClusterIdentity,
     check_data_dir,
     record_cluster_id,
     record_divergence,
 )
+from taskandgo.consensus.policy import POLICY_PROTOCOL
 from taskandgo.consensus.raft import FAIL_REASON, Raft, RaftTimers, ReplicatedState
 from taskandgo.consensus.state import FINAL, SchedulerState, priority_name
 from taskandgo.node.config import NodeConfig, Voter
@@ -333,6 +334,34 @@ class Replica:
             return dict(fut.result(timeout=timeout_s + 1.0))
         except FutureTimeout:
             raise Unavailable("settings were not committed in time") from None
+
+    # ------------------------------------------------------------------ usage policy
+
+    def policy(self) -> dict[str, Any]:
+        """The usage policy this replica has applied (consensus/policy.py)."""
+        return self.read(lambda s: s.policy())
+
+    def write_policy(self, ops: list[list[Any]], timeout_s: float = 10.0) -> dict[str, Any]:
+        """Propose usage-policy ops (the caller checked them) and wait until applied
+        here. Unavailable when not committed in time, or while a voter runs a release
+        that does not know the command (RAFT_PROTOCOL 9)."""
+        if not self.voters_at(POLICY_PROTOCOL):
+            raise Unavailable("a voter runs an earlier release that cannot store concurrency "
+                              "limits or fair-share weights; upgrade every voter first")
+        fut: Future = Future()
+
+        def done(result: Any, err: int) -> None:
+            if err == 0 and isinstance(result, dict):
+                fut.set_result(result)
+            elif not fut.done():
+                fut.set_exception(Unavailable("the policy change was not committed (no leader?)"))
+
+        self.propose(WritePolicy(tuple(tuple(o) for o in ops), time.time()),
+                     callback=done, timeout_s=timeout_s)
+        try:
+            return dict(fut.result(timeout=timeout_s + 1.0))
+        except FutureTimeout:
+            raise Unavailable("the policy change was not committed in time") from None
 
     # ------------------------------------------------------------------ client reads
 
