@@ -45,6 +45,7 @@ from taskandgo.node.executor import Executor
 from taskandgo.node.history import History
 from taskandgo.node.outputs import OutputStore
 from taskandgo.node.placement import pending_reason, read_pending
+from taskandgo.node.policies import PolicyBook
 from taskandgo.node.replica import NotFound, Replica, Unavailable, list_args, task_to_api
 from taskandgo.node.schedules import ScheduleBook
 from taskandgo.node.scheduling import Scheduler, WorkerInfo
@@ -133,9 +134,11 @@ class NodeApp:
                                    hold_for=self.scheduler.hold_for,
                                    forward=self.forward_client, observe=self._observe,
                                    guard=self._guard, to_leader=self.leader_client,
-                                   offers=lambda: self.worker.cluster_offers)
+                                   offers=lambda: self.worker.known_offers)
         self.schedules = ScheduleBook(self.replica, forward=self.forward_client,
                                       to_leader=self.leader_client)
+        self.policies = PolicyBook(self.replica, forward=self.forward_client,
+                                   to_leader=self.leader_client)
         # A voter records from its own replica; a non-voter has none (its HTTP route
         # forwards to a voter).
         self.history = History(cfg.node_id, self.bus,

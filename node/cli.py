@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "repeatable, all must hold")
     sp.add_argument("--prefer", action="append", default=[], metavar="KEY[=VALUE]",
                     help="rather run on nodes with this label (repeatable; soft)")
+    sp.add_argument("--concurrency-key", action="append", default=[], metavar="KEY",
+                    help="hold this cluster-wide key while running: at most its limit "
+                    "(taskandgo policy limit KEY N) of units holding it run at once "
+                    "(repeatable)")
     sp.add_argument("--wait", action="store_true", help="wait for the result and show it")
     sp.add_argument("--wait-timeout", type=_ranged(float, 0, MAX_SECONDS, above=True),
                     default=3600.0, help="seconds --wait waits for the result (3600)")
@@ -157,6 +161,16 @@ def build_parser() -> argparse.ArgumentParser:
     client_args(sp)
     sp.add_argument("--default-strategy", choices=("split", "batch"), default=None,
                     help="the strategy of a task that names none, for every node")
+
+    sp = sub.add_parser("policy", help="show (or change) concurrency limits and fair share",
+                        description="taskandgo policy: show the policy. policy limit KEY N|none: "
+                        "at most N units holding KEY run at once (none: unlimited). policy "
+                        "weight TENANT W|none: the tenant's fair share weight (none: 1). "
+                        "policy tenant-label LABEL|none: the task label naming a task's "
+                        "tenant (none: fair share off).")
+    client_args(sp)
+    sp.add_argument("what", nargs="?", choices=("limit", "weight", "tenant-label"))
+    sp.add_argument("values", nargs="*", metavar="NAME VALUE")
 
     sp = sub.add_parser("tasks", help="list tasks")
     client_args(sp)
@@ -344,7 +358,9 @@ def cmd_submit(c: Any, args: argparse.Namespace) -> int:
         after=[i.strip() for a in args.after for i in a.split(",") if i.strip()],
         after_any=args.after_any, resources=_requests(args),
         require=[t.strip() for a in args.require for t in a.split(",") if t.strip()],
-        prefer=[t.strip() for a in args.prefer for t in a.split(",") if t.strip()])
+        prefer=[t.strip() for a in args.prefer for t in a.split(",") if t.strip()],
+        concurrency_keys=[k.strip() for a in args.concurrency_key for k in a.split(",")
+                          if k.strip()])
     res = c.submit_many([spec])[0]
     if not args.wait:
         if args.json:
@@ -433,6 +449,8 @@ def _print_task(t: dict[str, Any], brief: bool = False) -> None:
         *([("resources", _amounts(spec["resources"]))] if spec.get("resources") else []),
         *([("require", ", ".join(spec["require"]))] if spec.get("require") else []),
         *([("prefer", ", ".join(spec["prefer"]))] if spec.get("prefer") else []),
+        *([("keys", ", ".join(spec["concurrency_keys"]))] if spec.get("concurrency_keys")
+          else []),
         *([("pending", t["pending_reason"])] if t.get("pending_reason") else []),
         ("started", _ts(t["started_at"])),
         ("finished", _ts(t["finished_at"])),
@@ -674,6 +692,43 @@ def cmd_settings(c: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy(c: Any, args: argparse.Namespace) -> int:
+    """taskandgo policy [limit KEY N|none | weight TENANT W|none | tenant-label L|none]."""
+    want = {"limit": 2, "weight": 2, "tenant-label": 1}.get(args.what or "", 0)
+    if len(args.values) != want:
+        raise SystemExit(f"taskandgo policy {args.what}: expected "
+                         + ("LABEL|none" if want == 1 else "NAME VALUE|none"))
+    none = args.values[-1].lower() in ("none", "-") if want else False
+    if args.what == "limit":
+        if not none and not args.values[1].isdigit():
+            raise SystemExit("taskandgo policy limit KEY N: N is a whole number (or none)")
+        out = c.set_policy(limits={args.values[0]: None if none else int(args.values[1])})
+    elif args.what == "weight":
+        try:
+            w = None if none else float(args.values[1])
+        except ValueError:
+            raise SystemExit("taskandgo policy weight TENANT W: W is a number (or none)") \
+                from None
+        out = c.set_policy(weights={args.values[0]: w})
+    elif args.what == "tenant-label":
+        out = c.set_policy(tenant_label="" if none else args.values[0])
+    else:
+        out = c.policy()
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    held = out.get("held", {})
+    print("concurrency limits:" if out["limits"] else "concurrency limits: none")
+    for key in sorted(set(out["limits"]) | set(held)):
+        limit = out["limits"].get(key)
+        print(f"  {key:24} {held.get(key, 0)}/{limit if limit is not None else '-'} running")
+    label = out.get("tenant_label") or ""
+    print(f"fair share: by task label {label!r}" if label else "fair share: off")
+    for tenant, w in sorted(out.get("weights", {}).items()):
+        print(f"  {tenant:24} weight {w:g}")
+    return 0
+
+
 def cmd_schedule(c: Any, args: argparse.Namespace) -> int:
     """taskandgo schedule create|list|get|pause|resume|delete."""
     from taskandgo.node.client import task_spec
@@ -731,7 +786,7 @@ def _print_schedule(sc: dict[str, Any], deleted: bool = False) -> None:
 
 COMMANDS = {"submit": cmd_submit, "get": cmd_get, "output": cmd_output, "tasks": cmd_tasks,
             "cancel": cmd_cancel, "watch": cmd_watch, "status": cmd_status, "top": cmd_top,
-            "settings": cmd_settings, "schedule": cmd_schedule}
+            "settings": cmd_settings, "schedule": cmd_schedule, "policy": cmd_policy}
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -43,7 +43,7 @@ def task_spec(
     on_every_node: bool = False, run_at: str | float | datetime.datetime | None = None,
     delay_s: float = 0.0, after: Sequence[str] = (), after_any: bool = False,
     resources: Mapping[str, Any] | None = None, require: Sequence[str] = (),
-    prefer: Sequence[str] = (),
+    prefer: Sequence[str] = (), concurrency_keys: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A TaskSpec dict (the fields of ``taskandgo.v1.TaskSpec``: what
     :meth:`Client.submit_many` takes, as in earlier releases), checked here by the
@@ -64,7 +64,10 @@ def task_spec(
 
     Placement: ``resources`` each unit needs free on its node (``{"cpu": 4,
     "memory": "2Gi", "gpu": 1}``; amounts as numbers or quantities), node labels it
-    must have (``require=["zone=a", "gpu"]``) and would rather have (``prefer``)."""
+    must have (``require=["zone=a", "gpu"]``) and would rather have (``prefer``).
+
+    ``concurrency_keys``: while a unit runs it holds each key, and at most the key's
+    limit (:meth:`Client.set_policy`) of units holding it run at once anywhere."""
     if isinstance(run_at, datetime.datetime):
         if run_at.tzinfo is None:
             raise TaskAndGoError("INVALID_ARGUMENT", "run_at: a datetime needs a time zone")
@@ -74,7 +77,8 @@ def task_spec(
            "timeout_s": timeout_s, "retries": retries, "labels": labels,
            "on_every_node": on_every_node, "run_at": run_at, "delay_s": delay_s,
            "after": list(after), "after_any": after_any, "resources": resources,
-           "require": list(require), "prefer": list(prefer)}
+           "require": list(require), "prefer": list(prefer),
+           "concurrency_keys": list(concurrency_keys)}
     try:
         spec = TaskSpec.check(raw, default_strategy="")
     except InvalidTask as exc:
@@ -387,6 +391,35 @@ class Client:
         else:
             msg = self._call("GetSettings", pb.GetSettingsRequest())
         return {"default_strategy": msg.default_strategy}
+
+    def policy(self) -> dict[str, Any]:
+        """The usage policy: ``limits`` (concurrency key -> limit), ``held`` (key ->
+        units holding it now), ``weights`` (tenant -> weight), ``tenant_label``."""
+        return dict_from_message(self._call("GetPolicy", pb.GetPolicyRequest()))
+
+    def set_policy(self, change: Mapping[str, Any] | None = None, *,
+                   limits: Mapping[str, int | None] | None = None,
+                   weights: Mapping[str, float | None] | None = None,
+                   tenant_label: str | None = None) -> dict[str, Any]:
+        """Change the usage policy; returns it after. ``limits``: concurrency key ->
+        the most units holding it assigned at once (None removes the limit);
+        ``weights``: tenant -> fair-share weight (None: back to 1); ``tenant_label``:
+        the task label naming a task's tenant ("" turns fair share off). ``change``:
+        the same as one dict (the HTTP body's form)."""
+        c = dict(change or {})
+        limits = dict(c.get("limits") or limits or {})
+        weights = dict(c.get("weights") or weights or {})
+        if "tenant_label" in c:
+            tenant_label = c["tenant_label"] or ""
+        req = pb.SetPolicyRequest(
+            limits={k: v for k, v in limits.items() if v is not None},
+            remove_limits=[k for k, v in limits.items() if v is None]
+            + list(c.get("remove_limits") or ()),
+            weights={k: v for k, v in weights.items() if v is not None},
+            remove_weights=[k for k, v in weights.items() if v is None]
+            + list(c.get("remove_weights") or ()),
+            tenant_label=tenant_label or "", set_tenant_label=tenant_label is not None)
+        return dict_from_message(self._call("SetPolicy", req))
 
     def cluster_status(self) -> dict[str, Any]:
         return dict_from_message(self._call("GetClusterStatus", pb.ClusterStatusRequest()))

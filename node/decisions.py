@@ -303,7 +303,7 @@ def plan_round(view: PlanView) -> PlanActions:
                 break
     if not units:
         return PlanActions((), lifted)
-    out = plan(units, list(workers))
+    out = plan(units, list(workers), view.key_room)
     if out:
         # One priority per round, for the same reason: the next level goes once
         # this one is delivered.
@@ -406,6 +406,32 @@ def stale_held_requests(node_id: str, reported: Iterable[AttemptKey],
         for name, amount in request(tid):
             out[name] = out.get(name, 0.0) + amount
     return out
+
+
+def stale_held_keys(node_id: str, reported: Iterable[AttemptKey],
+                    running: Mapping[UnitKey, str],
+                    unit: Callable[[UnitKey], ReplicaUnit | None],
+                    keys: Callable[[str], tuple[str, ...]]) -> list[tuple[str, ...]]:
+    """The concurrency keys (``keys`` of a task id) of the attempts :func:`stale_held`
+    counts: until the worker drops them they still run, so they hold their keys."""
+    return [k for tid, _c, _a, _t in _stale(node_id, reported, running, unit)
+            if (k := keys(tid))]
+
+
+def key_room(limits: Mapping[str, int], held: Mapping[str, int],
+             holding: Iterable[tuple[str, ...]]) -> dict[str, int] | None:
+    """How many more units holding each limited concurrency key may be assigned now:
+    its limit, minus the units the replica counts as holding it (``held``: assigned
+    ones) and one for each key tuple in ``holding`` (units in flight to be assigned,
+    attempts a worker still runs that are no longer its own). None: no limits."""
+    if not limits:
+        return None
+    room = {k: limit - held.get(k, 0) for k, limit in limits.items()}
+    for keys in holding:
+        for k in keys:
+            if k in room:
+                room[k] -= 1
+    return room
 
 
 def with_held_requests(summary: RunningSummary,
@@ -615,6 +641,7 @@ __all__ = [
     "gate_arrivals",
     "hold_floor",
     "hold_targets",
+    "key_room",
     "live_floors",
     "live_workers",
     "needs_hold",
@@ -625,6 +652,7 @@ __all__ = [
     "run_time_s",
     "should_flush",
     "stale_held",
+    "stale_held_keys",
     "stale_held_requests",
     "summarize_running",
     "top_floor",

@@ -200,6 +200,16 @@ class Handler(RequestHandler):
                           query: dict[str, list[str]]) -> None:
         self._send(200, self.app.schedules.change(_schedule_id(params), "delete"))
 
+    # ---- usage policy (node/policies.py)
+
+    def h_policy(self, params: dict[str, str], q: dict[str, str],
+                 query: dict[str, list[str]]) -> None:
+        self._send(200, self.app.policies.get())
+
+    def h_set_policy(self, params: dict[str, str], q: dict[str, str],
+                     query: dict[str, list[str]]) -> None:
+        self._send(200, self.app.policies.change(self._body()))
+
     def h_events_ticket(self, params: dict[str, str], q: dict[str, str],
                         query: dict[str, list[str]]) -> None:
         """A stream ticket for ``GET /api/v1/events?ticket=`` (see StreamTickets),

@@ -96,6 +96,7 @@ ROUTES: list[tuple[tuple[str, ...], dict[str, str]]] = [
     (("api", "v1", "schedules", "{id}"), {"GET": "get_schedule", "DELETE": "delete_schedule"}),
     (("api", "v1", "schedules", "{id}", "pause"), {"POST": "pause_schedule"}),
     (("api", "v1", "schedules", "{id}", "resume"), {"POST": "resume_schedule"}),
+    (("api", "v1", "policy"), {"GET": "policy", "PUT": "set_policy"}),
 ]
 
 

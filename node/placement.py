@@ -21,6 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from taskandgo.consensus.policy import spec_keys
 from taskandgo.node.tasks import LABEL_KEY_RE, InvalidTask
 from taskandgo.strategies.placement import (
     EPSILON,
@@ -176,6 +177,24 @@ class Offer:
     labels: tuple[tuple[str, str], ...] = ()
 
 
+#: How long a worker's offer still counts for the submit check after the leader last
+#: described it as live: a heartbeat late on a busy machine (or a node restarting)
+#: must not get a request that fits it refused as fitting no node.
+OFFER_MEMORY_S = 60.0
+
+
+def remember_offers(seen: Mapping[str, tuple[Offer, float]], live: Iterable[Offer],
+                    now: float, memory_s: float = OFFER_MEMORY_S
+                    ) -> tuple[dict[str, tuple[Offer, float]], tuple[Offer, ...]]:
+    """The offers seen within ``memory_s``: ``seen`` (node -> (offer, last seen))
+    updated with the ``live`` ones at ``now``, and all of them by node id (what the
+    submit check reads; pending reasons read only the live ones)."""
+    out = {n: (o, t) for n, (o, t) in seen.items() if now - t <= memory_s}
+    for o in live:
+        out[o.node_id] = (o, now)
+    return out, tuple(o for _n, (o, _t) in sorted(out.items()))
+
+
 def unfit_reason(request: Amounts, require: Sequence[str],
                  offers: Iterable[Offer]) -> str | None:
     """Why no node of the cluster could ever run a unit with this request and these
@@ -226,6 +245,11 @@ class PendingView:
     ahead_higher: int = 0
     head: tuple[QueuedUnit, ...] = ()
     workers: tuple[Worker, ...] = ()
+    #: How many more units holding each limited concurrency key may be assigned
+    #: (decisions.key_room; None: no limits), and for a task whose key is at its
+    #: limit: (key, limit, units holding it, some of the tasks holding it).
+    key_room: Mapping[str, int] | None = None
+    key_full: tuple[str, int, int, tuple[str, ...]] | None = None
 
 
 def offers_of(workers: Iterable[Worker]) -> tuple[Offer, ...]:
@@ -256,9 +280,14 @@ def pending_reason(v: PendingView) -> str:
         else None
     if why is not None:
         return why
+    if v.key_full is not None:
+        key, limit, n, by = v.key_full
+        more = f" and {n - len(by)} more" if n > len(by) else ""
+        return (f"concurrency key {key} at its limit {n}/{limit}"
+                + (f" (held by {', '.join(by)}{more})" if by else ""))
     if len(v.head) < v.ahead:
         return _ahead(v)  # the leader reads no further than the free slots: see PendingView
-    out = plan([*v.head, unit], list(v.workers))
+    out = plan([*v.head, unit], list(v.workers), v.key_room)
     if any(a.task_id == unit.task_id for a in out):
         return "about to start (planned at the next round)"
     offers = offers_of(v.workers)
@@ -286,7 +315,8 @@ def queued_unit(task: Any, chunk: int) -> QueuedUnit:
     spec = task.spec
     return QueuedUnit(task.id, chunk, task.priority, task.strategy, int(spec.get("shards", 0)),
                       len(spec.get("items") or ()), task.chunk_count, unit_kind(spec),
-                      spec_request(spec), spec_require(spec), spec_prefer(spec))
+                      spec_request(spec), spec_require(spec), spec_prefer(spec),
+                      spec_keys(spec))
 
 
 def read_pending(s: Any, task_id: str, offers: Sequence[Offer]) -> PendingView | None:
@@ -333,8 +363,16 @@ def read_pending(s: Any, task_id: str, offers: Sequence[Offer]) -> PendingView |
     if ahead and ahead < room:
         head = tuple(queued_unit(x, c) for x, c in s.peek_queued(ahead + 1)
                      if x.id != task_id)[:ahead]
+    key_room = key_full = None
+    if s.limits:
+        from taskandgo.node.policies import holders
+
+        key_room = d.key_room(s.limits, s.key_held, ())
+        full = s.at_limit(spec_keys(t.spec))
+        if full:
+            key_full = (full, s.limits[full], s.key_held.get(full, 0), tuple(holders(s, full)))
     return PendingView(status, unit=queued_unit(t, mine[3]), ahead=ahead, ahead_higher=higher,
-                       head=head, workers=free)
+                       head=head, workers=free, key_room=key_room, key_full=key_full)
 
 
 def _ahead(v: PendingView) -> str:
@@ -380,6 +418,7 @@ def _short(request: Amounts, workers: Sequence[Worker]) -> str:
 __all__ = [
     "MAX_RESOURCES",
     "MAX_TERMS",
+    "OFFER_MEMORY_S",
     "PLACEMENT_PROTOCOL",
     "Offer",
     "PendingView",
@@ -392,6 +431,7 @@ __all__ = [
     "placed",
     "queued_unit",
     "read_pending",
+    "remember_offers",
     "spec_prefer",
     "spec_request",
     "spec_require",

@@ -28,12 +28,14 @@ from typing import Any
 
 import grpc
 from taskandgo.consensus.commands import Assign, AssignEntry, Compact, Complete, Requeue
+from taskandgo.consensus.policy import spec_keys
 from taskandgo.consensus.state import SchedulerState, priority_name
 from taskandgo.node import decisions as d
 from taskandgo.node.config import NodeConfig
 from taskandgo.node.dispatching import Dispatcher, Peers
 from taskandgo.node.events import EventBus, event
 from taskandgo.node.placement import spec_prefer, spec_request, spec_require
+from taskandgo.node.policies import key_room_of
 from taskandgo.node.replica import Replica, Unavailable
 from taskandgo.node.security import PeerIdentity, PermissionDenied
 from taskandgo.node.timing import Timekeeper
@@ -279,7 +281,8 @@ class Scheduler:
         arriving = self.timing.arriving
 
         def running(s: SchedulerState) -> tuple[d.RunningSummary, frozenset[int],
-                                                 dict[str, int], tuple[d.Floor, ...]]:
+                                                 dict[str, int], tuple[d.Floor, ...],
+                                                 dict[str, int] | None]:
             tasks = s.tasks
             # Summed up here, not one RunningView per unit (see PlanView.running_summary).
             def request(tid: str) -> tuple[tuple[str, float], ...]:
@@ -314,15 +317,16 @@ class Scheduler:
                 if t is not None:
                     prios.add(t.priority)
             live_floors = d.live_floors(floors, now, tasks.__contains__, s.queued_by_priority)
-            return summary, frozenset(prios), held, live_floors
+            return summary, frozenset(prios), held, live_floors, \
+                key_room_of(s, in_flight, reported, _unit_of(s)) if s.limits else None
 
-        summary, prios, held, live_floors = self.replica.read(running)
+        summary, prios, held, live_floors, key_room = self.replica.read(running)
         if live_floors != floors:
             with self._lock:
                 # Floors added meanwhile stay; those found met or expired go.
                 self._floors = tuple(f for f in self._floors
                                      if f in live_floors or f not in floors)
-        view = replace(base, running_summary=summary,
+        view = replace(base, running_summary=summary, key_room=key_room,
                        queued_priorities=prios, held=held, floor=d.top_floor(live_floors))
         depth = d.queue_depth_needed(view)
         if depth:
@@ -355,7 +359,7 @@ class Scheduler:
                 u = QueuedUnit(t.id, chunk, t.priority, t.strategy, int(t.spec.get("shards", 0)),
                                len(t.spec.get("items") or ()), t.chunk_count,
                                d.unit_kind(t.spec), spec_request(t.spec), spec_require(t.spec),
-                               spec_prefer(t.spec))
+                               spec_prefer(t.spec), spec_keys(t.spec))
             new[key] = (t, t.chunk_count, u)
             out.append(u)
         self._head_cache = new

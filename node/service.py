@@ -195,6 +195,19 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
         return taskandgo_pb2.Settings(**self.app.set_settings(values))
 
     @_errors
+    def GetPolicy(self, request: Any, context: Any) -> Any:
+        return message_from_dict(taskandgo_pb2.Policy, self.app.policies.get())
+
+    @_errors
+    def SetPolicy(self, request: Any, context: Any) -> Any:
+        change: dict[str, Any] = {
+            "limits": dict(request.limits), "remove_limits": list(request.remove_limits),
+            "weights": dict(request.weights), "remove_weights": list(request.remove_weights)}
+        if request.set_tenant_label:
+            change["tenant_label"] = request.tenant_label
+        return message_from_dict(taskandgo_pb2.Policy, self.app.policies.change(change))
+
+    @_errors
     def CreateSchedule(self, request: Any, context: Any) -> Any:
         from taskandgo.node.schedules import check_schedule, schedule_from_proto
 

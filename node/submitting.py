@@ -22,6 +22,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from taskandgo.consensus.commands import Cancel, Submit
+from taskandgo.consensus.policy import POLICY_PROTOCOL
 from taskandgo.consensus.raft import MAYBE_COMMITTED, fail_reason_name
 from taskandgo.consensus.state import SchedulerState
 from taskandgo.node import decisions as d
@@ -116,13 +117,17 @@ class Submitter:
                      for s in specs if s.get("after") or s.get("run_at")), default=0)
         if any(placed(s) for s in specs):
             level = max(level, PLACEMENT_PROTOCOL)
+        if any(s.get("concurrency_keys") for s in specs):
+            # A leader of an earlier release would not count the keys.
+            level = max(level, POLICY_PROTOCOL)
         if level and not self.replica.voters_at(level):
             # A replica of an earlier release would queue such a task at once (and
             # diverge): only the leader knows every voter's release, from heartbeats.
             if self.replica.is_leader() or self._to_leader is None:
                 raise Unavailable("a voter runs an earlier release that cannot keep delayed, "
-                                  "dependent or placed tasks (run_at, after, resources, "
-                                  "require, prefer); upgrade every voter first")
+                                  "dependent, placed or keyed tasks (run_at, after, "
+                                  "resources, require, prefer, concurrency_keys); upgrade "
+                                  "every voter first")
             with self._to_leader() as c:
                 return c.submit_many([spec_to_api(s) for s in specs])
         if any(s.get("after") for s in specs):

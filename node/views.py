@@ -126,6 +126,9 @@ class PlanView:
     #: the leader: building a RunningView per running unit every round cost it more
     #: than planning. None: planning sums up ``running``.
     running_summary: RunningSummary | None = None
+    #: For each concurrency key with a limit, how many more units holding it may be
+    #: assigned (see :func:`key_room`); None: no limits.
+    key_room: Mapping[str, int] | None = None
 
 
 class RunningSummary(NamedTuple):

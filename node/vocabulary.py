@@ -36,6 +36,7 @@ import datetime
 import functools
 import json
 import math
+import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -116,6 +117,9 @@ class TaskSpec:
     resources: Mapping[str, float] = field(default_factory=dict)
     require: tuple[str, ...] = ()
     prefer: tuple[str, ...] = ()
+    #: Cluster-wide concurrency keys its units hold while assigned (an operator sets
+    #: each key's limit: ``taskandgo policy limit KEY N``; consensus/policy.py).
+    concurrency_keys: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ made here
 
@@ -242,12 +246,13 @@ class TaskSpec:
         if every and (resources or require):
             raise InvalidTask("on_every_node", "runs the task once on every node: give it or "
                               "resources/require, not both")
+        keys = check_keys(raw.get("concurrency_keys"))
         return cls(id=tid, priority=priority, strategy=strategy, data=data,
                    argv=tuple(argv), call=call, args=args, shards=shards,
                    items=items or None, timeout_s=float(timeout), retries=retries,
                    labels=dict(labels), on_every_node=every, run_at=run_at,
                    after=after, after_any=after_any, resources=resources,
-                   require=require, prefer=prefer)
+                   require=require, prefer=prefer, concurrency_keys=keys)
 
     def resolved(self, default_strategy: str) -> TaskSpec:
         """This spec with the node's default strategy where it names none (checked
@@ -289,6 +294,8 @@ class TaskSpec:
             if self.after_any:
                 out["after_any"] = True
         _placement_out(out, self.resources, self.require, self.prefer)
+        if self.concurrency_keys:
+            out["concurrency_keys"] = list(self.concurrency_keys)
         return out
 
     @classmethod
@@ -306,7 +313,8 @@ class TaskSpec:
                    after_any=bool(stored.get("after_any")),
                    resources=dict(stored.get("resources") or {}),
                    require=tuple(stored.get("require") or ()),
-                   prefer=tuple(stored.get("prefer") or ()))
+                   prefer=tuple(stored.get("prefer") or ()),
+                   concurrency_keys=tuple(stored.get("concurrency_keys") or ()))
 
     # ------------------------------------------------------------ protobuf
 
@@ -359,6 +367,8 @@ class TaskSpec:
             if self.after_any:
                 out["after_any"] = True
         _placement_out(out, self.resources, self.require, self.prefer)
+        if self.concurrency_keys:
+            out["concurrency_keys"] = list(self.concurrency_keys)
         return out
 
     @classmethod
@@ -411,6 +421,8 @@ def spec_to_api(stored: Mapping[str, Any]) -> dict[str, Any]:
         if stored.get("after_any"):
             out["after_any"] = True
     _placement_out(out, stored.get("resources"), stored.get("require"), stored.get("prefer"))
+    if stored.get("concurrency_keys"):
+        out["concurrency_keys"] = list(stored["concurrency_keys"])
     return out
 
 
@@ -424,6 +436,27 @@ def _placement_out(out: dict[str, Any], resources: Mapping[str, float] | None,
         out["require"] = list(require)
     if prefer:
         out["prefer"] = list(prefer)
+
+
+#: At most this many concurrency keys per task.
+MAX_KEYS = 8
+
+
+def check_keys(raw: Any) -> tuple[str, ...]:
+    """A task's concurrency keys: a list of names (or comma-separated text), each as
+    a label key, each once, in order; InvalidTask naming ``concurrency_keys``."""
+    if raw in (None, "", [], ()):
+        return ()
+    if isinstance(raw, str):
+        raw = [k for k in re.split(r"[,\s]+", raw) if k]
+    if not isinstance(raw, (list, tuple)) or len(raw) > MAX_KEYS:
+        raise InvalidTask("concurrency_keys", f"expected a list of at most {MAX_KEYS} key names")
+    for k in raw:
+        if not isinstance(k, str) or not LABEL_KEY_RE.fullmatch(k):
+            raise InvalidTask("concurrency_keys",
+                              f"{str(k)[:64]!r}: a key is letters, digits and . _ / - "
+                              "(at most 63, starting with a letter or digit)")
+    return tuple(dict.fromkeys(raw))
 
 
 #: At most this many parents per task (a fan-in of a thousand maps is two submits).
@@ -517,7 +550,7 @@ def start_time(run_at: Any, delay_s: Any, now: float | None = None) -> float:
 REQUEST_FIELDS = ("id", "task_id", "priority", "data", "argv", "call", "args", "args_json",
                   "strategy", "shards", "items", "items_json", "timeout_s", "retries", "labels",
                   "on_every_node", "run_at", "delay_s", "after", "after_any", "resources",
-                  "require", "prefer")
+                  "require", "prefer", "concurrency_keys")
 #: JSON types of the optional fields of an HTTP body (``null`` only where it means
 #: "the default"). The checker takes absent, empty and zero alike (as protobuf
 #: does); over JSON a value of the wrong type is refused, even a falsy one like
@@ -538,6 +571,7 @@ JSON_FIELD_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "resources": ((dict, type(None)), "an object of name: amount (cpu, memory, gpu, ...)"),
     "require": ((list, str, type(None)), "a list of node labels key=value or key"),
     "prefer": ((list, str, type(None)), "a list of node labels key=value or key"),
+    "concurrency_keys": ((list, str, type(None)), "a list of concurrency key names"),
 }
 
 
@@ -550,7 +584,7 @@ def request_from_proto(m: pb.TaskSpec) -> dict[str, Any]:
         "labels": dict(m.labels), "on_every_node": m.on_every_node,
         "run_at": m.run_at, "delay_s": m.delay_s, "after": list(m.after),
         "after_any": m.after_any, "resources": dict(m.resources), "require": list(m.require),
-        "prefer": list(m.prefer),
+        "prefer": list(m.prefer), "concurrency_keys": list(m.concurrency_keys),
     }
 
 

@@ -29,7 +29,7 @@ from taskandgo.node.config import NodeConfig
 from taskandgo.node.dispatching import Peers
 from taskandgo.node.events import EventBus
 from taskandgo.node.executor import Executor, Work
-from taskandgo.node.placement import Offer
+from taskandgo.node.placement import Offer, remember_offers
 from taskandgo.node.replica import Replica
 from taskandgo.node.resources import ResourceMonitor, Resources
 from taskandgo.node.security import PEER_PROTOCOL, PeerIdentity, PermissionDenied
@@ -88,6 +88,11 @@ class WorkerSide:
         #: The live workers and what they offer, as the leader last answered a
         #: heartbeat (the leader sets its own): submit checks and pending reasons.
         self.cluster_offers: tuple[Offer, ...] = ()
+        #: Those and the workers described as live within the last minute
+        #: (placement.remember_offers): what the submit check reads.
+        self.known_offers: tuple[Offer, ...] = ()
+        self._offers_seen: dict[str, tuple[Offer, float]] = {}
+        self._offers_lock = threading.Lock()
 
     def start(self) -> None:
         self.executor.start()
@@ -196,9 +201,14 @@ class WorkerSide:
 
     def note_offers(self, nodes: Iterable[peer_pb2.NodeOffer]) -> None:
         """Keep the leader's picture of the live workers (from a heartbeat answer)."""
-        self.cluster_offers = tuple(
+        live = tuple(
             Offer(n.node_id, n.slots, amounts(n.resources), tuple(sorted(n.node_labels.items())))
             for n in nodes)
+        with self._offers_lock:
+            self._offers_seen, known = remember_offers(self._offers_seen, live,
+                                                       time.monotonic())
+        self.cluster_offers = live
+        self.known_offers = known
 
     def kill(self, keys: list[tuple]) -> None:
         """Kill attempts the leader says are not this node's, and forget their

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TaskSpec(_message.Message):
-    __slots__ = ("id", "priority", "data", "argv", "call", "args_json", "strategy", "shards", "items_json", "timeout_s", "retries", "labels", "on_every_node", "run_at", "delay_s", "after", "after_any", "resources", "require", "prefer")
+    __slots__ = ("id", "priority", "data", "argv", "call", "args_json", "strategy", "shards", "items_json", "timeout_s", "retries", "labels", "on_every_node", "run_at", "delay_s", "after", "after_any", "resources", "require", "prefer", "concurrency_keys")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class TaskSpec(_message.Message):
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_FIELD_NUMBER: _ClassVar[int]
     PREFER_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENCY_KEYS_FIELD_NUMBER: _ClassVar[int]
     id: str
     priority: str
     data: str
@@ -62,7 +63,8 @@ class TaskSpec(_message.Message):
     resources: _containers.ScalarMap[str, float]
     require: _containers.RepeatedScalarFieldContainer[str]
     prefer: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., priority: _Optional[str] = ..., data: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., call: _Optional[str] = ..., args_json: _Optional[str] = ..., strategy: _Optional[str] = ..., shards: _Optional[int] = ..., items_json: _Optional[str] = ..., timeout_s: _Optional[float] = ..., retries: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_every_node: _Optional[bool] = ..., run_at: _Optional[str] = ..., delay_s: _Optional[float] = ..., after: _Optional[_Iterable[str]] = ..., after_any: _Optional[bool] = ..., resources: _Optional[_Mapping[str, float]] = ..., require: _Optional[_Iterable[str]] = ..., prefer: _Optional[_Iterable[str]] = ...) -> None: ...
+    concurrency_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[str] = ..., priority: _Optional[str] = ..., data: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., call: _Optional[str] = ..., args_json: _Optional[str] = ..., strategy: _Optional[str] = ..., shards: _Optional[int] = ..., items_json: _Optional[str] = ..., timeout_s: _Optional[float] = ..., retries: _Optional[int] = ..., labels: _Optional[_Mapping[str, str]] = ..., on_every_node: _Optional[bool] = ..., run_at: _Optional[str] = ..., delay_s: _Optional[float] = ..., after: _Optional[_Iterable[str]] = ..., after_any: _Optional[bool] = ..., resources: _Optional[_Mapping[str, float]] = ..., require: _Optional[_Iterable[str]] = ..., prefer: _Optional[_Iterable[str]] = ..., concurrency_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("index", "status", "attempts", "node", "exit_code", "result", "error", "started_at", "finished_at", "stderr", "truncated", "output_bytes")
@@ -448,6 +450,73 @@ class ClusterStatusResponse(_message.Message):
     committed_results: int
     queue_by_priority: _containers.ScalarMap[str, int]
     def __init__(self, leader_id: _Optional[str] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., tasks_by_status: _Optional[_Mapping[str, int]] = ..., dropped_results: _Optional[int] = ..., committed_results: _Optional[int] = ..., queue_by_priority: _Optional[_Mapping[str, int]] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Policy(_message.Message):
+    __slots__ = ("limits", "held", "weights", "tenant_label")
+    class LimitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class HeldEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_LABEL_FIELD_NUMBER: _ClassVar[int]
+    limits: _containers.ScalarMap[str, int]
+    held: _containers.ScalarMap[str, int]
+    weights: _containers.ScalarMap[str, float]
+    tenant_label: str
+    def __init__(self, limits: _Optional[_Mapping[str, int]] = ..., held: _Optional[_Mapping[str, int]] = ..., weights: _Optional[_Mapping[str, float]] = ..., tenant_label: _Optional[str] = ...) -> None: ...
+
+class SetPolicyRequest(_message.Message):
+    __slots__ = ("limits", "remove_limits", "weights", "remove_weights", "tenant_label", "set_tenant_label")
+    class LimitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class WeightsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    TENANT_LABEL_FIELD_NUMBER: _ClassVar[int]
+    SET_TENANT_LABEL_FIELD_NUMBER: _ClassVar[int]
+    limits: _containers.ScalarMap[str, int]
+    remove_limits: _containers.RepeatedScalarFieldContainer[str]
+    weights: _containers.ScalarMap[str, float]
+    remove_weights: _containers.RepeatedScalarFieldContainer[str]
+    tenant_label: str
+    set_tenant_label: bool
+    def __init__(self, limits: _Optional[_Mapping[str, int]] = ..., remove_limits: _Optional[_Iterable[str]] = ..., weights: _Optional[_Mapping[str, float]] = ..., remove_weights: _Optional[_Iterable[str]] = ..., tenant_label: _Optional[str] = ..., set_tenant_label: _Optional[bool] = ...) -> None: ...
 
 class GetSettingsRequest(_message.Message):
     __slots__ = ()

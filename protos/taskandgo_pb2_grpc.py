@@ -124,6 +124,16 @@ class SchedulerStub:
                 request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.SerializeToString,
                 response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
                 _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/GetPolicy',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Policy.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/taskandgo.v1.Scheduler/SetPolicy',
+                request_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.Policy.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -241,6 +251,21 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetPolicy(self, request, context):
+        """The usage policy: concurrency limits (with how many units hold each key now),
+        fair-share weights and the tenant label (replicated: one policy for every node).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
+        """Change it; what the request leaves out keeps its value. Returns the policy after.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -333,6 +358,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.DeleteSchedule,
                     request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.FromString,
                     response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.GetPolicyRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Policy.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=taskandgo_dot_protos_dot_taskandgo__pb2.SetPolicyRequest.FromString,
+                    response_serializer=taskandgo_dot_protos_dot_taskandgo__pb2.Policy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -821,6 +856,60 @@ class Scheduler:
             '/taskandgo.v1.Scheduler/DeleteSchedule',
             taskandgo_dot_protos_dot_taskandgo__pb2.ScheduleRequest.SerializeToString,
             taskandgo_dot_protos_dot_taskandgo__pb2.Schedule.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/GetPolicy',
+            taskandgo_dot_protos_dot_taskandgo__pb2.GetPolicyRequest.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskandgo.v1.Scheduler/SetPolicy',
+            taskandgo_dot_protos_dot_taskandgo__pb2.SetPolicyRequest.SerializeToString,
+            taskandgo_dot_protos_dot_taskandgo__pb2.Policy.FromString,
             options,
             channel_credentials,
             insecure,

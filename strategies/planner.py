@@ -19,16 +19,23 @@ labels, then best fit); a unit that fits no live worker even when that worker is
 idle (its capacity or labels rule it out) is passed over rather than blocking the
 queue behind it: it waits for a node that can take it.
 
+A unit holding a concurrency key whose limit is reached (``key_room``: how many more
+units holding each limited key may be assigned now) is passed over too, and waits
+for a unit holding the key to end; a split task's chunks are assigned only as far
+as the room goes (the rest stay queued).
+
 Guarantees (property-tested): a unit is assigned at most once; a worker never gets
 more units than its free slots, nor more of any resource than it has free; every
-unit's required labels hold on its worker; units are taken in queue order, so the
-assigned units form a prefix of the queue once the units no live worker could ever
-take are set aside (a lower-priority unit never starts while a higher one that is
-still queued could not).
+unit's required labels hold on its worker; no concurrency key gets more units than
+its room; units are taken in queue order, so the assigned units form a prefix of
+the queue once the units no live worker could ever take and those whose keys are
+at their limit are set aside (a lower-priority unit never starts while a higher one
+that is still queued could not).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from taskandgo.strategies.placement import (
@@ -65,6 +72,8 @@ class QueuedUnit:
     #: Labels its worker must have (``key=value`` or ``key``), and would rather have.
     require: tuple[str, ...] = ()
     prefer: tuple[str, ...] = ()
+    #: Concurrency keys each unit holds while assigned (consensus/policy.py).
+    keys: tuple[str, ...] = ()
 
     @property
     def placed(self) -> bool:
@@ -101,13 +110,27 @@ def chunk_count_for(unit: QueuedUnit, live_workers: int) -> int:
     return max(1, live_workers)
 
 
-def plan(queued: list[QueuedUnit], workers: list[Worker]) -> list[Assignment]:
+def plan(queued: list[QueuedUnit], workers: list[Worker],
+         key_room: Mapping[str, int] | None = None) -> list[Assignment]:
     """Assign queued units, in order, to workers with free slots.
 
     ``workers`` lists every live worker, including those with no free slot (they
     count when a split task's default chunk count is the number of live nodes).
+    ``key_room``: for each concurrency key with a limit, how many more units
+    holding it may be assigned now (keys not in it are unlimited).
     Stops at the first unit that cannot be placed, so order is never violated,
-    except that a unit no live worker could take even idle is passed over."""
+    except that a unit no live worker could take even idle, or one whose keys have
+    no room left, is passed over."""
+    room = dict(key_room) if key_room else {}
+
+    def key_free(unit: QueuedUnit) -> bool:
+        return not room or all(room.get(k, 1) > 0 for k in unit.keys)
+
+    def hold(unit: QueuedUnit) -> None:
+        for k in unit.keys:
+            if k in room:
+                room[k] -= 1
+
     free = {w.node_id: max(0, w.free_slots) for w in workers}
     order = [w.node_id for w in workers]  # stable tie-break
     res = {w.node_id: dict(w.free) for w in workers}
@@ -158,20 +181,23 @@ def plan(queued: list[QueuedUnit], workers: list[Worker]) -> list[Assignment]:
     for unit in queued:
         if unit.placed and not ever_fits(unit):
             continue  # waits for a node that can take it; see the module docstring
+        if unit.keys and not key_free(unit):
+            continue  # waits for its key; see the module docstring
         if unit.chunk == WHOLE and unit.strategy == SPLIT:
             count = chunk_count_for(unit, len(workers))
-            placed = 0
             for i in range(count):
+                if unit.keys and not key_free(unit):
+                    break  # the other chunks stay queued for the key
                 node = pick(unit, True)
                 if node is None:
-                    break
+                    return out
                 out.append(Assignment(unit.task_id, i, count, node))
-                placed += 1
-            if placed < count:
-                return out
+                hold(unit)
             continue
         node = pick(unit, unit.chunk != WHOLE)
         if node is None:
             return out
         out.append(Assignment(unit.task_id, unit.chunk, unit.chunk_count, node))
+        if unit.keys:
+            hold(unit)
     return out

@@ -22,7 +22,8 @@ commit (``World.truth``, a real SchedulerState); an index is a position in the l
    the offer (for a planned slot: at the index the leader's replica had applied).
    Excused, and counted: H's submit could not hold lower units back (the hold is
    best effort: no leader reachable, or a worker did not answer within its
-   timeout).
+   timeout); H holds a concurrency key with a limit (it is passed over while the
+   key has no room, by design).
 5. **One run at a time, give or take a lease.** Two executions of one unit (on two
    nodes, or two attempts on one) overlap by at most ``lease_s``. A paused node
    (the whole pod frozen, its units too) overlaps from when it resumes.
@@ -51,6 +52,10 @@ commit (``World.truth``, a real SchedulerState); an index is a position in the l
 11. **Never over-committed** (placement, the quarter of schedules whose nodes offer
    cpu: ``SimConfig.cpus``). The cpu requested by the units that run at once on a node
    is at most what that node offers.
+12. **Keys within limits** (concurrency keys, the schedules with ``SimConfig.key_limit``:
+   the limit is committed before any task is submitted). The units holding a key that
+   run at once anywhere, each under an assignment still current in the committed
+   state, are at most the key's limit, whichever leader assigned them.
 """
 
 from __future__ import annotations
@@ -104,6 +109,7 @@ class Checker:
         self.last_slots: dict[str, float] = {}  # schedule -> last slot before a fire
         #: node -> attempt running there -> the cpu its task requested (placement)
         self.cpu_in_use: dict[str, dict[tuple, float]] = {}
+        self.key_runs: dict[tuple, str] = {}  # executions holding a key -> their node
 
     def fail(self, kind: str, detail: str) -> None:
         self.world.trace(f"VIOLATION {kind}: {detail}")
@@ -231,6 +237,12 @@ class Checker:
             high = w.truth.tasks[tid]
             if since > offer or high.priority <= low.priority or high.key >= low.key:
                 continue
+            if high.spec.get("concurrency_keys") and any(
+                    k in w.truth.limits for k in high.spec["concurrency_keys"]):
+                # Passed over while its key has no room, by design (strategies/planner.py).
+                self.excused["priority (held by its key)"] = \
+                    self.excused.get("priority (held by its key)", 0) + 1
+                continue
             call = w.calls.get(tid)
             how = call.hold if call is not None else "none"
             if how == "failed":
@@ -278,6 +290,8 @@ class Checker:
         """Never over-committed: the cpu requested by the units running at once on a
         node is at most what it offers (a unit starting that would exceed it)."""
         t = self.world.truth.tasks.get(work.task_id)
+        if t is not None and t.spec.get("concurrency_keys"):
+            self.check_keys(node_id, work, t.spec["concurrency_keys"])
         cpu = dict(t.spec.get("resources") or {}).get("cpu", 0.0) if t is not None else 0.0
         if not cpu:
             return
@@ -289,7 +303,23 @@ class Checker:
                       + ", ".join(f"{k[0]}/{k[1]} (attempt {k[2]}, cpu={v:g})"
                                   for k, v in sorted(mine.items())))
 
+    def check_keys(self, node_id: str, work: Any, keys: list[str]) -> None:
+        """Keys within limits: a unit holding a key starts; with it, the executions
+        holding that key under a current assignment are at most its limit."""
+        self.key_runs[work.key] = node_id
+        limits = self.world.truth.limits
+        for k in keys:
+            if k not in limits:
+                continue
+            current = sorted(x for x, n in self.key_runs.items() if self.current(x, n)
+                             and k in (self.world.truth.tasks[x[0]].spec.get("concurrency_keys")
+                                       or ()))
+            if len(current) > limits[k]:
+                self.fail("keys over limit", f"key {k} (limit {limits[k]}) held by "
+                          + ", ".join(f"{x[0]}/{x[1]} (attempt {x[2]})" for x in current))
+
     def on_stop(self, node_id: str, key: tuple) -> None:
+        self.key_runs.pop(key, None)
         self.cpu_in_use.get(node_id, {}).pop(key, None)
         runs = self.execs.get((key[0], key[1]))
         if runs is not None:

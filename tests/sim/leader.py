@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from taskandgo.consensus.commands import Assign, AssignEntry, Compact, Complete, Requeue
 from taskandgo.node import decisions as d
 from taskandgo.node.placement import queued_unit, spec_request
+from taskandgo.node.policies import key_room_of
 from taskandgo.strategies.placement import amounts
 
 from .worker import Pending, UnitKey, Work
@@ -163,7 +164,11 @@ class LeaderSide:
                 s.running, lambda tid: t.priority if (t := tasks.get(tid)) else None,
                 list(self.completing.items()),
                 lambda tid: spec_request(t.spec) if (t := tasks.get(tid)) is not None else ()),
-            queued_priorities=frozenset(prios))
+            queued_priorities=frozenset(prios),
+            # Concurrency keys' room, as Scheduler._plan_and_assign reads it.
+            key_room=key_room_of(s, in_flight, [(w.node_id, w.running) for w in live
+                                                if w.running], self.replica_unit)
+            if s.limits else None)
         if held and view.running_summary is not None:
             # Attempts a worker still holds though no longer its own keep their
             # resources too (Scheduler._plan_and_assign, decisions.with_held_requests).

@@ -313,11 +313,36 @@ PLANTED: dict[str, list[tuple[Any, str, Callable[[Any], Any]]]] = {
     # (placement: a leader that counts each worker's cpu twice over)
     "over-committed": [(decisions, "free_slots", lambda f: lambda view: tuple(
         replace(w, free=tuple((k, 2 * v) for k, v in w.free)) for w in f(view)))],
+    # (concurrency keys: a state that never finds a key at its limit, and a leader
+    # that counts no room)
+    "keys over limit": [(SchedulerState, "at_limit", lambda f: lambda self, keys: ""),
+                        (decisions, "key_room", lambda f: lambda *a: None)],
 }
 
 
 #: Placement schedules (nodes offer cpu, tasks request some): seeds run.
 PLACEMENT_SEEDS = int(os.environ.get("TASKANDGO_SIM_PLACEMENT_SEEDS", "400"))
+
+
+#: Concurrency-key schedules (key "api" limited to 1 or 2, half the tasks hold it).
+KEY_SEEDS = int(os.environ.get("TASKANDGO_SIM_KEY_SEEDS", "120"))
+
+
+def test_concurrency_key_schedules() -> None:
+    """Given schedules where a client limits key "api" to 1 or 2 before submitting,
+    and about half the tasks hold it (SimConfig.key_limit), every invariant holds
+    through faults and leader changes, 'keys within limits' among them. Replay one:
+    World(seed, replace(SimConfig.for_seed(seed), key_limit=1 + seed % 2))."""
+    failures = []
+    for seed in range(KEY_SEEDS):
+        w = World(seed, replace(SimConfig.for_seed(seed), key_limit=1 + seed % 2))
+        try:
+            w.run()
+        except Violation as v:
+            if known_as(v) is None:
+                failures.append(f"\n=== key schedule {seed} broke an invariant ===\n"
+                                f"{v}\n{w.describe()}\n")
+    assert not failures, "".join(failures[:3])
 
 
 def test_placement_schedules() -> None:
@@ -351,6 +376,8 @@ def test_invariant_can_fail(kind: str) -> None:
                 cfg = replace(cfg, p_long=1.0)
             if kind == "over-committed":
                 cfg = replace(cfg, cpus=placement_cpus(seed))
+            if kind == "keys over limit":
+                cfg = replace(cfg, key_limit=1, p_long=0.3)
             w = World(seed, cfg)
             try:
                 w.run()

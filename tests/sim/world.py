@@ -25,6 +25,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 
+from taskandgo.consensus.commands import WritePolicy
 from taskandgo.consensus.state import FINAL, SchedulerState
 from taskandgo.node.decisions import RETRY_CAP_S
 
@@ -62,6 +63,10 @@ class SimConfig:
     #: Placement (issue 18): the cpu each node offers, by node in order (cycled),
     #: and about half the tasks request some; empty (the default schedules): none.
     cpus: tuple[float, ...] = ()
+    #: Concurrency keys (issue 18): the limit of key "api", set by a client before
+    #: any task is submitted; about half the tasks hold it. 0 (the default
+    #: schedules): no keys, no limit.
+    key_limit: int = 0
 
     @classmethod
     def for_seed(cls, seed: int, steps: int = 60) -> SimConfig:
@@ -278,6 +283,7 @@ class World:
         self.restart_at: dict[str, float] = {}
         self.resume_at: dict[str, float] = {}
         self.heal_at: float | None = None
+        self.policy_retry_at = 0.0
 
     # ------------------------------------------------------------------ helpers
 
@@ -339,7 +345,9 @@ class World:
         retries, self.retries = self.retries, []
         for call in retries:
             self.client_submit(call)
-        if self.faulty and self.rng.random() < self.cfg.p_submit:
+        if self.cfg.key_limit and not self.truth.limits:
+            self.client_policy()  # before any task (no draw: see client_policy)
+        elif self.faulty and self.rng.random() < self.cfg.p_submit:
             self.client_submit()
         if self.faulty and self.rng.random() < self.cfg.p_cancel:
             self.client_cancel()
@@ -396,6 +404,8 @@ class World:
                 if request and request["cpu"] <= min(
                         self.offer_of(n)["cpu"] for n in self.nodes):
                     spec["resources"] = request
+                if self.cfg.key_limit and sum(map(ord, tid)) % 2 == 0:
+                    spec["concurrency_keys"] = ["api"]
                 known = sorted(self.truth.tasks)
                 if self.rng.random() < 0.15:
                     # A delayed task: runnable a few seconds from now (by the wall
@@ -450,6 +460,22 @@ class World:
         node = self.rng.choice(voters)
         self.trace(f"client creates schedule {sid} ({op['overlap']}) at {node.id}")
         node.client_schedule(op)
+
+    def client_policy(self) -> None:
+        """Set key "api"'s limit through the first running voter (each step until it
+        is committed; in worlds with keys only)."""
+        voters = [n for n in self.nodes.values() if n.voter and n.running()]
+        if not voters or self.now < self.policy_retry_at:
+            return
+        node = voters[0]
+        self.policy_retry_at = self.now + 3.0  # unless answered first
+
+        def done(result: Any, err: int) -> None:
+            self.policy_retry_at = 0.0
+
+        self.trace(f"client sets the limit of api to {self.cfg.key_limit} at {node.id}")
+        node.propose(WritePolicy((("limit", "api", self.cfg.key_limit),), node.wall()),
+                     callback=done)
 
     def client_cancel(self) -> None:
         known = sorted(self.truth.tasks)

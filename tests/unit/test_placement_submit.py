@@ -16,7 +16,13 @@ from harness import free_ports
 from taskandgo.node import flags
 from taskandgo.node.app import NodeApp
 from taskandgo.node.config import ConfigError, NodeConfig, _placement, parse_voters
-from taskandgo.node.placement import PLACEMENT_PROTOCOL, Offer
+from taskandgo.node.placement import (
+    OFFER_MEMORY_S,
+    PLACEMENT_PROTOCOL,
+    Offer,
+    remember_offers,
+    unfit_reason,
+)
 from taskandgo.node.replica import Unavailable
 from taskandgo.node.submitting import Submitter
 from taskandgo.node.tasks import InvalidTask
@@ -115,3 +121,32 @@ def test_node_flags_and_environment() -> None:
         _placement(p.parse_args([]), {"TASKANDGO_CPU": "many"})
     with pytest.raises(ConfigError, match="--resource"):
         _placement(p.parse_args(["--resource", "gpu"]), {})
+
+
+def test_a_worker_missing_from_one_heartbeat_answer_still_counts_at_submit(
+        app: NodeApp) -> None:
+    # Given the leader described both workers, then only node-1 (node-0's heartbeat
+    # was late on a busy machine)...
+    from taskandgo.protos import peer_pb2
+
+    def answer(*offers: Offer) -> list:
+        return [peer_pb2.NodeOffer(node_id=o.node_id, slots=o.slots, resources=dict(o.resources),
+                                   node_labels=dict(o.labels)) for o in offers]
+
+    app.worker.note_offers(answer(*OFFERS))
+    app.worker.note_offers(answer(OFFERS[1]))
+    # ...then the submit check still knows node-0: a request only it can hold is not
+    # refused (the fresh-clone run refused one naming node-1 as the largest), while
+    # the live picture (pending reasons) has node-1 alone.
+    assert [o.node_id for o in app.worker.cluster_offers] == ["node-1"]
+    known = app.submitter._offers() if app.submitter._offers is not None else ()
+    assert [o.node_id for o in known] == ["node-0", "node-1"]
+    assert unfit_reason(amounts({"cpu": 4}), (), known) is None
+
+
+def test_offers_are_remembered_for_a_while_then_forgotten() -> None:
+    seen, known = remember_offers({}, OFFERS, now=100.0)
+    seen, known = remember_offers(seen, OFFERS[1:], now=100.0 + OFFER_MEMORY_S)
+    assert [o.node_id for o in known] == ["node-0", "node-1"]
+    seen, known = remember_offers(seen, OFFERS[1:], now=100.1 + OFFER_MEMORY_S)
+    assert [o.node_id for o in known] == ["node-1"] and set(seen) == {"node-1"}
