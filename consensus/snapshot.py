@@ -57,6 +57,9 @@ def to_snapshot(state: SchedulerState) -> dict[str, Any]:
         # Version 3 (written only when set): the usage policy (consensus/policy.py).
         "policy": state.policy() if state.limits or state.weights or state.tenant_label
         else {},
+        # Fair share's virtual times (consensus/fairshare.py), only with a tenant label
+        # (version 3: the policy holds it then); its queues are rebuilt from the heap.
+        **({"fair": state.fair.to_data()} if state.fair is not None else {}),
     }
 
 
@@ -100,6 +103,9 @@ def from_snapshot(data: dict[str, Any]) -> SchedulerState:
     st.weights = {str(k): float(v) for k, v in dict(pol.get("weights") or {}).items()}
     st.tenant_label = str(pol.get("tenant_label") or "")
     st.rebuild_key_held()
+    st.rebuild_fair()
+    if st.fair is not None:
+        st.fair.restore(data.get("fair"))
     return st
 
 

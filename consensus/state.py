@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from taskandgo.consensus import policy
+from taskandgo.consensus.fairshare import FairQueue
 from taskandgo.consensus.model import (
     CANCELLED,
     FAILED,
@@ -111,6 +112,9 @@ class SchedulerState:
         self.key_held: dict[str, int] = {}
         #: Assignments skipped because a concurrency key was at its limit.
         self.over_limit = 0
+        #: Fair share between tenants (consensus/fairshare.py): None while no tenant
+        #: label is set, and then the queue orders exactly as without it.
+        self.fair: FairQueue | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -118,11 +122,15 @@ class SchedulerState:
         self.seq += 1
         unit.status = QUEUED
         unit.qseq = self.seq
-        heapq.heappush(self.heap, (task.key, self.seq, task.id, chunk))
+        heapq.heappush(self.heap, entry := (task.key, self.seq, task.id, chunk))
+        if self.fair is not None:
+            self.fair.pushed(task.priority, task.spec, entry)
         self.queued_by_priority[task.priority] = self.queued_by_priority.get(task.priority, 0) + 1
 
     def _dequeued(self, task: Task, unit: Unit) -> None:
         unit.qseq = 0
+        if self.fair is not None:
+            self.fair.left(task.priority, task.spec)
         n = self.queued_by_priority.get(task.priority, 0) - 1
         if n > 0:
             self.queued_by_priority[task.priority] = n
@@ -220,6 +228,12 @@ class SchedulerState:
                 for k in policy.spec_keys(t.spec):
                     self.key_held[k] = self.key_held.get(k, 0) + 1
 
+    def rebuild_fair(self) -> None:
+        """The fair-share index for the tenant label (None without one), every
+        tenant's virtual time at 0 (a label just set, or a snapshot load)."""
+        self.fair = FairQueue.build(self.tenant_label, self.heap, self.tasks,
+                                    self._is_live_entry) if self.tenant_label else None
+
     def _is_live_entry(self, entry: tuple) -> bool:
         _, qseq, tid, chunk = entry
         task = self.tasks.get(tid)
@@ -281,7 +295,9 @@ class SchedulerState:
                 continue
             self.seq += 1
             task._u = self.seq  # a queued unit at its defaults (see Task)
-            heapq.heappush(self.heap, (task.key, self.seq, task.id, WHOLE))
+            heapq.heappush(self.heap, entry := (task.key, self.seq, task.id, WHOLE))
+            if self.fair is not None:
+                self.fair.pushed(prio, spec, entry)
             self.queued_by_priority[prio] = self.queued_by_priority.get(prio, 0) + 1
             out.append((tid, True, QUEUED))
             events.append(("task", tid, QUEUED, WHOLE, "", now))
@@ -323,7 +339,9 @@ class SchedulerState:
         task.key = self.now * self.aging_per_s - task.priority
         self.seq += 1
         task._u = self.seq
-        heapq.heappush(self.heap, (task.key, self.seq, task.id, WHOLE))
+        heapq.heappush(self.heap, entry := (task.key, self.seq, task.id, WHOLE))
+        if self.fair is not None:
+            self.fair.pushed(task.priority, task.spec, entry)
         self.queued_by_priority[task.priority] = \
             self.queued_by_priority.get(task.priority, 0) + 1
 
@@ -528,6 +546,8 @@ class SchedulerState:
                 continue
             for k in keys:
                 self.key_held[k] = self.key_held.get(k, 0) + 1
+            if self.fair is not None:
+                self.fair.served(task.priority, task.spec, self.weights)
             self._dequeued(task, unit)
             self.delayed.pop((tid, chunk), None)
             self.next_token += 1
@@ -789,9 +809,12 @@ class SchedulerState:
         """Change the usage policy (consensus/policy.py apply_ops: concurrency
         limits, fair-share weights, the tenant label). Returns the policy after."""
         events = self._advance(now)
+        label = self.tenant_label
         self.tenant_label, skipped = policy.apply_ops(self.limits, self.weights,
                                                       self.tenant_label, ops)
         self.rejected_commands += skipped
+        if self.tenant_label != label:
+            self.rebuild_fair()
         return self.policy(), events
 
     def policy(self) -> dict[str, Any]:
@@ -821,6 +844,8 @@ class SchedulerState:
         if len(self.heap) > 64 and len(self.heap) > 2 * self.queued_count():
             self.heap = [e for e in self.heap if self._is_live_entry(e)]
             heapq.heapify(self.heap)
+        if self.fair is not None:
+            self.fair.compact(self._is_live_entry)
         return removed, events
 
     # ------------------------------------------------------------------ reads
@@ -849,6 +874,14 @@ class SchedulerState:
         while heap and not self._is_live_entry(heap[0]):
             heapq.heappop(heap)
         if not heap:
+            return out
+        if self.fair is not None:
+            # Fair share between tenants within a level (consensus/fairshare.py).
+            tasks = self.tasks
+            for e in self.fair.order(self._is_live_entry, self.weights):
+                out.append((tasks[e[2]], e[3]))
+                if len(out) >= limit:
+                    break
             return out
         # Walk the heap in order with a side heap of candidate indices.
         frontier = [(heap[0], 0)]
@@ -929,6 +962,7 @@ class SchedulerState:
             # Only when set, so states of earlier releases compare as before.
             *((tuple(sorted(self.limits.items())), tuple(sorted(self.weights.items())),
                self.tenant_label) if self.limits or self.weights or self.tenant_label else ()),
+            *((self.fair.fingerprint(),) if self.fair is not None else ()),
         )
 
 

@@ -250,6 +250,10 @@ class PendingView:
     #: limit: (key, limit, units holding it, some of the tasks holding it).
     key_room: Mapping[str, int] | None = None
     key_full: tuple[str, int, int, tuple[str, ...]] | None = None
+    #: Fair share (consensus/fairshare.py): the task's tenant, how many units of
+    #: other tenants of its priority go first though queued after it, and the
+    #: weights of those tenants and its own (None: fair share off).
+    fair: tuple[str, int, tuple[tuple[str, float], ...]] | None = None
 
 
 def offers_of(workers: Iterable[Worker]) -> tuple[Offer, ...]:
@@ -345,7 +349,16 @@ def read_pending(s: Any, task_id: str, offers: Sequence[Offer]) -> PendingView |
         return None
     mine = min(live)
     ahead = higher = 0
-    for e in s.heap:
+    fair = None
+    if s.fair is not None:
+        # In the order the state serves (fair share within a level), not the heap's.
+        from taskandgo.consensus.fairshare import standing, weight_of
+
+        ahead, higher, over = standing(s.fair, mine, s.tasks, s._is_live_entry, s.weights)
+        me = s.fair.tenant(t.spec)
+        fair = (me, sum(over.values()), tuple((n, weight_of(s.weights, n))
+                                              for n in sorted([*over, me])))
+    for e in s.heap if s.fair is None else ():
         if e[:2] < mine[:2] and e[2] != task_id and s._is_live_entry(e):
             ahead += 1
             if s.tasks[e[2]].priority > t.priority:
@@ -372,11 +385,19 @@ def read_pending(s: Any, task_id: str, offers: Sequence[Offer]) -> PendingView |
         if full:
             key_full = (full, s.limits[full], s.key_held.get(full, 0), tuple(holders(s, full)))
     return PendingView(status, unit=queued_unit(t, mine[3]), ahead=ahead, ahead_higher=higher,
-                       head=head, workers=free, key_room=key_room, key_full=key_full)
+                       head=head, workers=free, key_room=key_room, key_full=key_full,
+                       fair=fair)
 
 
 def _ahead(v: PendingView) -> str:
     noun = "unit" if v.ahead == 1 else "units"
+    if v.fair is not None and v.fair[1]:
+        tenant, n, weights = v.fair
+        first = "unit" if n == 1 else "units"
+        rest = f"; {v.ahead} {noun} ahead in all" if v.ahead != n else ""
+        return (f"tenant {tenant or '(none)'} over its share: {n} {first} of other tenants "
+                f"at this priority go first (weights "
+                + ", ".join(f"{k or '(none)'}={w:g}" for k, w in weights) + ")" + rest)
     if v.ahead_higher == v.ahead:
         return f"{v.ahead} higher-priority {noun} ahead"
     return f"{v.ahead} {noun} ahead in the queue ({v.ahead_higher} of higher priority)"
