@@ -50,19 +50,46 @@ class AssignEntry(NamedTuple):
         return head if self.token is None else (*head, self.token)
 
 
+#: The RAFT_PROTOCOL at which a submit may carry assignments (the single-task fast
+#: path): an earlier release's ``submit`` takes two arguments and would wedge on four.
+FAST_PATH_PROTOCOL = 10
+
+
 @dataclass(frozen=True, slots=True)
 class Submit:
-    """Accept tasks (specs in stored form, checked by taskandgo.node.tasks)."""
+    """Accept tasks (specs in stored form, checked by taskandgo.node.tasks).
+
+    ``assign`` (the fast path, RAFT_PROTOCOL 10): units of these tasks that the
+    leader gave to workers when it proposed the submit, with their fencing tokens,
+    for ``lease_s``. They apply in the same command, right after the tasks are
+    queued, and only to tasks this command created (a repeated submit of a known id
+    assigns nothing): accept and assign are one atomic step on every replica. The
+    result is then ``(submit result, assign result)``, each as the plain commands
+    return it; without ``assign`` it is the submit result alone, as before."""
 
     NAME: ClassVar[str] = "submit"
     specs: tuple[Mapping[str, Any], ...]
     now: float
+    assign: tuple[AssignEntry, ...] = ()
+    lease_s: float = 0.0
 
     def args(self) -> tuple[Any, ...]:
-        return list(self.specs), self.now
+        if not self.assign:
+            return list(self.specs), self.now
+        return list(self.specs), self.now, [e.wire() for e in self.assign], self.lease_s
 
     def apply(self, state: SchedulerState) -> tuple[Any, list[Event]]:
-        return state.apply_submit(list(self.specs), self.now)
+        out, events = state.apply_submit(list(self.specs), self.now)
+        if not self.assign:
+            return out, events
+        created = {r[0] for r in out if r[1] and r[2] == "queued"}
+        entries = [e.wire() for e in self.assign if str(e.task_id) in created]
+        lease_s = self.lease_s
+        assigned: list = []
+        if entries and type(lease_s) in (int, float) and lease_s > 0:
+            assigned, more = state.apply_assign(entries, self.now, float(lease_s))
+            events.extend(more)
+        return (out, assigned), events
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +289,8 @@ def from_args(name: str, args: Sequence[Any]) -> Command:
     """The command a log entry of replicated method ``name`` carries (its
     :meth:`args`, as an earlier release may also have written them)."""
     if name == "submit":
+        if len(args) > 2:
+            return Submit(tuple(args[0]), args[1], assign_entries(args[2]), args[3])
         return Submit(tuple(args[0]), args[1])
     if name == "assign":
         return Assign(tuple(AssignEntry(*e) for e in args[0]), args[1], args[2])
@@ -291,6 +320,15 @@ def from_args(name: str, args: Sequence[Any]) -> Command:
     raise ValueError(f"unknown replicated command {name!r}")
 
 
+def assign_entries(wire: Any) -> tuple[AssignEntry, ...]:
+    """Assignments from a log entry (each ``(task_id, chunk, chunk_count, worker[,
+    token])``); an entry of another shape is left out (applying never raises)."""
+    if not isinstance(wire, (list, tuple)):
+        return ()
+    return tuple(AssignEntry(*e) for e in wire
+                 if isinstance(e, (list, tuple)) and 4 <= len(e) <= 5)
+
+
 def settings_items(values: Any) -> tuple[tuple[str, str], ...]:
     """A settings mapping from a log entry as sorted (key, value) string pairs; anything
     else in it is left out (applying a command never raises)."""
@@ -302,6 +340,7 @@ def settings_items(values: Any) -> tuple[tuple[str, str], ...]:
 
 __all__ = [
     "COMMAND_IDS",
+    "FAST_PATH_PROTOCOL",
     "Assign",
     "AssignEntry",
     "Cancel",
@@ -317,6 +356,7 @@ __all__ = [
     "WritePolicy",
     "WriteSchedules",
     "WriteSettings",
+    "assign_entries",
     "from_args",
     "settings_items",
 ]

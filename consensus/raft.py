@@ -55,8 +55,10 @@ MAYBE_COMMITTED = {FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME}
 #: and ``prefer``: a leader of an earlier release would place such a task anywhere);
 #: 9: the usage policy (write_usage_policy: concurrency limits and fair-share
 #: weights; a submit's ``concurrency_keys`` and tenant label, which a state of an
-#: earlier release would neither count nor order by).
-RAFT_PROTOCOL = 9
+#: earlier release would neither count nor order by); 10: a submit that carries
+#: assignments (the single-task fast path, commands.Submit ``assign``: an earlier
+#: release's ``submit`` takes two arguments and would wedge on four).
+RAFT_PROTOCOL = 10
 
 
 class SafeSyncObj(SyncObj):

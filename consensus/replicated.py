@@ -31,6 +31,7 @@ from taskandgo.consensus.commands import (
     WritePolicy,
     WriteSchedules,
     WriteSettings,
+    assign_entries,
     settings_items,
 )
 from taskandgo.consensus.snapshot import needs_version
@@ -189,8 +190,12 @@ class ReplicatedState(SyncObjConsumer):
         return result
 
     @replicated
-    def submit(self, specs: list, now: float) -> Any:
-        return self._run(Submit(tuple(specs), now))
+    def submit(self, specs: list, now: float, assign: Any = None, lease_s: Any = 0.0) -> Any:
+        """Accept tasks; with ``assign`` (RAFT_PROTOCOL 10, the fast path) also give
+        some of them to workers in the same step (see commands.Submit)."""
+        if assign is None:
+            return self._run(Submit(tuple(specs), now))
+        return self._run(Submit(tuple(specs), now, assign_entries(assign), lease_s))
 
     @replicated
     def assign(self, assignments: list, now: float, lease_s: float) -> Any:

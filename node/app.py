@@ -134,7 +134,8 @@ class NodeApp:
                                    hold_for=self.scheduler.hold_for,
                                    forward=self.forward_client, observe=self._observe,
                                    guard=self._guard, to_leader=self.leader_client,
-                                   offers=lambda: self.worker.known_offers)
+                                   offers=lambda: self.worker.known_offers,
+                                   fast_path=self.scheduler.fast_path)
         self.schedules = ScheduleBook(self.replica, forward=self.forward_client,
                                       to_leader=self.leader_client)
         self.policies = PolicyBook(self.replica, forward=self.forward_client,

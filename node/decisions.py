@@ -17,6 +17,7 @@ the simulator imports them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 
 from taskandgo.node.views import (
     PREFETCH_WORK_S,
@@ -311,6 +312,26 @@ def plan_round(view: PlanView) -> PlanActions:
         top = max(prio[a.task_id] for a in out)
         out = [a for a in out if prio[a.task_id] == top]
     return PlanActions(tuple(out), lifted)
+
+
+def fast_path(view: PlanView, units: Sequence[QueuedUnit]) -> PlanActions:
+    """The single-task fast path (issue 14): which of a submit's new ``units`` the
+    leader gives to workers in the submit command itself. ``view`` is a planning
+    round's view of everything else (``queued_priorities``: what the state has
+    queued, waiting to retry, waiting for parents or arriving, without these units;
+    ``queued`` is ignored). Nothing is planned while anything at or above the new
+    units' lowest priority is queued or about to be (the queue goes first, in order);
+    otherwise the units are planned by :func:`plan_round` as if they alone were
+    queued, so the floor, the units in flight and undelivered, the free slots and
+    windows, and placement decide exactly as for a queued unit."""
+    if not units:
+        return PlanActions((), False)
+    low = min(u.priority for u in units)
+    if any(p >= low for p in view.queued_priorities):
+        return PlanActions((), False)
+    ordered = tuple(sorted(units, key=lambda u: -u.priority))  # stable: FIFO per level
+    return plan_round(replace(view, queued=ordered, queued_priorities=frozenset(
+        view.queued_priorities) | {u.priority for u in units}))
 
 
 # ---------------------------------------------------------------------- leases
@@ -636,6 +657,7 @@ __all__ = [
     "dispatch_floor",
     "due_retry_tick",
     "expired_leases",
+    "fast_path",
     "free_resources",
     "free_slots",
     "gate_arrivals",

@@ -21,13 +21,20 @@ import random
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from itertools import chain
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
-from taskandgo.consensus.commands import Assign, AssignEntry, Compact, Complete, Requeue
+from taskandgo.consensus.commands import (
+    FAST_PATH_PROTOCOL,
+    Assign,
+    AssignEntry,
+    Compact,
+    Complete,
+    Requeue,
+)
 from taskandgo.consensus.policy import spec_keys
 from taskandgo.consensus.state import SchedulerState, priority_name
 from taskandgo.node import decisions as d
@@ -117,6 +124,25 @@ class _TokenSource:
 _fencing_tokens = _TokenSource().take
 
 
+class FastPath(NamedTuple):
+    """Assignments planned for a submit's own tasks (Scheduler.fast_path): the
+    entries and lease the submit command carries, and ``done(assign result, err)``,
+    to be called exactly once with the command's outcome (its assign part): it hands
+    the committed units to the dispatcher and stops counting them in flight."""
+
+    entries: tuple[AssignEntry, ...]
+    lease_s: float
+    done: Callable[[Any, int], None]
+
+
+def _fast_path_spec(spec: Mapping[str, Any]) -> bool:
+    """A spec the fast path may assign in its submit: one the state queues at once
+    (no parents, no start time) and that no usage policy limits (concurrency keys:
+    the state may refuse their assignment)."""
+    return not (spec.get("after") or spec.get("run_at") is not None
+                or spec.get("concurrency_keys"))
+
+
 class Scheduler:
     """The leader. Thread-safe; ``observe(name, seconds)`` records a metric."""
 
@@ -136,6 +162,7 @@ class Scheduler:
         self._guard = guard
         self._lock = threading.RLock()
         self._assign_cond = threading.Condition(self._lock)
+        self._plan_lock = threading.Lock()
         self.table = WorkerTable(cfg, bus, worker, self._lock)
         self.workers = self.table.workers  # the same dict, under the same lock
         self._wake = threading.Event()
@@ -258,12 +285,41 @@ class Scheduler:
     # ------------------------------------------------------------------ planning
 
     def _plan_and_assign(self) -> None:
+        # One planner at a time (the leader thread's rounds and fast-path submits):
+        # each must see the other's proposals among the units in flight.
+        with self._plan_lock:
+            self._plan_and_assign_locked()
+
+    def _plan_and_assign_locked(self) -> None:
         now = time.monotonic()
+        got = self._plan_view(now)
+        if got is None:
+            return
+        view, floors = got
+        depth = d.queue_depth_needed(view)
+        if depth:
+            # With the queue's priorities as of this read: an urgent unit queued
+            # in between turns prefetch off and lifts a floor (a longer head than
+            # then needed is harmless: a plan stops when the slots are full).
+            head, prios = self.replica.read(lambda s: (self._queued_head(s, depth),
+                                                       frozenset(s.queued_by_priority)))
+            view = replace(view, queued=head, queued_priorities=prios | view.queued_priorities)
+        actions = d.plan_round(view)
+        if actions.assignments:
+            prio = {u.task_id: u.priority for u in view.queued}
+            req = {u.task_id: u.request for u in view.queued if u.request}
+            self._propose_assign(actions.assignments, prio, floors, req)
+
+    def _plan_view(self, now: float) -> tuple[d.PlanView, tuple[d.Floor, ...]] | None:
+        """A planning round's view of everything but the queue's head (the live
+        workers, the units running, held, in flight and undelivered, the queued and
+        arriving priorities, the floor), and the floors it was made with. None: no
+        live worker. Under _plan_lock."""
         with self._lock:
             live = d.live_workers([w.view() for w in self.workers.values()], now,
                                   self.cfg.lease_s)
             if not live:
-                return
+                return None
             in_flight = tuple(chain.from_iterable(self._assigning.values()))
             completing = list(self._completing.items())
             reported = [(w.node_id, w.running) for w in live if w.running]
@@ -328,19 +384,83 @@ class Scheduler:
                                      if f in live_floors or f not in floors)
         view = replace(base, running_summary=summary, key_room=key_room,
                        queued_priorities=prios, held=held, floor=d.top_floor(live_floors))
-        depth = d.queue_depth_needed(view)
-        if depth:
-            # With the queue's priorities as of this read: an urgent unit queued
-            # in between turns prefetch off and lifts a floor (a longer head than
-            # then needed is harmless: a plan stops when the slots are full).
-            head, prios = self.replica.read(lambda s: (self._queued_head(s, depth),
-                                                       frozenset(s.queued_by_priority)))
-            view = replace(view, queued=head, queued_priorities=prios | view.queued_priorities)
-        actions = d.plan_round(view)
-        if actions.assignments:
-            prio = {u.task_id: u.priority for u in view.queued}
-            req = {u.task_id: u.request for u in view.queued if u.request}
-            self._propose_assign(actions.assignments, prio, floors, req)
+        return view, floors
+
+    def fast_path(self, specs: list[dict[str, Any]]) -> FastPath | None:
+        """Leader, for a submit command about to be proposed: the assignments of its
+        tasks that can start at once (decisions.fast_path: a free slot or room in a
+        window on a live worker, nothing at or above their priority queued, waiting
+        to retry, waiting for parents or arriving, no floor above them), drawn with
+        their fencing tokens and counted in flight like an assign command's. The
+        submit carries them (commands.Submit ``assign``); the caller proposes it and
+        calls :meth:`FastPath.done` with the command's outcome exactly once. None:
+        no fast path (not the leader, a voter of an earlier release, specs that wait
+        for parents or a start time or name concurrency keys, a task already
+        known, or nothing fits). Any thread."""
+        if not self.ready or not self.replica.is_leader() or not specs \
+                or len(self._assigning) >= MAX_INFLIGHT_ASSIGNS \
+                or not self.replica.voters_at(FAST_PATH_PROTOCOL) \
+                or not all(_fast_path_spec(s) for s in specs):
+            return None
+        with self._plan_lock:
+            now = time.monotonic()
+            got = self._plan_view(now)
+            if got is None:
+                return None
+            view, floors = got
+            ids = [str(s["id"]) for s in specs]
+            if len(set(ids)) != len(ids) or self.replica.read(
+                    lambda st: any(t in st.tasks for t in ids)):
+                return None  # a repeat: the queue has (or had) it
+            units = [QueuedUnit(str(s["id"]), -1, int(s["priority"]),
+                                str(s.get("strategy") or "batch"), int(s.get("shards", 0) or 0),
+                                len(s.get("items") or ()), 0, d.unit_kind(s), spec_request(s),
+                                spec_require(s), spec_prefer(s)) for s in specs]
+            actions = d.fast_path(view, units)
+            if not actions.assignments:
+                return None
+            prio = {u.task_id: u.priority for u in units}
+            req = {u.task_id: u.request for u in units if u.request}
+            return self._register_assign(actions.assignments, prio, floors, req)
+
+    def _register_assign(self, assignments: tuple, prio: dict[str, int],
+                         floors: tuple[d.Floor, ...],
+                         req: dict[str, Any]) -> FastPath | None:
+        """Count planned assignments in flight and draw their tokens: the entries to
+        propose and what to do once their command applies (see FastPath). None: a
+        hold set a floor above the plan since it was made (the plan is dropped)."""
+        t0 = time.monotonic()
+        top = max((prio.get(a.task_id, 0) for a in assignments), default=None)
+        with self._lock:
+            if any(f not in floors and top is not None and top < f.priority
+                   for f in self._floors):
+                # A hold set a floor above this plan since it was made: it does not
+                # wait for a proposal it did not see, so drop the plan (the next
+                # round plans again).
+                return None
+            self._assign_seq += 1
+            cid = self._assign_seq
+            self._assigning[cid] = [d.InFlight(a.task_id, a.chunk, a.worker, prio.get(a.task_id),
+                                               req.get(a.task_id, ()))
+                                    for a in assignments]
+
+        def done(result: Any, err: int) -> None:
+            if err == 0 and result:
+                self.dispatcher.put(result, top)  # counted before the hold sees cid gone
+            with self._lock:
+                self._assigning.pop(cid, None)
+                self._assign_cond.notify_all()
+            self._observe("commit_latency", time.monotonic() - t0)
+            self._wake.set()
+
+        # A random fencing token, drawn here and carried in the command (so every
+        # replica records the same one; a peer cannot guess a unit's token from the
+        # ones it has seen), once every voter knows them (RAFT_PROTOCOL 2): an
+        # earlier release would count tokens itself and diverge.
+        tokens = _fencing_tokens(len(assignments)) if self.replica.voters_at(2) else None
+        return FastPath(tuple(AssignEntry(a.task_id, a.chunk, a.chunk_count, a.worker,
+                                          tokens[i] if tokens is not None else None)
+                              for i, a in enumerate(assignments)), self.cfg.lease_s, done)
 
     def _queued_head(self, s: SchedulerState, depth: int) -> tuple[QueuedUnit, ...]:
         """The queue's first ``depth`` units as the planner's QueuedUnit (under the
@@ -368,40 +488,10 @@ class Scheduler:
     def _propose_assign(self, assignments: tuple, prio: dict[str, int],
                         floors: tuple[d.Floor, ...],
                         req: dict[str, Any] | None = None) -> None:
-        t0 = time.monotonic()
-        top = max((prio.get(a.task_id, 0) for a in assignments), default=None)
-        with self._lock:
-            if any(f not in floors and top is not None and top < f.priority
-                   for f in self._floors):
-                # A hold set a floor above this plan since it was made: it does not
-                # wait for a proposal it did not see, so drop the plan (the next
-                # round plans again).
-                return
-            self._assign_seq += 1
-            cid = self._assign_seq
-            req = req or {}
-            self._assigning[cid] = [d.InFlight(a.task_id, a.chunk, a.worker, prio.get(a.task_id),
-                                               req.get(a.task_id, ()))
-                                    for a in assignments]
-
-        def done(result: Any, err: int) -> None:
-            if err == 0 and result:
-                self.dispatcher.put(result, top)  # counted before the hold sees cid gone
-            with self._lock:
-                self._assigning.pop(cid, None)
-                self._assign_cond.notify_all()
-            self._observe("commit_latency", time.monotonic() - t0)
-            self._wake.set()
-
-        # A random fencing token, drawn here and carried in the command (so every
-        # replica records the same one; a peer cannot guess a unit's token from the
-        # ones it has seen), once every voter knows them (RAFT_PROTOCOL 2): an
-        # earlier release would count tokens itself and diverge.
-        tokens = _fencing_tokens(len(assignments)) if self.replica.voters_at(2) else None
-        self.replica.propose(Assign(tuple(
-            AssignEntry(a.task_id, a.chunk, a.chunk_count, a.worker,
-                        tokens[i] if tokens is not None else None)
-            for i, a in enumerate(assignments)), time.time(), self.cfg.lease_s), callback=done)
+        planned = self._register_assign(assignments, prio, floors, req or {})
+        if planned is not None:
+            self.replica.propose(Assign(planned.entries, time.time(), planned.lease_s),
+                                 callback=planned.done)
 
     # ------------------------------------------------------------------ leases
 
@@ -740,4 +830,4 @@ class Scheduler:
                 "queue_by_priority": {priority_name(p): n for p, n in sorted(byp.items())}}
 
 
-__all__ = ["MAX_INFLIGHT_ASSIGNS", "Scheduler", "WorkerInfo"]
+__all__ = ["MAX_INFLIGHT_ASSIGNS", "FastPath", "Scheduler", "WorkerInfo"]

@@ -40,6 +40,7 @@ from taskandgo.node.streams import (
     upstream_refused,
     wait_limiter,
 )
+from taskandgo.node.submitting import FORWARDED, FORWARDED_HEADER
 from taskandgo.node.tasks import InvalidTask
 from taskandgo.node.vocabulary import (
     TaskSpec,
@@ -104,7 +105,15 @@ class SchedulerService(taskandgo_pb2_grpc.SchedulerServicer):
             raise InvalidTask("tasks", "at least one task")
         specs = check_many([request_from_proto(t) for t in request.tasks],
                            self.app.default_strategy())
-        out = self.app.submit(specs, timeout_s=_left(context))
+        # A submit another voter forwarded to this one is proposed here, never
+        # forwarded again (see Submitter._forwardable).
+        forwarded = any(k == FORWARDED_HEADER for k, _v in context.invocation_metadata())
+        mark = FORWARDED.set(True) if forwarded else None
+        try:
+            out = self.app.submit(specs, timeout_s=_left(context))
+        finally:
+            if mark is not None:
+                FORWARDED.reset(mark)
         return taskandgo_pb2.SubmitTasksResponse(
             results=[message_from_dict(taskandgo_pb2.SubmitTaskResponse, r) for r in out])
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextvars import ContextVar
 from typing import Any
 
 from taskandgo.consensus.commands import Cancel, Submit
@@ -49,6 +50,19 @@ MAX_SUBMIT_BATCH = 5000
 MAX_SUBMIT_BYTES = 8 * 1024 * 1024
 MAX_INFLIGHT_SUBMITS = 4
 SUBMIT_RETRY_S = 3.0
+#: A follower hands a submit of at most this many tasks to the leader over gRPC (the
+#: leader can then assign them in the submit command itself: the fast path); bigger
+#: ones go through Raft's own forwarding, which batches them with others.
+MAX_FORWARD_SPECS = 16
+#: Metadata of a submit one voter forwards to the leader: the receiver proposes it
+#: itself and never forwards it again (two voters that each take the other for the
+#: leader for a moment cannot pass it back and forth).
+FORWARDED_HEADER = "x-taskandgo-forwarded"
+#: Set while a server thread handles a submit that carried FORWARDED_HEADER.
+FORWARDED: ContextVar[bool] = ContextVar("taskandgo_forwarded_submit", default=False)
+#: A submit forwarded to the leader returns once this replica has applied it too
+#: (read-your-writes at the node the client asked), or after this long at most.
+LOCAL_APPLY_WAIT_S = 1.0
 
 
 class Submitter:
@@ -64,11 +78,17 @@ class Submitter:
                  forward: Callable[[], Any], observe: Callable[[str, float], None],
                  guard: Callable[[Callable[[], None]], Callable[[], None]],
                  to_leader: Callable[[], Any] | None = None,
-                 offers: Callable[[], tuple[Offer, ...]] | None = None) -> None:
+                 offers: Callable[[], tuple[Offer, ...]] | None = None,
+                 fast_path: Callable[[list[dict[str, Any]]], Any] | None = None) -> None:
         self.cfg = cfg
+        #: The leader's fast path (Scheduler.fast_path): assignments a submit command
+        #: carries for its own tasks, or None.
+        self._fast_path = fast_path
         #: The live workers and what they offer (the leader's picture, see
         #: WorkerSide.cluster_offers): a request none of them could hold is refused.
         self._offers = offers
+        #: Clients kept for forwarded submits, by their target list (see _kept).
+        self._clients: dict[tuple[str, ...], Any] = {}
         self.replica = replica
         self._stop = stop
         self._accepting = accepting
@@ -111,8 +131,8 @@ class Submitter:
         if any(placed(s) for s in specs):
             self._check_fit(specs, len(raw_specs) > 1)
         if self.replica.replicated is None:
-            with self._forward() as c:
-                return c.submit_many([spec_to_api(s) for s in specs])
+            # A kept client: a channel opened per call cost a connection per submit.
+            return self._kept(self._forward).submit_many([spec_to_api(s) for s in specs])
         level = max((DEPENDENCY_PROTOCOL if s.get("after") else DELAYED_PROTOCOL
                      for s in specs if s.get("after") or s.get("run_at")), default=0)
         if any(placed(s) for s in specs):
@@ -130,6 +150,10 @@ class Submitter:
                                   "every voter first")
             with self._to_leader() as c:
                 return c.submit_many([spec_to_api(s) for s in specs])
+        if self._forwardable(specs):
+            out = self._forward_to_leader(specs, timeout_s)
+            if out is not None:
+                return out
         if any(s.get("after") for s in specs):
             self._check_parents(specs, len(raw_specs) > 1)
         queued, lowest = self.replica.read(lambda s: (s.queued_count(), _lowest(s)))
@@ -157,6 +181,75 @@ class Submitter:
             raise Unavailable("submit was not committed in time (no leader?)") from None
         return [{"task_id": tid, "created": created, "status": status}
                 for tid, created, status in out]
+
+    def _forwardable(self, specs: list[dict[str, Any]]) -> bool:
+        """Should this voter hand the submit to the leader over gRPC? Yes on a
+        follower that knows its leader, for a few tasks the leader could assign at
+        once (see Scheduler.fast_path), unless the submit was itself forwarded here.
+        Whether every voter runs the fast path only the leader knows (from
+        heartbeats); a leader of an earlier release takes it as any submit."""
+        return (len(specs) <= MAX_FORWARD_SPECS and self._to_leader is not None
+                and not FORWARDED.get() and not self.replica.is_leader()
+                and self.replica.leader_voter() is not None
+                and all(not (s.get("after") or s.get("run_at") is not None
+                             or s.get("concurrency_keys")) for s in specs))
+
+    def _forward_to_leader(self, specs: list[dict[str, Any]],
+                           timeout_s: float) -> list[dict[str, Any]] | None:
+        """Submit at the leader (one gRPC call on a kept channel), then wait until
+        this replica has applied it. None: the leader could not take it (gone,
+        deposed, unreachable): the caller proposes it here instead, with the same
+        ids, so a forward that did commit is not repeated. Overloaded as the
+        leader says."""
+        import grpc
+        from taskandgo.node.client import _spec_msg
+        from taskandgo.protos import taskandgo_pb2 as pb
+
+        leader = self.replica.leader_voter()
+        if leader is None or self._to_leader is None:
+            return None
+        t0 = time.monotonic()
+        try:
+            c = self._kept(self._to_leader)
+        except Unavailable:
+            return None
+        md = (*c._metadata, (FORWARDED_HEADER, "1"))
+        req = pb.SubmitTasksRequest(tasks=[_spec_msg(spec_to_api(s)) for s in specs])
+        try:
+            resp = c._stub(leader.grpc).SubmitTasks(
+                req, timeout=max(0.2, min(timeout_s, SUBMIT_RETRY_S)), metadata=md)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                raise Overloaded(exc.details() or "queue is full; retry later") from None
+            log.info("node %s: submit forwarded to the leader failed (%s); proposing it here",
+                     self.cfg.node_id, exc.code())
+            return None
+        out = [{"task_id": r.task_id, "created": r.created, "status": r.status}
+               for r in resp.results]
+        self._await_local([r["task_id"] for r in out], t0 + LOCAL_APPLY_WAIT_S)
+        self._observe("submit_commit", time.monotonic() - t0)
+        return out
+
+    def _kept(self, make: Callable[[], Any]) -> Any:
+        """The kept Client for the targets ``make()`` names (a Client opens its
+        channels only when first used, so making one to compare is cheap). Bounded:
+        the targets are a voter, or a leader hint followed by the voters."""
+        fresh = make()
+        with self._cond:
+            return self._clients.setdefault(tuple(fresh.nodes), fresh)
+
+    def _await_local(self, ids: list[str], deadline: float) -> None:
+        """Wait (until the monotonic deadline) until this replica holds every task:
+        woken by the events of each applied command, not by a timer."""
+        bus = self.replica.bus
+        seq = bus.seq
+        while not self.replica.read(lambda s: all(t in s.tasks for t in ids)):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            events = bus.since(seq, min(left, 0.1))
+            if events:
+                seq = events[-1]["seq"]
 
     def _check_fit(self, specs: list[dict[str, Any]], batch: bool) -> None:
         """A spec whose request or required labels no live worker could hold even
@@ -247,8 +340,22 @@ class Submitter:
     def _propose(self, group: list) -> None:
         specs = [s for item in group for s in item[0]]
         t0 = time.monotonic()
+        # On the leader, tasks that can start at once are assigned in this command.
+        # Only an optimisation: whatever goes wrong there, the submit is proposed.
+        fast = None
+        if self._fast_path is not None:
+            try:
+                fast = self._fast_path(specs)
+            except Exception:
+                log.exception("node %s: fast path failed; submitting without it",
+                              self.cfg.node_id)
 
         def done(result: Any, err: int) -> None:
+            if fast is not None:
+                both = err == 0 and isinstance(result, tuple) and len(result) == 2
+                fast.done(result[1] if both else None, err if both or err else -1)
+                if both:
+                    result = result[0]
             with self._cond:
                 self._inflight -= 1
                 self._cond.notify_all()
@@ -275,7 +382,11 @@ class Submitter:
 
                 threading.Timer(0.05 if err not in MAYBE_COMMITTED else 0.0, resubmit).start()
 
-        self.replica.propose(Submit(tuple(specs), time.time()), callback=done)
+        if fast is None:
+            self.replica.propose(Submit(tuple(specs), time.time()), callback=done)
+        else:
+            self.replica.propose(Submit(tuple(specs), time.time(), fast.entries, fast.lease_s),
+                                 callback=done)
 
 
 def _lowest(s: SchedulerState) -> int | None:
@@ -290,4 +401,5 @@ def _lowest(s: SchedulerState) -> int | None:
     return min(prios, default=None)
 
 
-__all__ = ["MAX_SUBMIT_BATCH", "MAX_SUBMIT_BYTES", "SUBMIT_RETRY_S", "Submitter"]
+__all__ = ["FORWARDED", "FORWARDED_HEADER", "MAX_SUBMIT_BATCH", "MAX_SUBMIT_BYTES",
+           "SUBMIT_RETRY_S", "Submitter"]

@@ -17,6 +17,7 @@ from taskandgo.consensus.commands import Assign, AssignEntry, Compact, Complete,
 from taskandgo.node import decisions as d
 from taskandgo.node.placement import queued_unit, spec_request
 from taskandgo.node.policies import key_room_of
+from taskandgo.strategies import QueuedUnit
 from taskandgo.strategies.placement import amounts
 
 from .worker import Pending, UnitKey, Work
@@ -124,18 +125,21 @@ class LeaderSide:
             self.last_compact = now
             self.propose(Compact(self.wall(), 24 * 3600.0, 100_000), callback=lambda *_: None)
 
-    def plan_and_assign(self) -> None:
+    def plan_and_assign(self, fast: list[QueuedUnit] | None = None) -> Any:
         """Scheduler._plan_and_assign: the view from the replica and the worker table,
-        decisions.plan_round, one assign command with random fencing tokens."""
+        decisions.plan_round, one assign command with random fencing tokens. With
+        ``fast`` (a submit's new units, Scheduler.fast_path): decisions.fast_path on
+        the same view, and the entries, lease and callback returned for the submit
+        command to carry instead of an assign command (None: no fast path)."""
         s = self.replica
         assert s is not None
-        if not s.queued_by_priority:
-            return  # nothing to plan (a shortcut: plan_round would return nothing)
+        if not s.queued_by_priority and fast is None:
+            return None  # nothing to plan (a shortcut: plan_round would return nothing)
         now = self.world.now
         live = d.live_workers([w.view() for w in self.workers.values()], now,
                               self.world.cfg.lease_s)
         if not live:
-            return
+            return None
         in_flight = tuple(d.InFlight(t, c, w, p, r) for units in self.assigning.values()
                           for t, c, w, p, r in units)
         floors = self.floors
@@ -177,14 +181,18 @@ class LeaderSide:
                 and (r := d.stale_held_requests(
                     w.node_id, w.running, s.running, self.replica_unit,
                     lambda tid: spec_request(t.spec) if (t := tasks.get(tid)) else ()))}))
-        depth = d.queue_depth_needed(view)
+        depth = d.queue_depth_needed(view) if fast is None else 0
         if depth:
             head = s.peek_queued(depth)
             view = replace(view, queued=tuple(
                 queued_unit(t, chunk) for t, chunk in head))
-        actions = d.plan_round(view)
+        if fast is not None:
+            actions = d.fast_path(view, fast)
+            view = replace(view, queued=tuple(fast))
+        else:
+            actions = d.plan_round(view)
         if not actions.assignments:
-            return
+            return None
         assignments = actions.assignments
         cid = self.world.pid()
         prio = {u.task_id: u.priority for u in view.queued}
@@ -217,9 +225,12 @@ class LeaderSide:
                 self.dispatch(result)
             self.assigning.pop(cid, None)
 
-        self.propose(Assign(tuple(AssignEntry(a.task_id, a.chunk, a.chunk_count, a.worker, tok)
-                                  for a, tok in zip(assignments, tokens)),
-                            self.wall(), self.world.cfg.lease_s), callback=done)
+        entries = tuple(AssignEntry(a.task_id, a.chunk, a.chunk_count, a.worker, tok)
+                        for a, tok in zip(assignments, tokens))
+        if fast is not None:
+            return entries, self.world.cfg.lease_s, done
+        self.propose(Assign(entries, self.wall(), self.world.cfg.lease_s), callback=done)
+        return None
 
     def dispatch(self, batch: list) -> None:
         """_dispatch_loop for one committed assign: one Dispatch per worker."""

@@ -27,8 +27,10 @@ from taskandgo.consensus.commands import (
 )
 from taskandgo.consensus.state import SchedulerState
 from taskandgo.node import decisions as d
+from taskandgo.node.placement import spec_prefer, spec_request, spec_require
+from taskandgo.strategies import QueuedUnit
 
-from .leader import HoldOp, LeaderSide, WorkerInfo
+from .leader import MAX_INFLIGHT_ASSIGNS, HoldOp, LeaderSide, WorkerInfo
 from .timing import TimingSide
 from .worker import Pending, Run, UnitKey, Work, WorkerSide
 
@@ -329,8 +331,14 @@ class SimNode(WorkerSide, LeaderSide, TimingSide):
 
     def propose_submit(self, group: list) -> None:
         specs = [s for item in group for s in item[0]]
+        fast = self.fast_path(specs)
 
         def done(result: Any, err: int) -> None:
+            if fast is not None:
+                both = err == 0 and isinstance(result, tuple) and len(result) == 2
+                fast[2](result[1] if both else None, err if both or err else -1)
+                if both:
+                    result = result[0]
             self.submit_inflight -= 1
             if err == 0 and isinstance(result, list) and len(result) == len(specs):
                 for _, call, _ in group:
@@ -343,7 +351,29 @@ class SimNode(WorkerSide, LeaderSide, TimingSide):
                 else:
                     self.world.on_submit_done(*item[1], False)
 
-        self.propose(Submit(tuple(specs), self.wall()), callback=done)
+        if fast is None:
+            self.propose(Submit(tuple(specs), self.wall()), callback=done)
+        else:
+            self.propose(Submit(tuple(specs), self.wall(), fast[0], fast[1]), callback=done)
+
+    def fast_path(self, specs: list[dict[str, Any]]) -> Any:
+        """Scheduler.fast_path: on the ready leader, a submit of tasks the state queues
+        at once (no parents, no start time, no concurrency keys) and does not hold yet
+        is planned by decisions.fast_path (LeaderSide.plan_and_assign with its units)."""
+        s = self.replica
+        if s is None or not self.is_leader() or not self.leader_ready or not specs \
+                or len(self.assigning) >= MAX_INFLIGHT_ASSIGNS or not self.world.cfg.fast_path:
+            return None
+        if any(sp.get("after") or sp.get("run_at") is not None or sp.get("concurrency_keys")
+               for sp in specs):
+            return None
+        ids = [str(sp["id"]) for sp in specs]
+        if len(set(ids)) != len(ids) or any(t in s.tasks for t in ids):
+            return None
+        return self.plan_and_assign(fast=[QueuedUnit(
+            str(sp["id"]), -1, int(sp["priority"]), str(sp.get("strategy") or "batch"),
+            int(sp.get("shards", 0) or 0), len(sp.get("items") or ()), 0, d.unit_kind(sp),
+            spec_request(sp), spec_require(sp), spec_prefer(sp)) for sp in specs])
 
     def client_schedule(self, op: dict[str, Any]) -> None:
         """ScheduleBook.create at this node (retried like a cancel)."""

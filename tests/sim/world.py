@@ -67,6 +67,9 @@ class SimConfig:
     #: any task is submitted; about half the tasks hold it. 0 (the default
     #: schedules): no keys, no limit.
     key_limit: int = 0
+    #: The single-task fast path (issue 14): the leader assigns a submit's tasks in
+    #: the submit command when they can start at once (Scheduler.fast_path).
+    fast_path: bool = True
 
     @classmethod
     def for_seed(cls, seed: int, steps: int = 60) -> SimConfig:
