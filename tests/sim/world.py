@@ -67,6 +67,10 @@ class SimConfig:
     #: any task is submitted; about half the tasks hold it. 0 (the default
     #: schedules): no keys, no limit.
     key_limit: int = 0
+    #: Fair share (issue 18): the weights of tenants team-0, team-1, ..., set with
+    #: the tenant label "team" by a client before any task is submitted; each task
+    #: is one tenant's (by its id). Empty (the default schedules): fair share off.
+    tenants: tuple[float, ...] = ()
     #: The single-task fast path (issue 14): the leader assigns a submit's tasks in
     #: the submit command when they can start at once (Scheduler.fast_path).
     fast_path: bool = True
@@ -348,7 +352,8 @@ class World:
         retries, self.retries = self.retries, []
         for call in retries:
             self.client_submit(call)
-        if self.cfg.key_limit and not self.truth.limits:
+        if (self.cfg.key_limit and not self.truth.limits) \
+                or (self.cfg.tenants and not self.truth.tenant_label):
             self.client_policy()  # before any task (no draw: see client_policy)
         elif self.faulty and self.rng.random() < self.cfg.p_submit:
             self.client_submit()
@@ -409,6 +414,9 @@ class World:
                     spec["resources"] = request
                 if self.cfg.key_limit and sum(map(ord, tid)) % 2 == 0:
                     spec["concurrency_keys"] = ["api"]
+                if self.cfg.tenants:  # by its id: no draw from the world's numbers
+                    n = sum(map(ord, tid)) * 40503 % len(self.cfg.tenants)
+                    spec["labels"] = {"team": f"team-{n}"}
                 known = sorted(self.truth.tasks)
                 if self.rng.random() < 0.15:
                     # A delayed task: runnable a few seconds from now (by the wall
@@ -476,9 +484,13 @@ class World:
         def done(result: Any, err: int) -> None:
             self.policy_retry_at = 0.0
 
-        self.trace(f"client sets the limit of api to {self.cfg.key_limit} at {node.id}")
-        node.propose(WritePolicy((("limit", "api", self.cfg.key_limit),), node.wall()),
-                     callback=done)
+        ops: tuple[tuple[Any, ...], ...] = (("limit", "api", self.cfg.key_limit),) \
+            if self.cfg.key_limit else ()
+        if self.cfg.tenants:
+            ops += (("tenant_label", "team"),
+                    *(("weight", f"team-{i}", w) for i, w in enumerate(self.cfg.tenants)))
+        self.trace(f"client sets the policy {ops} at {node.id}")
+        node.propose(WritePolicy(ops, node.wall()), callback=done)
 
     def client_cancel(self) -> None:
         known = sorted(self.truth.tasks)
