@@ -136,17 +136,11 @@ class ReplicatedState(SyncObjConsumer):
                 # Release 0.1.0 pickled the SchedulerState object itself (without the
                 # attributes added since, which start empty).
                 self.state = data["state"]
-                if not hasattr(self.state, "settings"):
-                    self.state.settings = {}
-                if not hasattr(self.state, "scheduled"):
-                    self.state.scheduled = {}
-                if not hasattr(self.state, "schedules"):
-                    self.state.schedules = {}
-                if not hasattr(self.state, "schedule_rev"):
-                    self.state.schedule_rev = 0
-                for name in ("waiting", "children"):
+                # Every attribute added since, as a new state has it (settings,
+                # delayed tasks, schedules, dependencies, the usage policy, ...).
+                for name, value in vars(SchedulerState()).items():
                     if not hasattr(self.state, name):
-                        setattr(self.state, name, {})
+                        setattr(self.state, name, value)
                 self.cluster_id = str(data.get("cluster_id") or "")
             else:
                 self._fatal(f"unrecognised snapshot contents ({type(data).__name__})")
