@@ -7,12 +7,15 @@ what it returns) and the real why-pending read and planner:
   order is the plain queue's whenever a level holds one tenant;
 * within a tenant and level, units go in the plain queue's order;
 * a tenant idle while others were served gets no burst when it comes back;
-* the why-pending reason agrees with what the next planning round does.
+* the why-pending reason agrees with what the next planning round does, and the
+  units it counts ahead of a task are those ahead of it in the fair order.
 
 Each fails with its mechanism taken out (checked by hand when written: the tag
 not advanced in FairQueue.served; levels merged by tag instead of their earliest
 unit; a sub-queue kept newest first; a returning tenant's tag not raised to the
-level's virtual time; read_pending counting by the heap instead of the fair order).
+level's virtual time; read_pending counting by the heap instead of the fair order;
+fairshare.standing placing a level by the unit itself instead of its earliest unit
+left, or ignoring weights).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Callable
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from taskandgo.consensus.fairshare import standing
 from taskandgo.consensus.state import SchedulerState
 from taskandgo.node.placement import Offer, pending_reason, queued_unit, read_pending
 from taskandgo.strategies import plan
@@ -222,3 +226,26 @@ def test_pending_reason_agrees_with_the_next_plan(weights: dict[str, float],
                       if s.tasks[x].priority == prio and team(s, x) != team(s, tid)
                       and plain.index(x) > plain.index(tid)]
         assert f": {len(overtaking)} unit" in reason, (reason, overtaking)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(["a", "b", "c"]), WEIGHTS), ops(), st.data())
+def test_units_ahead_are_counted_in_the_fair_order(weights: dict[str, float],
+                                                   script: list[tuple],
+                                                   data: st.DataObject) -> None:
+    # What read_pending counts (fairshare.standing, computed without walking the
+    # order) is each task's place in the order peek_queued returns, aging included.
+    s = fair_state(weights)
+
+    def check(s: SchedulerState) -> None:
+        fq = s.fair
+        assert fq is not None
+        fair = [t for t, _ in s.peek_queued(10_000)]
+        for i, t in enumerate(fair):
+            if t in fair[:i]:
+                continue
+            mine = min(e for e in s.heap if e[2] == t.id and s._is_live_entry(e))
+            ahead, higher, _ = standing(fq, mine, s.tasks, s._is_live_entry, s.weights)
+            assert (ahead, higher) == (i, sum(x.priority > t.priority for x in fair[:i]))
+
+    run_ops(s, script, data, check)
