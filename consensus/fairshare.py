@@ -189,10 +189,12 @@ class FairQueue:
                 heapq.heappush(levels, (m[0][0], prio))  # stale: the level moved on
                 continue
             p = picks[prio]
-            while True:
-                tag, head, tenant = heapq.heappop(p)
-                if walkers[(prio, tenant)].head == head and tags[(prio, tenant)] == tag:
-                    break
+            while p and not (walkers[(prio, p[0][2])].head == p[0][1]
+                             and tags[(prio, p[0][2])] == p[0][0]):
+                heapq.heappop(p)  # stale: that tenant has moved on
+            if not p:
+                continue  # cannot happen (a head left has its pick); never raise
+            tag, head, tenant = heapq.heappop(p)
             yield head
             w = walkers[(prio, tenant)]
             w.advance()

@@ -157,6 +157,9 @@ def test_order_within_a_tenant_and_level_is_unchanged(weights: dict[str, float],
         fair = [(t.id, c) for t, c in s.peek_queued(10_000)]
         plain = plain_order(s)
         assert sorted(fair) == sorted(plain)
+        fq = s.fair
+        assert fq is not None  # and its counts are the queue's
+        assert {p: sum(lv.live.values()) for p, lv in fq.levels.items()} == s.queued_by_priority
         for group in {(team(s, tid), s.tasks[tid].priority) for tid, _ in plain}:
             def mine(units: list[tuple[str, int]], g: tuple = group) -> list:
                 return [u for u in units if (team(s, u[0]), s.tasks[u[0]].priority) == g]
