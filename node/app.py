@@ -125,7 +125,8 @@ class NodeApp:
         self.dispatcher = Dispatcher(cfg.node_id, self.replica, self.peers, self._stop,
                                      address_of=lambda w: self.scheduler.table.address_of(w),
                                      run_local=self.worker.run_local, observe=self._observe,
-                                     guard=self._guard)
+                                     guard=self._guard,
+                                     arriving=lambda: self.scheduler.timing.arriving)
         self.scheduler = Scheduler(cfg, self.replica, self.bus, self.worker, self.dispatcher,
                                    self.peers, self._stop, observe=self._observe,
                                    guard=self._guard)

@@ -15,7 +15,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from itertools import chain
 from typing import Any
 
 import grpc
@@ -88,11 +89,17 @@ class Peers:
 
 def _priorities(s: Any) -> Iterator[int]:
     """Under the replica's lock: the priority of every unit queued, running (or
-    waiting in a window) or waiting to retry (bounded by the priority levels and the
-    cluster's capacity, plus retries)."""
+    waiting in a window) or waiting to retry, and of every task waiting for its
+    parents (the state queues it by itself, with no submit and no hold, the moment
+    its last parent ends: a lower unit taken into a window now could start after
+    it). The leader plans with the same priorities (Scheduler._plan_and_assign)."""
     yield from s.queued_by_priority
     tasks = s.tasks
     for tid, _chunk in (*s.running, *s.delayed):
+        t = tasks.get(tid)
+        if t is not None:
+            yield t.priority
+    for tid in s.waiting:
         t = tasks.get(tid)
         if t is not None:
             yield t.priority
@@ -107,13 +114,15 @@ class Dispatcher:
     gRPC address (None: unknown to the leader; its units are left to the lease
     check); ``run_local(works, floor)`` hands this node's own units to its worker
     side, with the floor a Dispatch carries (see decisions.gate_arrivals);
-    ``observe(name, seconds)`` records a metric."""
+    ``observe(name, seconds)`` records a metric; ``arriving()`` gives the priorities
+    the state will queue by itself soon (see :func:`_priorities`)."""
 
     def __init__(self, node_id: str, replica: Replica, peers: Peers, stop: threading.Event,
                  *, address_of: Callable[[str], str | None],
                  run_local: Callable[[list[Work], int | None], int],
                  observe: Callable[[str, float], None],
-                 guard: Callable[[Callable[[], None]], Callable[[], None]]) -> None:
+                 guard: Callable[[Callable[[], None]], Callable[[], None]],
+                 arriving: Callable[[], Iterable[int]] = frozenset) -> None:
         self.node_id = node_id
         self.replica = replica
         self.peers = peers
@@ -122,6 +131,9 @@ class Dispatcher:
         self._run_local = run_local
         self._observe = observe
         self._guard = guard
+        #: Priorities of delayed tasks and schedule slots the state queues by itself
+        #: soon (Timekeeper.arriving): they count in a Dispatch's floor too.
+        self._arriving = arriving
         self._q: queue.Queue = queue.Queue()
         self._senders: dict[str, queue.Queue] = {}
         self._cond = threading.Condition()
@@ -189,7 +201,7 @@ class Dispatcher:
                 by_worker.setdefault(worker, []).append(
                     Work(tid, chunk, count, attempt, token, payload_for(t.spec, chunk, count),
                          t.priority))
-            return by_worker, d.dispatch_floor(_priorities(s))
+            return by_worker, d.dispatch_floor(chain(_priorities(s), self._arriving()))
 
         by_worker, floor = self.replica.read(payloads)
         remote = [w for w in by_worker if w != self.node_id]

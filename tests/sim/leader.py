@@ -242,8 +242,14 @@ class LeaderSide:
             if t is not None:
                 by_worker.setdefault(worker, []).append(
                     Work(tid, chunk, count, attempt, token, t.priority))
-        prios = list(s.queued_by_priority)
+        # As node/dispatching.py _priorities: waiting dependents and what arrives
+        # soon count too.
+        prios = list(s.queued_by_priority) + list(self.arriving)  # type: ignore[attr-defined]
         for tid, _chunk in (*s.running, *s.delayed):
+            t = s.tasks.get(tid)
+            if t is not None:
+                prios.append(t.priority)
+        for tid in s.waiting:
             t = s.tasks.get(tid)
             if t is not None:
                 prios.append(t.priority)

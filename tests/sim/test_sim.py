@@ -57,17 +57,12 @@ KNOWN: dict[str, Known] = {
     # priorities now count among the queued ones, see Scheduler._plan_and_assign and
     # timing.arriving_priorities.)
     #
-    # Open: a worker still running an attempt whose assignment has ended (cancelled,
-    # here by a schedule's 'replace' policy, or requeued) until its next heartbeat
-    # answer kills it, takes a lower unit from its window onto the slot that attempt
-    # frees, while a more urgent task waits. Found once the entry above, which matched
-    # every 'from its window' violation, was gone.
-    # (Seed 7945 showed it before the single-task fast path changed every schedule
-    # that takes it; 988 shows it with the fast path on.)
-    "held-ended-attempt": Known(
-        "priority", "whose assignment had ended", 988,
-        "node/worker.py intake (a slot freed by a killed attempt) with "
-        "node/scheduling.py hold_workers / decisions.stale_held"),
+    # (Also fixed: held-ended-attempt, seed 988, 7945 before the fast path: a Dispatch's floor
+    # left out tasks waiting for their parents, so a lower unit dispatched just before
+    # a parent ended was taken into a window behind an attempt whose assignment had
+    # ended, and started there once that attempt stopped while the released, more
+    # urgent task waited; see node/dispatching.py _priorities and
+    # test_a_dispatch_floor_counts_tasks_waiting_for_parents.)
 }
 
 
@@ -388,6 +383,14 @@ def test_invariant_can_fail(kind: str) -> None:
                 if v.kind == kind:
                     return
     pytest.fail(f"no schedule caught a planted {kind!r} defect (saw {dict(seen)})")
+
+
+def test_a_dispatch_floor_counts_tasks_waiting_for_parents() -> None:
+    """Seed 988: a lower unit dispatched as a parent ended went into a window behind
+    an attempt whose assignment had ended, and started there once it stopped while
+    the released, more urgent dependent waited (the Dispatch's floor left out tasks
+    waiting for their parents). Failed with 'priority' before the fix."""
+    World(988).run()
 
 
 def test_plan_round_stops_at_a_split_task_being_cut() -> None:
