@@ -35,6 +35,7 @@ that is still queued could not).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -155,27 +156,88 @@ def plan(queued: list[QueuedUnit], workers: list[Worker],
                 return node
         return None
 
+    # Labels and capacities do not change while planning: which nodes carry a
+    # unit's required labels, how many preferred labels each meets, and whether
+    # any could ever hold a request, are worked out once per distinct value.
+    able: dict[tuple[str, ...], list[int]] = {}
+    prefs: dict[tuple[tuple[str, ...], int], int] = {}
+    ever: dict[tuple[Amounts, tuple[str, ...]], bool] = {}
+
+    able_sets: dict[tuple[str, ...], frozenset[int]] = {}
+    index = {n: i for i, n in enumerate(order)}
+
+    def able_nodes(require: tuple[str, ...]) -> list[int]:
+        got = able.get(require)
+        if got is None:
+            got = able[require] = [i for i, n in enumerate(order) if labels_ok(require, labels[n])]
+        return got
+
+    def able_set(require: tuple[str, ...]) -> frozenset[int]:
+        got = able_sets.get(require)
+        if got is None:
+            got = able_sets[require] = frozenset(able_nodes(require))
+        return got
+
+    # Best fit per distinct (request, require, prefer): a heap of the nodes that can
+    # take it, by (-preferred labels met, what is left, position). Within one plan
+    # a node's free resources and slots only shrink, so a node that cannot take it
+    # never can again; when a node's resources change (take) each heap gets its new
+    # key and the old entry is dropped when met (versions).
+    heaps: dict[tuple[Amounts, tuple[str, ...], tuple[str, ...]], list] = {}
+    version = [0] * len(order)
+
+    def key_of(request: Amounts, prefer: tuple[str, ...], i: int) -> tuple[int, float, int]:
+        node = order[i]
+        p = 0
+        if prefer:
+            got = prefs.get((prefer, i))
+            p = prefs[(prefer, i)] = preferred(prefer, labels[node]) if got is None else got
+        return (-p, leftover(request, res[node], caps[node]), i)
+
     def fit(unit: QueuedUnit) -> str | None:
-        top, top_key = None, None
-        for i, node in enumerate(order):
-            if free[node] <= 0 or not labels_ok(unit.require, labels[node]) \
-                    or not request_fits(unit.request, res[node]):
+        request, prefer = unit.request, unit.prefer
+        sig = (request, unit.require, prefer)
+        h = heaps.get(sig)
+        if h is None:
+            h = heaps[sig] = [(key_of(request, prefer, i), version[i], i)
+                              for i in able_nodes(unit.require)
+                              if free[order[i]] > 0 and request_fits(request, res[order[i]])]
+            heapq.heapify(h)
+        while h:
+            _key, ver, i = h[0]
+            node = order[i]
+            if ver != version[i] or free[node] <= 0 or not request_fits(request, res[node]):
+                heapq.heappop(h)
                 continue
-            key = (-preferred(unit.prefer, labels[node]),
-                   leftover(unit.request, res[node], caps[node]), i)
-            if top_key is None or key < top_key:
-                top, top_key = node, key
-        return top
+            return node
+        return None
+
+    def changed(node: str) -> None:
+        """``node``'s free resources shrank: its new key in every heap it may be in."""
+        i = index[node]
+        version[i] += 1
+        if free[node] <= 0:
+            return
+        for (request, require, prefer), h in heaps.items():
+            if h and request_fits(request, res[node]) and i in able_set(require):
+                heapq.heappush(h, (key_of(request, prefer, i), version[i], i))
 
     def ever_fits(unit: QueuedUnit) -> bool:
-        return any(labels_ok(unit.require, labels[n]) and request_fits(unit.request, caps[n])
-                   for n in order)
+        sig = (unit.request, unit.require)
+        got = ever.get(sig)
+        if got is None:
+            got = ever[sig] = any(request_fits(unit.request, caps[order[i]])
+                                  for i in able_nodes(unit.require))
+        return got
 
     def pick(unit: QueuedUnit, spread: bool) -> str | None:
         node = fit(unit) if unit.placed else next_rr() if spread else best()
         if node is not None:
             free[node] -= 1
-            take(res[node], unit.request)
+            if unit.request:
+                take(res[node], unit.request)
+                if heaps:
+                    changed(node)
         return node
 
     for unit in queued:
