@@ -411,7 +411,16 @@ class Client:
         weights = dict(c.get("weights") or weights or {})
         if "tenant_label" in c:
             tenant_label = c["tenant_label"] or ""
-        req = pb.SetPolicyRequest(
+        try:
+            req = self._policy_request(c, limits, weights, tenant_label)
+        except (TypeError, ValueError) as exc:
+            raise TaskAndGoError("INVALID_ARGUMENT", f"policy: {exc}") from None
+        return dict_from_message(self._call("SetPolicy", req))
+
+    @staticmethod
+    def _policy_request(c: Mapping[str, Any], limits: Mapping[str, Any],
+                        weights: Mapping[str, Any], tenant_label: str | None) -> Any:
+        return pb.SetPolicyRequest(
             limits={k: v for k, v in limits.items() if v is not None},
             remove_limits=[k for k, v in limits.items() if v is None]
             + list(c.get("remove_limits") or ()),
@@ -419,7 +428,6 @@ class Client:
             remove_weights=[k for k, v in weights.items() if v is None]
             + list(c.get("remove_weights") or ()),
             tenant_label=tenant_label or "", set_tenant_label=tenant_label is not None)
-        return dict_from_message(self._call("SetPolicy", req))
 
     def cluster_status(self) -> dict[str, Any]:
         return dict_from_message(self._call("GetClusterStatus", pb.ClusterStatusRequest()))

@@ -93,6 +93,20 @@ def _names(raw: Any, field: str) -> list[str]:
     return [_name(k, field) for k in raw]
 
 
+def _change_of(ops: list[list[Any]]) -> dict[str, Any]:
+    """Checked ops as a change (what a node forwards: values already in their types,
+    ``2.0`` as the limit 2)."""
+    out: dict[str, Any] = {"limits": {}, "weights": {}}
+    for op in ops:
+        if op[0] == LIMIT:
+            out["limits"][op[1]] = None if op[2] is None else int(op[2])
+        elif op[0] == WEIGHT:
+            out["weights"][op[1]] = None if op[2] is None else float(op[2])
+        else:
+            out["tenant_label"] = op[1]
+    return out
+
+
 def policy_view(s: SchedulerState) -> dict[str, Any]:
     """The policy with how many assigned units hold each key (under the lock)."""
     out = s.policy()
@@ -162,7 +176,7 @@ class PolicyBook:
         if self.replica.replicated is None or not self.replica.is_leader():
             remote = self._forward if self.replica.replicated is None else self._to_leader
             with remote() as c:
-                return dict(c.set_policy(dict(raw)))
+                return dict(c.set_policy(_change_of(ops)))
         self.replica.write_policy(ops)
         return self.get()
 

@@ -117,6 +117,14 @@ def test_the_http_api_sets_and_shows_the_policy_and_refuses_bad_values(cluster: 
         c.set_policy(limits={"db": 10**7})
     status, body = _http(base + "/api/v1/policy")
     assert status == 200 and body["limits"]["db"] == 1 and "held" in body
+    # Through every node, followers too (they forward to the leader): a whole number
+    # written as 3.0 is the limit 3 (a follower failed with 500 forwarding it).
+    for i in range(cluster.n):
+        status, body = _http(cluster.http(i) + "/api/v1/policy",
+                             {"limits": {f"via-{i}": 3.0}, "weights": {f"t{i}": 2}}, "PUT")
+        assert status == 200 and body["limits"][f"via-{i}"] == 3, (i, status, body)
+    with cluster.client(1) as c, pytest.raises(TaskAndGoError, match="INVALID_ARGUMENT"):
+        c.set_policy(limits={"db": 2.5})
 
 
 def test_the_limit_holds_across_a_leader_kill(cluster: Cluster) -> None:
